@@ -1,0 +1,9 @@
+"""fusedres: fused BatchNorm + residual add + ReLU kernels (Triton, CUDA) and drop-in ResNet blocks."""
+from fusedres import ops
+from fusedres._layout import poison_outputs
+from fusedres.backends import available_backends, not_supported_reasons, use_backend
+from fusedres.ops import bn_act, dual_bn_act
+
+__version__ = "0.1.0"
+__all__ = ["ops", "bn_act", "dual_bn_act", "use_backend", "available_backends", "not_supported_reasons",
+           "poison_outputs"]

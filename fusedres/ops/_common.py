@@ -1,0 +1,113 @@
+"""What every fused op shares above the backends: input checks, per-channel math, running-stat updates."""
+from __future__ import annotations
+
+import torch
+
+from fusedres._layout import acc_dtype, dense, memory_format_of
+
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def check_activation(x, name: str = "x") -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"fusedres: {name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() != 4:
+        raise ValueError(f"fusedres: {name} must be 4-D [N, C, H, W] (BatchNorm2d input); "
+                         f"got {x.dim()}-D tensor of shape {tuple(x.shape)}")
+    if x.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"fusedres: {name} has dtype {x.dtype}; supported: float32, float16, bfloat16 "
+                        f"(and float64, computed in float64)")
+
+
+def check_like(t, x, name: str, x_name: str = "x") -> None:
+    """t (a residual or a gradient) must match x in shape, dtype and device."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"fusedres: {name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.shape != x.shape:
+        raise ValueError(f"fusedres: {name} shape {tuple(t.shape)} does not match {x_name} shape {tuple(x.shape)}")
+    if t.dtype != x.dtype:
+        raise TypeError(f"fusedres: {name} dtype {t.dtype} does not match {x_name} dtype {x.dtype}")
+    if t.device != x.device:
+        raise ValueError(f"fusedres: {name} is on {t.device} but {x_name} is on {x.device}")
+
+
+def check_channels(v, x, name: str) -> None:
+    """v (weight, bias or a running statistic) must be a floating vector of C elements on x's device."""
+    if v is None:
+        return
+    if not isinstance(v, torch.Tensor):
+        raise TypeError(f"fusedres: {name} must be a torch.Tensor or None, got {type(v).__name__}")
+    c = x.shape[1]
+    if v.dim() != 1 or v.numel() != c:
+        raise ValueError(f"fusedres: {name} has shape {tuple(v.shape)} but the input has {c} channels "
+                         f"(expected shape ({c},))")
+    if not v.is_floating_point():
+        raise TypeError(f"fusedres: {name} must be a floating tensor, got {v.dtype}")
+    if v.device != x.device:
+        raise ValueError(f"fusedres: {name} is on {v.device} but the input is on {x.device}")
+
+
+def check_batch_size(x, name: str = "x") -> None:
+    """Training needs at least two values per channel, as nn.BatchNorm2d does."""
+    if x.shape[0] * x.shape[2] * x.shape[3] <= 1:
+        raise ValueError(f"fusedres: expected more than 1 value per channel when training, got {name} of "
+                         f"shape {tuple(x.shape)}")
+
+
+def check_bn(x, name, weight, bias, mean=None, var=None) -> None:
+    check_activation(x, name)
+    for v, vname in ((weight, "weight"), (bias, "bias"), (mean, "running_mean"), (var, "running_var")):
+        check_channels(v, x, f"{vname} (of {name})")
+
+
+def channel_count(x) -> int:
+    return x.shape[0] * x.shape[2] * x.shape[3]
+
+
+def densify(x, *others):
+    """x and the tensors in `others` (None allowed) as dense tensors in x's kernel layout."""
+    fmt = memory_format_of(x)
+    return (dense(x, fmt),) + tuple(dense(t, fmt) for t in others)
+
+
+def scale_shift(mean, var, weight, bias, eps: float):
+    """invstd, and the per-channel affine (scale, shift) with BN(x) = x * scale + shift."""
+    invstd = torch.rsqrt(var + eps)
+    scale = invstd if weight is None else weight.to(invstd.dtype) * invstd
+    shift = -mean * scale if bias is None else bias.to(invstd.dtype) - mean * scale
+    return invstd, scale, shift
+
+
+def grad_coefficients(sum_g, sum_g_xc, invstd, scale, count: int, training: bool):
+    """BN backward as dx = k_g * g + k_x * (x - mean) + k_c, and (grad_weight, grad_bias) before casting."""
+    grad_weight = sum_g_xc * invstd
+    grad_bias = sum_g
+    if training:
+        k_x = -scale * invstd * invstd * sum_g_xc / count
+        k_c = -scale * sum_g / count
+    else:
+        k_x = torch.zeros_like(scale)
+        k_c = k_x
+    return scale, k_x, k_c, grad_weight, grad_bias
+
+
+def cast_param_grad(grad, param):
+    return None if param is None else grad.to(param.dtype)
+
+
+@torch.no_grad()
+def update_running_stats(running_mean, running_var, mean, var, count: int, momentum: float) -> None:
+    """nn.BatchNorm2d's update: exponential average of the batch mean and the unbiased batch variance."""
+    if running_mean is None:
+        return
+    running_mean.lerp_(mean.to(running_mean.dtype), momentum)
+    running_var.lerp_((var * (count / (count - 1))).to(running_var.dtype), momentum)
+
+
+def fake_like(x):
+    """Fake-tensor output with the layout the real kernels produce for x."""
+    return x.new_empty(x.shape, memory_format=memory_format_of(x))
+
+
+def fake_channels(x):
+    return x.new_empty((x.shape[1],), dtype=acc_dtype(x.dtype))

@@ -1,0 +1,92 @@
+"""Plain-PyTorch references: the semantics every fusedres backend must match.
+
+Two layers, both imported by tests and benchmarks:
+
+* module semantics — `bn_act_reference` / `dual_bn_act_reference`: `F.batch_norm` (running statistics
+  updated in place exactly as `nn.BatchNorm2d` does) followed by the optional residual add and ReLU;
+* the reference *backend* — the four primitives of `fusedres.backends` written with torch ops, accumulating in
+  float32 (float64 for float64 inputs). It runs anywhere and is the fallback for CPU tensors.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from fusedres._layout import acc_dtype
+
+_DIMS = (0, 2, 3)
+
+
+def bn_act_reference(x, running_mean, running_var, weight=None, bias=None, training=False, momentum=0.1,
+                     eps=1e-5, residual=None, relu=False):
+    """act(BN(x) [+ residual]) with stock PyTorch ops."""
+    y = F.batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps)
+    if residual is not None:
+        y = y + residual
+    return torch.relu(y) if relu else y
+
+
+def dual_bn_act_reference(x, bn_x: dict, residual, bn_residual: dict, training=False, relu=True):
+    """act(BN_a(x) + BN_b(residual)); bn_* are dicts of F.batch_norm's keyword arguments."""
+    y = F.batch_norm(x, training=training, **bn_x) + F.batch_norm(residual, training=training, **bn_residual)
+    return torch.relu(y) if relu else y
+
+
+# ---------------------------------------------------------------- the reference backend
+def not_supported_reasons(x: torch.Tensor) -> list[str]:
+    return []
+
+
+def _channel(v: torch.Tensor) -> torch.Tensor:
+    return v.view(1, -1, 1, 1)
+
+
+def _pre_activation(x, scale, shift, residual, xb, scale_b, shift_b):
+    acc = acc_dtype(x.dtype)
+    z = x.to(acc) * _channel(scale) + _channel(shift)
+    if residual is not None:
+        z = z + residual.to(acc)
+    if xb is not None:
+        z = z + xb.to(acc) * _channel(scale_b) + _channel(shift_b)
+    return z
+
+
+def _masked_grad(dy, z, relu):
+    g = dy.to(z.dtype)
+    return torch.where(z > 0, g, torch.zeros_like(g)) if relu else g
+
+
+def batch_stats(x: torch.Tensor):
+    """Per-channel mean and biased variance of x [N, C, H, W], in the accumulation dtype."""
+    var, mean = torch.var_mean(x.to(acc_dtype(x.dtype)), dim=_DIMS, unbiased=False)
+    return mean, var
+
+
+def apply(x, scale, shift, residual, xb, scale_b, shift_b, relu):
+    """y = act(x * scale + shift [+ residual | + xb * scale_b + shift_b]), per channel, in x's dtype."""
+    z = _pre_activation(x, scale, shift, residual, xb, scale_b, shift_b)
+    return (torch.relu(z) if relu else z).to(x.dtype)
+
+
+def backward_reduce(dy, x, scale, shift, mean, residual, xb, scale_b, shift_b, mean_b, relu, want_grad_residual):
+    """g = dy * relu'(z); per channel sum(g), sum(g * (x - mean)) [and for xb]; grad_residual = g."""
+    z = _pre_activation(x, scale, shift, residual, xb, scale_b, shift_b)
+    g = _masked_grad(dy, z, relu)
+    sum_g = g.sum(_DIMS)
+    sum_g_xc = (g * (x.to(g.dtype) - _channel(mean))).sum(_DIMS)
+    sum_g_xbc = None if xb is None else (g * (xb.to(g.dtype) - _channel(mean_b))).sum(_DIMS)
+    grad_residual = g.to(residual.dtype) if want_grad_residual else None
+    return sum_g, sum_g_xc, sum_g_xbc, grad_residual
+
+
+def backward_apply(dy, x, scale, shift, residual, xb, scale_b, shift_b, relu,
+                   mean, k_g, k_x, k_c, mean_b, k_g_b, k_x_b, k_c_b):
+    """dx = k_g * g + k_x * (x - mean) + k_c per channel (and the same for xb with its own coefficients)."""
+    z = _pre_activation(x, scale, shift, residual, xb, scale_b, shift_b)
+    g = _masked_grad(dy, z, relu)
+    dx = (g * _channel(k_g) + (x.to(g.dtype) - _channel(mean)) * _channel(k_x) + _channel(k_c)).to(x.dtype)
+    dxb = None
+    if xb is not None:
+        dxb = (g * _channel(k_g_b) + (xb.to(g.dtype) - _channel(mean_b)) * _channel(k_x_b)
+               + _channel(k_c_b)).to(xb.dtype)
+    return dx, dxb

@@ -1,0 +1,141 @@
+"""`BatchNormAct2d`: nn.BatchNorm2d [+ residual] [+ ReLU] as one fused op, and the two-BatchNorm block tail.
+
+`BatchNormAct2d` subclasses `nn.BatchNorm2d` and keeps its parameters, buffers, state_dict keys and training
+semantics (running statistics, `momentum=None`, `num_batches_tracked`, `affine=False`,
+`track_running_stats=False`, eval with running statistics); only `forward` changes, to
+`act(BN(x) [+ residual])` through `fusedres.ops.bn_act`. Because it *is* a BatchNorm2d, code that looks for
+BatchNorm layers with isinstance (weight-decay filters, zero-init, freezing) keeps finding it. Code that
+rebuilds BatchNorm layers by type (e.g. `nn.SyncBatchNorm.convert_sync_batchnorm`) would drop the fused
+activation: run `fusedres.unconvert` first.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+from fusedres.ops import bn_act, dual_bn_act
+from fusedres.ops._common import check_activation, check_batch_size, check_like
+
+ACTIVATIONS = (None, "relu")
+
+
+def _check_act(act) -> Optional[str]:
+    if act not in ACTIVATIONS:
+        raise ValueError(f"fusedres: unsupported activation {act!r}; choose one of {ACTIVATIONS}")
+    return act
+
+
+def _check_input(bn: nn.modules.batchnorm._BatchNorm, x, name: str = "input") -> None:
+    """Rank, channel count and dtype of a BatchNorm input, checked before any running statistic is touched."""
+    what = f"{type(bn).__name__}({bn.num_features})"
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{what}: {name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() != 4:
+        raise ValueError(f"{what}: expected 4D input [N, C, H, W] (got {x.dim()}D {name} of shape "
+                         f"{tuple(x.shape)})")
+    if x.shape[1] != bn.num_features:
+        raise ValueError(f"{what}: {name} has {x.shape[1]} channels but the layer has num_features="
+                         f"{bn.num_features} (shape {tuple(x.shape)})")
+    check_activation(x, name)
+
+
+def batch_norm_args(bn: nn.modules.batchnorm._BatchNorm) -> dict:
+    """The running statistics, `training` flag and momentum that `_BatchNorm.forward` would pass to
+    `F.batch_norm` for this call, after the same `num_batches_tracked` bookkeeping (it is incremented here,
+    so call once per forward). `momentum=None` gives the cumulative average 1 / num_batches_tracked."""
+    factor = 0.0 if bn.momentum is None else bn.momentum
+    if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
+        bn.num_batches_tracked.add_(1)
+        factor = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
+    use_buffers = not bn.training or bn.track_running_stats
+    return dict(running_mean=bn.running_mean if use_buffers else None,
+                running_var=bn.running_var if use_buffers else None,
+                training=_uses_batch_stats(bn), momentum=factor)
+
+
+def _uses_batch_stats(bn) -> bool:
+    """True when the forward normalises with batch statistics (training, or eval without running buffers)."""
+    return bn.training or (bn.running_mean is None and bn.running_var is None)
+
+
+class BatchNormAct2d(nn.BatchNorm2d):
+    """Drop-in `nn.BatchNorm2d` that also adds an optional residual and applies an optional ReLU, fused:
+    `forward(x, residual=None) = act(BatchNorm2d(x) + residual)`.
+
+    Same constructor as `nn.BatchNorm2d` plus `act` ("relu" or None); same parameters, buffers and
+    state_dict keys, so BatchNorm2d checkpoints load unchanged. `residual` must have x's shape, dtype and
+    device. The fused op saves x (and the residual when act is on) for backward and recomputes the ReLU
+    mask, so unlike BatchNorm2d + ReLU the output is never kept alive by autograd.
+    """
+
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: Optional[float] = 0.1,
+                 affine: bool = True, track_running_stats: bool = True, device=None, dtype=None, *,
+                 act: Optional[str] = "relu", **kwargs) -> None:
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype, **kwargs)
+        self.act = _check_act(act)
+
+    @classmethod
+    def from_bn(cls, bn: nn.BatchNorm2d, act: Optional[str] = "relu") -> "BatchNormAct2d":
+        """A BatchNormAct2d sharing bn's Parameter and buffer tensors (no copies) and its training mode."""
+        if not isinstance(bn, nn.BatchNorm2d):
+            raise TypeError(f"fusedres: from_bn needs an nn.BatchNorm2d, got {type(bn).__name__}")
+        new = cls(bn.num_features, bn.eps, bn.momentum, bn.weight is not None, bn.track_running_stats,
+                  device="meta", act=act)
+        _share_state(bn, new)
+        return new
+
+    def to_bn(self) -> nn.BatchNorm2d:
+        """A plain nn.BatchNorm2d sharing this module's tensors (the activation is dropped)."""
+        bn = nn.BatchNorm2d(self.num_features, self.eps, self.momentum, self.weight is not None,
+                            self.track_running_stats, device="meta")
+        _share_state(self, bn)
+        return bn
+
+    def forward(self, x: Tensor, residual: Optional[Tensor] = None) -> Tensor:
+        return bn_act_module(self, x, residual, self.act == "relu")
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, act={self.act}"
+
+
+def _share_state(src: nn.Module, dst: nn.Module) -> None:
+    for name in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked"):
+        setattr(dst, name, getattr(src, name))
+    dst.train(src.training)
+
+
+def dual_bn_act_modules(x: Tensor, bn: nn.BatchNorm2d, r: Tensor, bn_r: nn.BatchNorm2d,
+                        relu: bool = True) -> Tensor:
+    """`act(bn(x) + bn_r(r))` — a downsampling block's tail (last BN of the main branch plus the shortcut's
+    BN) — as one fused op, with each module's own momentum, eps, running-stat and num_batches_tracked
+    bookkeeping. r is cast to x's dtype first (as stock `out += identity` casts the sum). When the two BNs
+    disagree on batch vs running statistics (one in eval, or without running buffers), bn_r runs on its own
+    and its output is added as a plain residual."""
+    _check_input(bn, x, "x")
+    _check_input(bn_r, r, "r (the shortcut input)")
+    r = r.to(x.dtype)
+    check_like(r, x, "r (the shortcut input)")
+    if _uses_batch_stats(bn) != _uses_batch_stats(bn_r):
+        return bn_act_module(bn, x, bn_act_module(bn_r, r, None, False), relu)
+    if _uses_batch_stats(bn):
+        check_batch_size(x)
+    a, b = batch_norm_args(bn), batch_norm_args(bn_r)
+    return dual_bn_act(x, r, weight=bn.weight, bias=bn.bias, running_mean=a["running_mean"],
+                       running_var=a["running_var"], momentum=a["momentum"], eps=bn.eps,
+                       weight_r=bn_r.weight, bias_r=bn_r.bias, running_mean_r=b["running_mean"],
+                       running_var_r=b["running_var"], momentum_r=b["momentum"], eps_r=bn_r.eps,
+                       training=a["training"], relu=relu)
+
+
+def bn_act_module(bn: nn.BatchNorm2d, x: Tensor, residual: Optional[Tensor], relu: bool) -> Tensor:
+    """act(bn(x) + residual) with bn's parameters and bookkeeping, for any BatchNorm2d (a BatchNormAct2d's own
+    `act` is ignored; `relu` decides). Inputs are checked before any running statistic is updated."""
+    _check_input(bn, x)
+    if residual is not None:
+        check_like(residual, x, "residual", "the BatchNorm input")
+    if _uses_batch_stats(bn):
+        check_batch_size(x, "input")
+    return bn_act(x, weight=bn.weight, bias=bn.bias, eps=bn.eps, residual=residual, relu=relu,
+                  **batch_norm_args(bn))

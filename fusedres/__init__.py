@@ -3,7 +3,9 @@ from fusedres import ops
 from fusedres._layout import poison_outputs
 from fusedres.backends import available_backends, not_supported_reasons, use_backend
 from fusedres.ops import bn_act, dual_bn_act
+from fusedres import nn, models
+from fusedres.convert import convert, unconvert
 
 __version__ = "0.1.0"
 __all__ = ["ops", "bn_act", "dual_bn_act", "use_backend", "available_backends", "not_supported_reasons",
-           "poison_outputs"]
+           "poison_outputs", "nn", "models", "convert", "unconvert"]

@@ -1,0 +1,88 @@
+"""`convert` / `unconvert`: swap torchvision ResNet blocks for fused ones and back, sharing every tensor.
+
+What `convert` changes (everything else is left alone):
+
+* every torchvision `BasicBlock` / `Bottleneck` (isinstance, stock `forward`, plain `nn.BatchNorm2d` norms)
+  becomes `fusedres.nn.BasicBlock` / `Bottleneck`, running the same conv modules, Parameters and buffers;
+  blocks with other norms (FrozenBatchNorm2d, SyncBatchNorm, GroupNorm) or an overridden forward stay stock;
+* the stem of a torchvision `ResNet` (stock `forward`): `bn1` becomes `BatchNormAct2d(act="relu")` and
+  `relu` becomes `nn.Identity`, so `conv1 -> bn1 -> relu` runs as conv + one fused op.
+
+A bare BatchNorm2d followed by a ReLU elsewhere is not converted: whether the BN output is used anywhere else
+cannot be told from the module tree. state_dict keys, train/eval mode, device, dtype and memory format are
+unchanged because no tensor is created or copied. Forward hooks registered on replaced modules (the blocks,
+the stem BN and ReLU) are not carried over; hooks on the conv layers and everything else are.
+"""
+from __future__ import annotations
+
+from torch import nn
+
+from fusedres.nn.batchnorm_act import BatchNormAct2d
+from fusedres.nn.blocks import BasicBlock, Bottleneck, _FusedBlock
+
+_FUSED_BLOCKS = (BasicBlock, Bottleneck)
+
+
+def _is_stock_resnet(model: nn.Module) -> bool:
+    from torchvision.models.resnet import ResNet
+
+    return (isinstance(model, ResNet) and type(model).forward is ResNet.forward
+            and type(model)._forward_impl is ResNet._forward_impl)
+
+
+def _convert_module(m: nn.Module) -> nn.Module:
+    for fused in _FUSED_BLOCKS:
+        if fused.can_convert(m):
+            return fused.from_torchvision(m)
+    return m
+
+
+def _unconvert_module(m: nn.Module) -> nn.Module:
+    return m.to_torchvision() if isinstance(m, _FusedBlock) else m
+
+
+def _swap_children(model: nn.Module, fn) -> None:
+    for name, child in list(model.named_children()):
+        new = fn(child)
+        if new is not child:
+            setattr(model, name, new)
+        else:
+            _swap_children(child, fn)
+
+
+def convert(model: nn.Module, inplace: bool = True) -> nn.Module:
+    """Replace torchvision ResNet blocks (and a torchvision ResNet's stem BN + ReLU) in `model` by fused ones
+    that share their Parameters and buffers; returns the converted model (a new object only when `model`
+    itself is a block). `inplace=False` converts a deep copy and leaves `model` untouched.
+    Idempotent: converting a converted model changes nothing."""
+    if not inplace:
+        import copy
+
+        model = copy.deepcopy(model)
+    root = _convert_module(model)
+    if root is not model:
+        return root
+    _swap_children(model, _convert_module)
+    if _is_stock_resnet(model) and type(model.bn1) is nn.BatchNorm2d and type(model.relu) is nn.ReLU:
+        model.bn1 = BatchNormAct2d.from_bn(model.bn1, act="relu")
+        model.relu = nn.Identity()
+    return model
+
+
+def unconvert(model: nn.Module, inplace: bool = True) -> nn.Module:
+    """The inverse of `convert`: fused blocks back to torchvision's classes and a converted ResNet stem back
+    to `bn1: BatchNorm2d`, `relu: ReLU(inplace=True)`, sharing every tensor. Other BatchNormAct2d layers are
+    left as they are."""
+    if not inplace:
+        import copy
+
+        model = copy.deepcopy(model)
+    root = _unconvert_module(model)
+    if root is not model:
+        return root
+    _swap_children(model, _unconvert_module)
+    if (_is_stock_resnet(model) and isinstance(model.bn1, BatchNormAct2d) and model.bn1.act == "relu"
+            and type(model.relu) is nn.Identity):
+        model.bn1 = model.bn1.to_bn()
+        model.relu = nn.ReLU(inplace=True)
+    return model

@@ -4,11 +4,11 @@ Every backend is a module exposing the same four primitives (see `fusedres.refer
 semantics) and `not_supported_reasons(x) -> list[str]`:
 
     batch_stats(x) -> (mean, var)
-    apply(x, scale, shift, residual, xb, scale_b, shift_b, relu) -> y
-    backward_reduce(dy, x, scale, shift, mean, residual, xb, scale_b, shift_b, mean_b, relu, want_grad_residual)
+    apply(x, mean, scale, shift, residual, xb, mean_b, scale_b, shift_b, relu) -> y
+    backward_reduce(dy, x, mean, scale, shift, residual, xb, mean_b, scale_b, shift_b, relu, want_grad_residual)
         -> (sum_g, sum_g_xc, sum_g_xbc | None, grad_residual | None)
-    backward_apply(dy, x, scale, shift, residual, xb, scale_b, shift_b, relu,
-                   mean, k_g, k_x, k_c, mean_b, k_g_b, k_x_b, k_c_b) -> (dx, dxb | None)
+    backward_apply(dy, x, mean, scale, shift, residual, xb, mean_b, scale_b, shift_b, relu,
+                   k_g, k_x, k_c, k_g_b, k_x_b, k_c_b) -> (dx, dxb | None)
 
 `select(x)` returns the first backend that accepts x. `use_backend(name)` (or the environment variable
 `FUSEDRES_BACKEND`) forces one; a forced backend that refuses an input raises instead of falling back.

@@ -41,13 +41,13 @@ def _channel(v: torch.Tensor) -> torch.Tensor:
     return v.view(1, -1, 1, 1)
 
 
-def _pre_activation(x, scale, shift, residual, xb, scale_b, shift_b):
+def _pre_activation(x, mean, scale, shift, residual, xb, mean_b, scale_b, shift_b):
     acc = acc_dtype(x.dtype)
-    z = x.to(acc) * _channel(scale) + _channel(shift)
+    z = (x.to(acc) - _channel(mean)) * _channel(scale) + _channel(shift)
     if residual is not None:
         z = z + residual.to(acc)
     if xb is not None:
-        z = z + xb.to(acc) * _channel(scale_b) + _channel(shift_b)
+        z = z + (xb.to(acc) - _channel(mean_b)) * _channel(scale_b) + _channel(shift_b)
     return z
 
 
@@ -62,27 +62,28 @@ def batch_stats(x: torch.Tensor):
     return mean, var
 
 
-def apply(x, scale, shift, residual, xb, scale_b, shift_b, relu):
-    """y = act(x * scale + shift [+ residual | + xb * scale_b + shift_b]), per channel, in x's dtype."""
-    z = _pre_activation(x, scale, shift, residual, xb, scale_b, shift_b)
+def apply(x, mean, scale, shift, residual, xb, mean_b, scale_b, shift_b, relu):
+    """y = act((x - mean) * scale + shift [+ residual | + (xb - mean_b) * scale_b + shift_b]), per channel,
+    in x's dtype. Centring before scaling keeps precision when |mean| >> std."""
+    z = _pre_activation(x, mean, scale, shift, residual, xb, mean_b, scale_b, shift_b)
     return (torch.relu(z) if relu else z).to(x.dtype)
 
 
-def backward_reduce(dy, x, scale, shift, mean, residual, xb, scale_b, shift_b, mean_b, relu, want_grad_residual):
+def backward_reduce(dy, x, mean, scale, shift, residual, xb, mean_b, scale_b, shift_b, relu, want_grad_residual):
     """g = dy * relu'(z); per channel sum(g), sum(g * (x - mean)) [and for xb]; grad_residual = g."""
-    z = _pre_activation(x, scale, shift, residual, xb, scale_b, shift_b)
+    z = _pre_activation(x, mean, scale, shift, residual, xb, mean_b, scale_b, shift_b)
     g = _masked_grad(dy, z, relu)
     sum_g = g.sum(_DIMS)
     sum_g_xc = (g * (x.to(g.dtype) - _channel(mean))).sum(_DIMS)
     sum_g_xbc = None if xb is None else (g * (xb.to(g.dtype) - _channel(mean_b))).sum(_DIMS)
-    grad_residual = g.to(residual.dtype) if want_grad_residual else None
+    grad_residual = g.to(x.dtype, copy=True) if want_grad_residual else None
     return sum_g, sum_g_xc, sum_g_xbc, grad_residual
 
 
-def backward_apply(dy, x, scale, shift, residual, xb, scale_b, shift_b, relu,
-                   mean, k_g, k_x, k_c, mean_b, k_g_b, k_x_b, k_c_b):
+def backward_apply(dy, x, mean, scale, shift, residual, xb, mean_b, scale_b, shift_b, relu,
+                   k_g, k_x, k_c, k_g_b, k_x_b, k_c_b):
     """dx = k_g * g + k_x * (x - mean) + k_c per channel (and the same for xb with its own coefficients)."""
-    z = _pre_activation(x, scale, shift, residual, xb, scale_b, shift_b)
+    z = _pre_activation(x, mean, scale, shift, residual, xb, mean_b, scale_b, shift_b)
     g = _masked_grad(dy, z, relu)
     dx = (g * _channel(k_g) + (x.to(g.dtype) - _channel(mean)) * _channel(k_x) + _channel(k_c)).to(x.dtype)
     dxb = None

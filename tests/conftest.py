@@ -23,3 +23,5 @@ def _poison_and_seed():
 @pytest.fixture(params=DEVICES)
 def device(request):
     return request.param
+
+from helpers import small_tiles  # noqa: E402,F401  (a fixture, shared by the op tests)

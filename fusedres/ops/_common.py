@@ -71,10 +71,10 @@ def densify(x, *others):
 
 
 def scale_shift(mean, var, weight, bias, eps: float):
-    """invstd, and the per-channel affine (scale, shift) with BN(x) = x * scale + shift."""
+    """invstd, and the per-channel (scale, shift) with BN(x) = (x - mean) * scale + shift."""
     invstd = torch.rsqrt(var + eps)
     scale = invstd if weight is None else weight.to(invstd.dtype) * invstd
-    shift = -mean * scale if bias is None else bias.to(invstd.dtype) - mean * scale
+    shift = torch.zeros_like(mean) if bias is None else bias.to(invstd.dtype)
     return invstd, scale, shift
 
 
@@ -106,7 +106,7 @@ def update_running_stats(running_mean, running_var, mean, var, count: int, momen
 
 def fake_like(x):
     """Fake-tensor output with the layout the real kernels produce for x."""
-    return x.new_empty(x.shape, memory_format=memory_format_of(x))
+    return torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=memory_format_of(x))
 
 
 def fake_channels(x):

@@ -39,7 +39,7 @@ def bn_act_train(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], re
     backend = backends.select(x)
     mean, var = backend.batch_stats(x)
     _, scale, shift = scale_shift(mean, var, weight, bias, eps)
-    y = backend.apply(x, scale, shift, residual, None, None, None, relu)
+    y = backend.apply(x, mean, scale, shift, residual, None, None, None, None, relu)
     return y, mean, var
 
 
@@ -55,8 +55,9 @@ def bn_act_eval(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], res
     _check(x, weight, bias, residual, running_mean, running_var, training=False)
     x, residual = densify(x, residual)
     acc = acc_dtype(x.dtype)
-    _, scale, shift = scale_shift(running_mean.to(acc), running_var.to(acc), weight, bias, eps)
-    return backends.select(x).apply(x, scale, shift, residual, None, None, None, relu)
+    mean = running_mean.to(acc)
+    _, scale, shift = scale_shift(mean, running_var.to(acc), weight, bias, eps)
+    return backends.select(x).apply(x, mean, scale, shift, residual, None, None, None, None, relu)
 
 
 @bn_act_eval.register_fake
@@ -75,11 +76,11 @@ def bn_act_backward(grad_y: Tensor, x: Tensor, weight: Optional[Tensor], bias: O
     acc = acc_dtype(x.dtype)
     mean, var = mean.to(acc), var.to(acc)
     invstd, scale, shift = scale_shift(mean, var, weight, bias, eps)
-    sum_g, sum_g_xc, _, d_res = backend.backward_reduce(grad_y, x, scale, shift, mean, residual, None, None,
+    sum_g, sum_g_xc, _, d_res = backend.backward_reduce(grad_y, x, mean, scale, shift, residual, None, None,
                                                         None, None, relu, grad_residual)
     k_g, k_x, k_c, d_w, d_b = grad_coefficients(sum_g, sum_g_xc, invstd, scale, channel_count(x), training)
-    dx, _ = backend.backward_apply(grad_y, x, scale, shift, residual, None, None, None, relu,
-                                   mean, k_g, k_x, k_c, None, None, None, None)
+    dx, _ = backend.backward_apply(grad_y, x, mean, scale, shift, residual, None, None, None, None, relu,
+                                   k_g, k_x, k_c, None, None, None)
     if d_res is None:
         d_res = x.new_empty(0)
     return dx, d_w, d_b, d_res

@@ -42,7 +42,7 @@ def dual_bn_act_train(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor
     mean_r, var_r = backend.batch_stats(r)
     _, scale, shift = scale_shift(mean, var, weight, bias, eps)
     _, scale_r, shift_r = scale_shift(mean_r, var_r, weight_r, bias_r, eps_r)
-    y = backend.apply(x, scale, shift, None, r, scale_r, shift_r, relu)
+    y = backend.apply(x, mean, scale, shift, None, r, mean_r, scale_r, shift_r, relu)
     return y, mean, var, mean_r, var_r
 
 
@@ -61,9 +61,10 @@ def dual_bn_act_eval(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor]
            training=False)
     x, r = densify(x, r)
     acc = acc_dtype(x.dtype)
-    _, scale, shift = scale_shift(running_mean.to(acc), running_var.to(acc), weight, bias, eps)
-    _, scale_r, shift_r = scale_shift(running_mean_r.to(acc), running_var_r.to(acc), weight_r, bias_r, eps_r)
-    return backends.select(x).apply(x, scale, shift, None, r, scale_r, shift_r, relu)
+    mean, mean_r = running_mean.to(acc), running_mean_r.to(acc)
+    _, scale, shift = scale_shift(mean, running_var.to(acc), weight, bias, eps)
+    _, scale_r, shift_r = scale_shift(mean_r, running_var_r.to(acc), weight_r, bias_r, eps_r)
+    return backends.select(x).apply(x, mean, scale, shift, None, r, mean_r, scale_r, shift_r, relu)
 
 
 @dual_bn_act_eval.register_fake
@@ -86,14 +87,14 @@ def dual_bn_act_backward(grad_y: Tensor, x: Tensor, weight: Optional[Tensor], bi
     mean, var, mean_r, var_r = (t.to(acc) for t in (mean, var, mean_r, var_r))
     invstd, scale, shift = scale_shift(mean, var, weight, bias, eps)
     invstd_r, scale_r, shift_r = scale_shift(mean_r, var_r, weight_r, bias_r, eps_r)
-    sum_g, sum_g_xc, sum_g_rc, _ = backend.backward_reduce(grad_y, x, scale, shift, mean, None, r, scale_r,
-                                                           shift_r, mean_r, relu, False)
+    sum_g, sum_g_xc, sum_g_rc, _ = backend.backward_reduce(grad_y, x, mean, scale, shift, None, r, mean_r,
+                                                           scale_r, shift_r, relu, False)
     count = channel_count(x)
     k_g, k_x, k_c, d_w, d_b = grad_coefficients(sum_g, sum_g_xc, invstd, scale, count, training)
     k_g_r, k_x_r, k_c_r, d_w_r, d_b_r = grad_coefficients(sum_g, sum_g_rc, invstd_r, scale_r, count, training)
-    dx, dr = backend.backward_apply(grad_y, x, scale, shift, None, r, scale_r, shift_r, relu,
-                                    mean, k_g, k_x, k_c, mean_r, k_g_r, k_x_r, k_c_r)
-    return dx, d_w, d_b, dr, d_w_r, d_b_r
+    dx, dr = backend.backward_apply(grad_y, x, mean, scale, shift, None, r, mean_r, scale_r, shift_r, relu,
+                                    k_g, k_x, k_c, k_g_r, k_x_r, k_c_r)
+    return dx, d_w, d_b, dr, d_w_r, d_b_r.clone()  # d_b_r is sum_g, as d_b: outputs must not alias
 
 
 @dual_bn_act_backward.register_fake

@@ -1,0 +1,60 @@
+"""Shared test helpers: input factories, float64 references, per-dtype tolerances, backend parametrisation."""
+import pytest
+import torch
+
+import fusedres
+from fusedres import backends
+
+# (rtol, atol) per dtype, against a float64 reference on the same (rounded) inputs.
+TOLERANCES = {
+    torch.float64: (1e-10, 1e-10),
+    torch.float32: (1e-5, 1e-5),
+    torch.float16: (1e-2, 1e-2),
+    torch.bfloat16: (1e-2, 2e-2),
+}
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+def backend_names(device):
+    """Backends that can run on `device` here (cuda only where the extension is built and a GPU exists)."""
+    probe = torch.empty(1, 1, 1, 1, device=device)
+    return [name for name in backends.BACKENDS if not backends.not_supported_reasons(name, probe)]
+
+
+def assert_close(actual, expected, dtype, what=""):
+    """Compare with the dtype's tolerances; atol scales with the reference's magnitude."""
+    rtol, atol = TOLERANCES[dtype]
+    scale = max(1.0, expected.abs().max().item()) if expected.numel() else 1.0
+    torch.testing.assert_close(actual.double(), expected.double(), rtol=rtol, atol=atol * scale,
+                               msg=lambda m: f"{what}: {m}")
+
+
+def activation(shape, dtype, device, channels_last, offset=0.0, scale=1.0):
+    x = torch.randn(shape, dtype=torch.float64, device=device) * scale + offset
+    x = x.to(dtype)
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+
+
+def channel_params(c, device, dtype=torch.float32):
+    """weight, bias, running_mean, running_var — random, never trivial."""
+    weight = (torch.rand(c, device=device, dtype=dtype) + 0.5) * torch.sign(torch.randn(c, device=device, dtype=dtype))
+    bias = torch.randn(c, device=device, dtype=dtype)
+    running_mean = torch.randn(c, device=device, dtype=dtype) * 0.1
+    running_var = torch.rand(c, device=device, dtype=dtype) + 0.5
+    return weight, bias, running_mean, running_var
+
+
+def leaf(t):
+    return t.detach().clone().requires_grad_(True)
+
+
+def double_leaf(t):
+    return t.detach().double().requires_grad_(True)
+
+
+@pytest.fixture
+def small_tiles(monkeypatch):
+    """Shrink the Triton tiles so tiny shapes span several tiles, programs and masked tails."""
+    from fusedres.triton import bn_act as tbn
+    monkeypatch.setattr(tbn, "TILE_ELEMENTS", 64)
+    monkeypatch.setattr(tbn, "FLAT_BLOCK", 64)

@@ -1,0 +1,100 @@
+// bindings.cpp — the pybind11 module fusedres._C. Host compiler only: it sees fr_api.h (plain C++) and the
+// planning functions of fr_math.h, never CUDA or torch headers. Pointers arrive as Python ints
+// (tensor.data_ptr(), 0 for an absent optional tensor); fusedres/cuda.py allocates every output.
+#include <pybind11/pybind11.h>
+
+#include <cstdint>
+
+#include "fr_api.h"
+#include "fr_math.h"
+
+namespace py = pybind11;
+using u = std::uintptr_t;
+
+template <class T>
+static T* ptr(u p) {
+  return reinterpret_cast<T*>(p);
+}
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "fusedres CUDA kernels (raw pointers, sizes and a stream; see csrc/fr_api.h)";
+
+  py::class_<fr::Launch>(m, "Launch", "Sizes, layout, dtype, device and stream of one launch.")
+      .def(py::init([](std::int64_t n, int c, std::int64_t hw, bool channels_last, int dtype, int device,
+                       int sm_count, u stream) {
+             fr::Launch L;
+             L.n = n;
+             L.c = c;
+             L.hw = hw;
+             L.channels_last = channels_last;
+             L.dtype = dtype;
+             L.device = device;
+             L.sm_count = sm_count;
+             L.stream = stream;
+             return L;
+           }),
+           py::arg("n"), py::arg("c"), py::arg("hw"), py::arg("channels_last"), py::arg("dtype"), py::arg("device"),
+           py::arg("sm_count"), py::arg("stream"));
+
+  m.attr("FLOAT32") = static_cast<int>(fr::kFloat32);
+  m.attr("FLOAT16") = static_cast<int>(fr::kFloat16);
+  m.attr("BFLOAT16") = static_cast<int>(fr::kBFloat16);
+
+  m.def("reduce_splits", &fr::reduce_splits, py::arg("n"), py::arg("c"), py::arg("hw"), py::arg("channels_last"),
+        py::arg("elem_size"), py::arg("sm_count"),
+        "Row splits of a reduction: size its workspace as quantities * splits * C floats.");
+
+  m.def(
+      "batch_stats",
+      [](const fr::Launch& L, u x, u mean, u var, u ws, std::int64_t ws_numel, int splits) {
+        fr::batch_stats(L, ptr<const void>(x), ptr<float>(mean), ptr<float>(var), ptr<float>(ws), ws_numel, splits);
+      },
+      py::arg("launch"), py::arg("x"), py::arg("mean"), py::arg("var"), py::arg("ws"), py::arg("ws_numel"),
+      py::arg("splits"));
+
+  m.def(
+      "apply",
+      [](const fr::Launch& L, u x, u mean, u scale, u shift, u res, u xb, u mean_b, u scale_b, u shift_b, u y,
+         bool relu) {
+        fr::apply(L, ptr<const void>(x), ptr<const float>(mean), ptr<const float>(scale), ptr<const float>(shift),
+                  ptr<const void>(res), ptr<const void>(xb), ptr<const float>(mean_b), ptr<const float>(scale_b),
+                  ptr<const float>(shift_b), ptr<void>(y), relu);
+      },
+      py::arg("launch"), py::arg("x"), py::arg("mean"), py::arg("scale"), py::arg("shift"), py::arg("res"),
+      py::arg("xb"), py::arg("mean_b"), py::arg("scale_b"), py::arg("shift_b"), py::arg("y"), py::arg("relu"));
+
+  m.def(
+      "backward_reduce",
+      [](const fr::Launch& L, u dy, u x, u scale, u shift, u mean, u res, u xb, u scale_b, u shift_b, u mean_b,
+         bool relu, u grad_res, u sum_g, u sum_g_xc, u sum_g_xbc, u ws, std::int64_t ws_numel, int splits) {
+        fr::backward_reduce(L, ptr<const void>(dy), ptr<const void>(x), ptr<const float>(scale),
+                            ptr<const float>(shift), ptr<const float>(mean), ptr<const void>(res),
+                            ptr<const void>(xb), ptr<const float>(scale_b), ptr<const float>(shift_b),
+                            ptr<const float>(mean_b), relu, ptr<void>(grad_res), ptr<float>(sum_g),
+                            ptr<float>(sum_g_xc), ptr<float>(sum_g_xbc), ptr<float>(ws), ws_numel, splits);
+      },
+      py::arg("launch"), py::arg("dy"), py::arg("x"), py::arg("scale"), py::arg("shift"), py::arg("mean"),
+      py::arg("res"), py::arg("xb"), py::arg("scale_b"), py::arg("shift_b"), py::arg("mean_b"), py::arg("relu"),
+      py::arg("grad_res"), py::arg("sum_g"), py::arg("sum_g_xc"), py::arg("sum_g_xbc"), py::arg("ws"),
+      py::arg("ws_numel"), py::arg("splits"));
+
+  m.def(
+      "backward_apply",
+      [](const fr::Launch& L, u dy, u x, u scale, u shift, u res, u xb, u scale_b, u shift_b, bool relu, u mean,
+         u k_g, u k_x, u k_c, u mean_b, u k_g_b, u k_x_b, u k_c_b, u dx, u dxb) {
+        fr::backward_apply(L, ptr<const void>(dy), ptr<const void>(x), ptr<const float>(scale),
+                           ptr<const float>(shift), ptr<const void>(res), ptr<const void>(xb),
+                           ptr<const float>(scale_b), ptr<const float>(shift_b), relu, ptr<const float>(mean),
+                           ptr<const float>(k_g), ptr<const float>(k_x), ptr<const float>(k_c),
+                           ptr<const float>(mean_b), ptr<const float>(k_g_b), ptr<const float>(k_x_b),
+                           ptr<const float>(k_c_b), ptr<void>(dx), ptr<void>(dxb));
+      },
+      py::arg("launch"), py::arg("dy"), py::arg("x"), py::arg("scale"), py::arg("shift"), py::arg("res"),
+      py::arg("xb"), py::arg("scale_b"), py::arg("shift_b"), py::arg("relu"), py::arg("mean"), py::arg("k_g"),
+      py::arg("k_x"), py::arg("k_c"), py::arg("mean_b"), py::arg("k_g_b"), py::arg("k_x_b"), py::arg("k_c_b"),
+      py::arg("dx"), py::arg("dxb"));
+
+  m.def("build_info", &fr::build_info, "Compiled CUDA runtime version and architectures.");
+  m.def("device_unsupported", &fr::device_unsupported, py::arg("device"),
+        "Empty string when the kernels can run on this CUDA device, else the reason.");
+}

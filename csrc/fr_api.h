@@ -1,0 +1,54 @@
+// fr_api.h — host entry points of the CUDA kernels, called by bindings.cpp (plain C++: no CUDA or torch
+// headers, so the binding compiles with the host compiler alone). Pointers are raw device addresses of dense
+// tensors allocated by Python; a null optional pointer means "absent". Per-channel vectors are float32 [C].
+// Errors (bad launch, bad workspace) throw std::runtime_error.
+#pragma once
+
+#include <cstdint>
+#include <string>
+
+namespace fr {
+
+enum DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
+
+// What every launch needs to know about x [N, C, H, W].
+struct Launch {
+  std::int64_t n = 0, hw = 0;  // N and H*W
+  int c = 0;                   // C
+  bool channels_last = false;  // dense NHWC (else dense NCHW)
+  int dtype = kFloat32;        // DType of every activation tensor of the call
+  int device = 0;              // CUDA device index
+  int sm_count = 1;            // multiprocessors of that device (launch planning)
+  std::uintptr_t stream = 0;   // cudaStream_t of torch.cuda.current_stream()
+};
+
+// Per-channel mean and biased variance. ws: float32 workspace of 3 * splits * C elements, splits from
+// fr::reduce_splits (fr_math.h).
+void batch_stats(const Launch& L, const void* x, float* mean, float* var, float* ws, std::int64_t ws_numel,
+                 int splits);
+
+// y = act((x-mean)*scale + shift [+ res] [+ (xb-mean_b)*scale_b + shift_b]).
+void apply(const Launch& L, const void* x, const float* mean, const float* scale, const float* shift,
+           const void* res, const void* xb, const float* mean_b, const float* scale_b, const float* shift_b,
+           void* y, bool relu);
+
+// Per-channel sum(g), sum(g*(x-mean)) [, sum(g*(xb-mean_b))] with g = dy*relu'(z); grad_res := g when
+// non-null. ws: float32, (xb ? 3 : 2) * splits * C elements. Deterministic: fixed partition and order.
+void backward_reduce(const Launch& L, const void* dy, const void* x, const float* scale, const float* shift,
+                     const float* mean, const void* res, const void* xb, const float* scale_b,
+                     const float* shift_b, const float* mean_b, bool relu, void* grad_res, float* sum_g,
+                     float* sum_g_xc, float* sum_g_xbc, float* ws, std::int64_t ws_numel, int splits);
+
+// dx = k_g*g + k_x*(x-mean) + k_c, and dxb likewise when xb is given.
+void backward_apply(const Launch& L, const void* dy, const void* x, const float* scale, const float* shift,
+                    const void* res, const void* xb, const float* scale_b, const float* shift_b, bool relu,
+                    const float* mean, const float* k_g, const float* k_x, const float* k_c, const float* mean_b,
+                    const float* k_g_b, const float* k_x_b, const float* k_c_b, void* dx, void* dxb);
+
+// Build facts for fusedres.cuda (compiled architectures, CUDA runtime version).
+const char* build_info();
+
+// Empty when the compiled kernels can run on `device`, else why not (e.g. no image for its architecture).
+std::string device_unsupported(int device);
+
+}  // namespace fr

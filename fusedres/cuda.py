@@ -1,0 +1,171 @@
+"""CUDA backend: the hand-written kernels of csrc/ (extension `fusedres._C`) behind the four primitives of
+`fusedres.backends` (semantics: `fusedres.reference`).
+
+The extension sees raw device pointers, sizes, a layout flag and the current torch stream only — no torch
+headers — so one build serves every torch version. Everything torch-specific happens here: input checks,
+layout of the secondary tensors, output and workspace allocation (`fusedres._layout.empty*`, so test poisoning
+applies), the stream. Reductions write per-block partials to a workspace and fold them in a fixed order in a
+second kernel: results are deterministic (no float atomics).
+
+`fusedres._C` is imported on first use; when it is missing (no CUDA toolkit at install time) every input is
+refused with the reason and the dispatcher falls back to Triton.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from fusedres._layout import dense, empty, empty_like, is_channels_last, memory_format_of
+
+_DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}  # csrc/fr_api.h DType
+
+
+@functools.cache
+def _load():
+    """The extension module, or the ImportError that explains why it cannot be used."""
+    try:
+        from fusedres import _C
+    except ImportError as e:  # not built in this installation
+        return e
+    return _C
+
+
+def extension():
+    """`fusedres._C`, or None when it is not built."""
+    ext = _load()
+    return None if isinstance(ext, ImportError) else ext
+
+
+def build_info() -> str:
+    """Compiled CUDA runtime and architectures of the extension (or why it is unavailable)."""
+    ext = _load()
+    return f"not built: {ext}" if isinstance(ext, ImportError) else ext.build_info()
+
+
+@functools.cache
+def _device_reason(index: int) -> str | None:
+    """Why the compiled kernels cannot run on GPU `index` (None when they can)."""
+    ext = extension()
+    return ext.device_unsupported(index) or None
+
+
+@functools.cache
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def not_supported_reasons(x: torch.Tensor) -> list[str]:
+    reasons = []
+    ext = _load()
+    if isinstance(ext, ImportError):
+        reasons.append("fusedres._C is not built (install fusedres with a CUDA toolkit to build it)")
+    if x.device.type != "cuda":
+        reasons.append(f"{x.device.type.upper()} tensor (the CUDA backend runs on CUDA tensors)")
+    elif torch.version.hip is not None:
+        reasons.append("ROCm device (the CUDA kernels are built for NVIDIA GPUs)")
+    elif not reasons:
+        why = _device_reason(x.device.index)
+        if why:
+            reasons.append(why)
+    if x.dtype not in _DTYPES:
+        reasons.append(f"dtype {str(x.dtype).removeprefix('torch.')} (CUDA kernels: float32, float16, bfloat16)")
+    if x.dim() != 4:
+        reasons.append(f"{x.dim()}-D input (expected [N, C, H, W])")
+    elif not (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)):
+        reasons.append("x is neither dense NCHW nor dense channels_last")
+    if x.numel() == 0:
+        reasons.append("empty tensor")
+    return reasons
+
+
+# ------------------------------------------------------------------------------------------------ helpers
+def _ptr(t: torch.Tensor | None) -> int:
+    return 0 if t is None else t.data_ptr()
+
+
+def _like(t: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor | None:
+    """An activation (residual, xb, dy) as a dense tensor in x's kernel layout."""
+    return dense(t, memory_format_of(x))
+
+
+def _vec(v: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor | None:
+    """A per-channel vector as contiguous float32 on x's device."""
+    if v is None:
+        return None
+    return v.to(device=x.device, dtype=torch.float32).contiguous()
+
+
+def _launch(ext, x: torch.Tensor):
+    n, c, h, w = x.shape
+    index = x.device.index
+    return ext.Launch(n, c, h * w, is_channels_last(x), _DTYPES[x.dtype], index, _sm_count(index),
+                      torch.cuda.current_stream(x.device).cuda_stream)
+
+
+def _channels(x: torch.Tensor) -> torch.Tensor:
+    return empty((x.shape[1],), dtype=torch.float32, device=x.device)
+
+
+def _workspace(ext, x: torch.Tensor, quantities: int) -> tuple[torch.Tensor, int]:
+    """Float32 workspace [quantities, splits, C] for a reduction's per-block partials, and splits."""
+    n, c, h, w = x.shape
+    splits = ext.reduce_splits(n, c, h * w, is_channels_last(x), x.element_size(), _sm_count(x.device.index))
+    return torch.empty(quantities * splits * c, dtype=torch.float32, device=x.device), splits
+
+
+# ------------------------------------------------------------------------------------------------ primitives
+def batch_stats(x: torch.Tensor):
+    """Per-channel mean and biased variance (float32) of x [N, C, H, W]."""
+    ext = _load()
+    mean, var = _channels(x), _channels(x)
+    ws, splits = _workspace(ext, x, 3)
+    ext.batch_stats(_launch(ext, x), x.data_ptr(), mean.data_ptr(), var.data_ptr(), ws.data_ptr(), ws.numel(),
+                    splits)
+    return mean, var
+
+
+def apply(x, mean, scale, shift, residual, xb, mean_b, scale_b, shift_b, relu):
+    """y = act((x - mean) * scale + shift [+ residual | + (xb - mean_b) * scale_b + shift_b]), per channel, in
+    x's dtype."""
+    ext = _load()
+    residual, xb = _like(residual, x), _like(xb, x)
+    mean, scale, shift, mean_b, scale_b, shift_b = (_vec(v, x) for v in (mean, scale, shift, mean_b, scale_b,
+                                                                         shift_b))
+    y = empty_like(x)
+    ext.apply(_launch(ext, x), x.data_ptr(), mean.data_ptr(), scale.data_ptr(), shift.data_ptr(), _ptr(residual),
+              _ptr(xb), _ptr(mean_b), _ptr(scale_b), _ptr(shift_b), y.data_ptr(), bool(relu))
+    return y
+
+
+def backward_reduce(dy, x, mean, scale, shift, residual, xb, mean_b, scale_b, shift_b, relu, want_grad_residual):
+    """g = dy * relu'(z); per channel sum(g), sum(g * (x - mean)) [and for xb]; grad_residual = g."""
+    ext = _load()
+    dy, residual, xb = _like(dy, x), _like(residual, x), _like(xb, x)
+    scale, shift, mean, scale_b, shift_b, mean_b = (_vec(v, x) for v in (scale, shift, mean, scale_b, shift_b,
+                                                                         mean_b))
+    sum_g, sum_g_xc = _channels(x), _channels(x)
+    sum_g_xbc = _channels(x) if xb is not None else None
+    grad_residual = empty_like(x) if want_grad_residual else None
+    ws, splits = _workspace(ext, x, 3 if xb is not None else 2)
+    ext.backward_reduce(_launch(ext, x), dy.data_ptr(), x.data_ptr(), scale.data_ptr(), shift.data_ptr(),
+                        mean.data_ptr(), _ptr(residual), _ptr(xb), _ptr(scale_b), _ptr(shift_b), _ptr(mean_b),
+                        bool(relu), _ptr(grad_residual), sum_g.data_ptr(), sum_g_xc.data_ptr(), _ptr(sum_g_xbc),
+                        ws.data_ptr(), ws.numel(), splits)
+    return sum_g, sum_g_xc, sum_g_xbc, grad_residual
+
+
+def backward_apply(dy, x, mean, scale, shift, residual, xb, mean_b, scale_b, shift_b, relu,
+                   k_g, k_x, k_c, k_g_b, k_x_b, k_c_b):
+    """dx = k_g * g + k_x * (x - mean) + k_c per channel (and the same for xb with its own coefficients)."""
+    ext = _load()
+    dy, residual, xb = _like(dy, x), _like(residual, x), _like(xb, x)
+    vecs = (_vec(v, x) for v in (scale, shift, scale_b, shift_b, mean, k_g, k_x, k_c, mean_b, k_g_b, k_x_b, k_c_b))
+    scale, shift, scale_b, shift_b, mean, k_g, k_x, k_c, mean_b, k_g_b, k_x_b, k_c_b = vecs
+    dx = empty_like(x)
+    dxb = empty_like(xb) if xb is not None else None
+    ext.backward_apply(_launch(ext, x), dy.data_ptr(), x.data_ptr(), _ptr(scale), _ptr(shift), _ptr(residual),
+                       _ptr(xb), _ptr(scale_b), _ptr(shift_b), bool(relu), mean.data_ptr(), k_g.data_ptr(),
+                       k_x.data_ptr(), k_c.data_ptr(), _ptr(mean_b), _ptr(k_g_b), _ptr(k_x_b), _ptr(k_c_b),
+                       dx.data_ptr(), _ptr(dxb))
+    return dx, dxb

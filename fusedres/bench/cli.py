@@ -1,0 +1,265 @@
+"""`fusedres-bench` / `python -m fusedres.bench`: argument parsing and the run from levels to files.
+
+With CUDA: the requested levels are timed and written as JSON, CSV, markdown and PNG. Without CUDA: the
+correctness demo runs instead (fusedres.bench.demo) and the timed levels are reported as skipped, because
+a time measured on a CPU through the Triton interpreter says nothing about the kernels.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from fusedres.bench.common import DTYPES, LEVELS, MEMORY_FORMATS, MODELS, Config, ensure_interpreter
+
+LEVEL_CHOICES = ("auto", "demo", "all") + LEVELS
+
+
+def _csv(kind, choices=None):
+    def parse(text: str) -> tuple[str, ...]:
+        items = tuple(t.strip() for t in text.split(",") if t.strip())
+        if not items:
+            raise argparse.ArgumentTypeError(f"empty {kind} list")
+        if choices is not None:
+            bad = [t for t in items if t not in choices]
+            if bad:
+                raise argparse.ArgumentTypeError(f"unknown {kind} {', '.join(bad)}; choose from {', '.join(choices)}")
+        return items
+    return parse
+
+
+def _size(text: str) -> tuple[int, int, int, int]:
+    try:
+        dims = tuple(int(t) for t in text.replace("x", ",").split(","))
+    except ValueError:
+        dims = ()
+    if len(dims) != 4 or dims[1] != 3 or min(dims) < 1:
+        raise argparse.ArgumentTypeError(f"expected N,3,H,W (e.g. 2,3,64,64), got {text!r}")
+    return dims
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="fusedres-bench",
+        description="Benchmark fusedres against stock PyTorch (kernels, blocks, whole ResNets) on a CUDA GPU; "
+                    "without one, check that the fused ResNet matches stock through the Triton interpreter.")
+    p.add_argument("--level", type=_csv("level", LEVEL_CHOICES), default=("auto",),
+                   help="comma list of kernels, blocks, models, demo, all, auto (default auto: all three timed "
+                        "levels with CUDA, the demo without)")
+    p.add_argument("--models", type=_csv("model", MODELS + ("all",)), default=None,
+                   help=f"models level: comma list of {', '.join(MODELS)} or all (default all; --quick: resnet50)")
+    p.add_argument("--batch", type=_positive, default=None, help="batch size of every timed level (default 128)")
+    p.add_argument("--dtype", type=_csv("dtype", tuple(DTYPES)), default=None,
+                   help="dtypes of the fused and compiled candidates (default bf16); model baselines always "
+                        "include eager fp32, bf16 and fp16")
+    p.add_argument("--memory-format", type=_csv("memory format", tuple(MEMORY_FORMATS) + ("both",)),
+                   default=None, help="kernels and blocks: channels_last (default), contiguous or both")
+    p.add_argument("--impl", type=_csv("impl pattern"), default=(),
+                   help="keep only impls matching these fnmatch patterns, e.g. 'eager,fusedres[triton]*' "
+                        "(default: all, except fusedres[reference] in blocks and models)")
+    p.add_argument("--repeats", type=_positive, default=None, help="interleaved samples per candidate "
+                                                                    "(default 10, --quick 3)")
+    p.add_argument("--warmup", type=_positive, default=3, help="untimed calls per candidate before timing")
+    p.add_argument("--quick", action="store_true",
+                   help="fewer kernel shapes, resnet50 only, 3 repeats, default-mode compile for inference")
+    p.add_argument("--cuda-graphs", action="store_true", help="models: add CUDA-graph candidates")
+    p.add_argument("--out", type=Path, default=None,
+                   help="directory for JSON, CSV, markdown and PNG results (default benchmarks/results)")
+    p.add_argument("--compare", type=Path, default=None, metavar="OLD.json",
+                   help="print the change of every row against an earlier result")
+    p.add_argument("--against", type=Path, default=None, metavar="NEW.json",
+                   help="with --compare: compare two saved results without measuring anything")
+    p.add_argument("--fail-threshold", type=float, default=None, metavar="PCT",
+                   help="with --compare: exit 1 when a row got slower by more than PCT percent or now fails")
+    p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    p.add_argument("--demo-model", default="resnet18", choices=MODELS, help="demo: model (default resnet18)")
+    p.add_argument("--demo-size", type=_size, default=(2, 3, 64, 64), metavar="N,3,H,W",
+                   help="demo: input size (default 2,3,64,64)")
+    return p
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.against is not None and args.compare is None:
+        parser.error("--against needs --compare OLD.json")
+    if args.fail_threshold is not None and args.compare is None:
+        parser.error("--fail-threshold needs --compare OLD.json")
+    return args
+
+
+def resolve_levels(requested, cuda: bool) -> list[str]:
+    """The levels to run, in order: 'auto' is the timed levels with CUDA and the demo without."""
+    out = []
+    for level in requested:
+        expanded = (LEVELS if cuda else ("demo",)) if level == "auto" else LEVELS if level == "all" else (level,)
+        out += [lv for lv in expanded if lv not in out]
+    return out
+
+
+def make_config(args) -> Config:
+    fmts = args.memory_format or ("channels_last",)
+    if "both" in fmts:
+        fmts = tuple(MEMORY_FORMATS)
+    models = args.models or (("resnet50",) if args.quick else MODELS)
+    if "all" in models:
+        models = MODELS
+    return Config(batch=args.batch or 128, dtypes=args.dtype or ("bf16",), memory_formats=fmts, models=models,
+                  impls=tuple(args.impl), repeats=args.repeats or (3 if args.quick else 10), warmup=args.warmup,
+                  quick=args.quick, cuda_graphs=args.cuda_graphs, target_ms=10.0 if args.quick else 25.0)
+
+
+def default_out() -> Path:
+    from fusedres.bench.env import REPO
+
+    root = REPO if (REPO / "benchmarks").is_dir() else Path.cwd()
+    return root / "benchmarks" / "results"
+
+
+def compare_files(old_path, new_path, threshold, log=print) -> int:
+    from fusedres.bench.results import compare, load_json
+
+    text, regressions = compare(load_json(old_path), load_json(new_path), threshold)
+    log(f"compare {old_path} -> {new_path}")
+    log(text)
+    return 1 if regressions else 0
+
+
+def headline(rows: list[dict]) -> list[str]:
+    """One line per (ResNet-50, mode, dtype): the fastest fusedres candidate against eager and compile."""
+    lines = []
+    keys = dict.fromkeys((r["mode"], r["dtype"]) for r in rows if r["level"] == "models" and r["name"] == "resnet50")
+    for mode, dtype in keys:
+        fused = [r for r in rows if r["level"] == "models" and r["name"] == "resnet50" and r["mode"] == mode
+                 and r["dtype"] == dtype and r["impl"].startswith("fusedres") and r.get("ms")]
+        if not fused:
+            continue
+        best = min(fused, key=lambda r: r["ms"])
+        s = best.get("speedup") or {}
+        vs = ", ".join(f"{v:.2f}x {k}" for k, v in s.items())
+        lines.append(f"resnet50 {mode} {dtype} batch {best['batch']}: best fused {best['impl']} "
+                     f"{best['img_per_s']:.0f} img/s ({vs or 'no baseline in this run'})")
+    return lines
+
+
+def run_timed(args, levels: list[str], log=print, cfg: Config | None = None, device=None,
+              timer_factory=None) -> int:
+    """Time `levels`, write <stem>.json/.csv/.md/.png under --out, print tables and the --compare report.
+
+    cfg, device and timer_factory(level) default to the CLI's config, CUDA and CUDA-event timers (tests
+    pass a tiny config, the CPU and a wall-clock timer to exercise everything but the numbers).
+    """
+    import torch
+
+    from fusedres.bench import blocks, kernels, models
+    from fusedres.bench.common import raise_recompile_limits
+    from fusedres.bench.env import environment, result_stem
+    from fusedres.bench.plots import write_plots
+    from fusedres.bench.progress import progress
+    from fusedres.bench.results import (add_speedups, compare, document, format_tables, load_json, write_csv,
+                                        write_json)
+    from fusedres.bench.timing import CudaTimer
+
+    cfg = cfg or make_config(args)
+    device = torch.device(device or "cuda")
+    if timer_factory is None:
+        def timer_factory(level):
+            return CudaTimer(flush_l2=(level == "kernels"), device=device)
+    raise_recompile_limits()
+    torch.backends.cudnn.benchmark = True
+    meta = environment()
+    meta["config"] = {k: v for k, v in vars(cfg).items() if k not in ("kernel_specs", "block_specs", "extra")}
+    meta["levels"] = levels
+    old = load_json(args.compare) if args.compare else None
+    modules = {"kernels": kernels, "blocks": blocks, "models": models}
+    rows, level_errors = [], {}
+    for level in levels:
+        module = modules[level]
+        bar = progress(len(module.groups(cfg)), level)
+        timer = timer_factory(level)
+        try:
+            rows += module.run(cfg, device, timer, bar)
+        except Exception as exc:  # a level that cannot run is reported; the other levels still run
+            from fusedres.bench.common import describe_error
+
+            level_errors[level] = describe_error(exc, 1000)
+            log(f"level {level} stopped: {level_errors[level]}")
+        finally:
+            bar.close()
+            del timer
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    if level_errors:
+        meta["level_errors"] = level_errors
+    add_speedups(rows)
+    doc = document(meta, rows)
+    out = args.out or default_out()
+    stem = out / result_stem(meta)
+    tables = format_tables(rows, meta)
+    paths = [write_json(doc, f"{stem}.json"), write_csv(rows, f"{stem}.csv")]
+    Path(f"{stem}.md").write_text(tables)
+    paths.append(Path(f"{stem}.md"))
+    if not args.no_plots:
+        paths += write_plots(rows, stem, log=log)
+    log(tables)
+    for line in headline(rows):
+        log(line)
+    log("results: " + ", ".join(str(p) for p in paths))
+    rc = 1 if level_errors else 0
+    if old is not None:
+        text, regressions = compare(old, doc, args.fail_threshold)
+        log(f"compare {args.compare} -> this run")
+        log(text)
+        rc = rc or (1 if regressions else 0)
+    return rc
+
+
+def run_demo_job(args, requested_timed: list[str], cuda: bool, log=print) -> int:
+    from fusedres.bench.demo import run_demo
+
+    result = run_demo(args.demo_model, args.demo_size, log=log)
+    if args.out is not None:
+        from fusedres.bench.env import environment, result_stem
+        from fusedres.bench.results import write_json
+
+        meta = environment()
+        path = write_json(dict(meta, demo=result), args.out / f"demo_{result_stem(meta)}.json")
+        log(f"demo results: {path}")
+    if not cuda:
+        skipped = requested_timed or list(LEVELS)
+        log("")
+        log(f"No CUDA GPU here, so no timings: the {', '.join(skipped)} level{'s' if len(skipped) > 1 else ''} "
+            "(kernel GB/s, block ms, model img/s and peak memory) were skipped. Timings need an NVIDIA GPU; "
+            "on one, scripts/bench.sh runs the full benchmark.")
+        if args.compare is not None:
+            log(f"--compare {args.compare}: nothing to compare, no timings were taken.")
+    return 0 if result["ok"] else 1
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.against is not None:
+        return compare_files(args.compare, args.against, args.fail_threshold)
+    ensure_interpreter()
+    import torch
+
+    cuda = torch.cuda.is_available()
+    levels = resolve_levels(args.level, cuda)
+    timed = [lv for lv in levels if lv in LEVELS]
+    rc = 0
+    if "demo" in levels or not cuda:
+        rc = run_demo_job(args, timed, cuda)
+    if cuda and timed:
+        rc = run_timed(args, timed) or rc
+    return rc
+
+
+if __name__ == "__main__":
+    sys.exit(main())

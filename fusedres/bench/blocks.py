@@ -100,7 +100,7 @@ def groups(cfg: Config):
             for mode in cfg.block_modes]
 
 
-def run(cfg: Config, device, timer, bar=None) -> list[dict]:
+def run(cfg: Config, device, timer, bar=None, on_group=None) -> list[dict]:
     import fusedres
 
     rows = []
@@ -123,6 +123,8 @@ def run(cfg: Config, device, timer, bar=None) -> list[dict]:
             rows.append(make_row(LEVEL, spec.name, mode, impl, dtype_name(dtype), fmt, cfg.batch, m))
         del results, x, probe
         timer.recover()
+        if on_group is not None:
+            on_group(rows)
         if bar is not None:
             bar.update()
     return rows

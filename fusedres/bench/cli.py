@@ -62,7 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--memory-format", type=_csv("memory format", tuple(MEMORY_FORMATS) + ("both",)),
                    default=None, help="kernels and blocks: channels_last (default), contiguous or both")
     p.add_argument("--impl", type=_csv("impl pattern"), default=(),
-                   help="keep only impls matching these fnmatch patterns, e.g. 'eager,fusedres[triton]*' "
+                   help="keep only impls matching these patterns (* and ? are wildcards, brackets literal), "
+                        "e.g. 'eager,fusedres[triton]*' "
                         "(default: all, except fusedres[reference] in blocks and models)")
     p.add_argument("--repeats", type=_positive, default=None, help="interleaved samples per candidate "
                                                                     "(default 10, --quick 3)")
@@ -179,16 +180,29 @@ def run_timed(args, levels: list[str], log=print, cfg: Config | None = None, dev
     meta["levels"] = levels
     old = load_json(args.compare) if args.compare else None
     modules = {"kernels": kernels, "blocks": blocks, "models": models}
-    rows, level_errors = [], {}
+    out = args.out or default_out()
+    stem = out / result_stem(meta)
+    rows, level_errors, current = [], {}, []
+
+    def checkpoint(level_rows):
+        """Rewrite the JSON and CSV after every group, so a run cut short keeps what it measured."""
+        current[:] = level_rows
+        partial = [dict(r) for r in rows + level_rows]
+        add_speedups(partial)
+        write_json(document(dict(meta, complete=False), partial), f"{stem}.json")
+        write_csv(partial, f"{stem}.csv")
+
     for level in levels:
         module = modules[level]
         bar = progress(len(module.groups(cfg)), level)
         timer = timer_factory(level)
+        current.clear()
         try:
-            rows += module.run(cfg, device, timer, bar)
+            rows += module.run(cfg, device, timer, bar, on_group=checkpoint)
         except Exception as exc:  # a level that cannot run is reported; the other levels still run
             from fusedres.bench.common import describe_error
 
+            rows += current
             level_errors[level] = describe_error(exc, 1000)
             log(f"level {level} stopped: {level_errors[level]}")
         finally:
@@ -198,10 +212,9 @@ def run_timed(args, levels: list[str], log=print, cfg: Config | None = None, dev
                 torch.cuda.empty_cache()
     if level_errors:
         meta["level_errors"] = level_errors
+    meta["complete"] = True
     add_speedups(rows)
     doc = document(meta, rows)
-    out = args.out or default_out()
-    stem = out / result_stem(meta)
     tables = format_tables(rows, meta)
     paths = [write_json(doc, f"{stem}.json"), write_csv(rows, f"{stem}.csv")]
     Path(f"{stem}.md").write_text(tables)

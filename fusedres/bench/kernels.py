@@ -165,7 +165,7 @@ def groups(cfg: Config) -> list[tuple[KernelSpec, str, str, str]]:
             for mode in cfg.kernel_modes]
 
 
-def run(cfg: Config, device, timer, bar=None) -> list[dict]:
+def run(cfg: Config, device, timer, bar=None, on_group=None) -> list[dict]:
     """Rows for every (spec, dtype, memory format, mode) group; copy rows carry the roofline."""
     import fusedres
 
@@ -191,6 +191,8 @@ def run(cfg: Config, device, timer, bar=None) -> list[dict]:
                                  pct_of_copy=None if rate is None or not copy_gbps else 100.0 * rate / copy_gbps))
         del problem, results
         timer.recover()
+        if on_group is not None:
+            on_group(rows)
         if bar is not None:
             bar.update()
     return rows

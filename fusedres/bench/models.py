@@ -142,7 +142,7 @@ def groups(cfg: Config) -> list[tuple[str, str]]:
     return [(name, mode) for name in cfg.models for mode in cfg.model_modes]
 
 
-def run(cfg: Config, device, timer, bar=None) -> list[dict]:
+def run(cfg: Config, device, timer, bar=None, on_group=None) -> list[dict]:
     import fusedres
 
     def backends_for(dtype: str, fmt: str) -> list[str]:
@@ -169,6 +169,8 @@ def run(cfg: Config, device, timer, bar=None) -> list[dict]:
                                  img_per_s=ips))
         del results
         timer.recover()
+        if on_group is not None:
+            on_group(rows)
         if bar is not None:
             bar.update()
     return rows

@@ -183,7 +183,8 @@ _COLUMNS = {
                 ("format", "memory_format", "l"), ("batch", "batch", "r"), ("ms", _time_cell, "r"),
                 ("GB/s", lambda r: fmt_num(r.get("gbps"), 4), "r"),
                 ("% of copy", lambda r: fmt_num(r.get("pct_of_copy"), 3), "r"),
-                ("vs PyTorch", lambda r: fmt_ratio((r.get("speedup") or {}).get("pytorch")), "r")],
+                ("vs PyTorch", lambda r: fmt_ratio((r.get("speedup") or {}).get("pytorch")), "r"),
+                ("vs compile", lambda r: fmt_ratio((r.get("speedup") or {}).get("compile")), "r")],
     "blocks": [("block", "name", "l"), ("mode", "mode", "l"), ("impl", "impl", "l"), ("dtype", "dtype", "l"),
                ("format", "memory_format", "l"), ("batch", "batch", "r"), ("ms", _time_cell, "r"),
                ("vs eager", lambda r: fmt_ratio((r.get("speedup") or {}).get("eager")), "r"),
@@ -216,9 +217,10 @@ def format_tables(rows: list[dict], meta: dict | None = None) -> str:
         parts.append(f"fusedres-bench on {meta.get('device')} (driver {meta.get('driver')}, torch "
                      f"{meta.get('torch')}, triton {meta.get('triton')}, CUDA {meta.get('cuda')}), commit "
                      f"{(meta.get('commit') or '?')[:12]}, {meta.get('date')}")
-    notes = {"kernels": "Speedup = PyTorch-sequence ms / ms; GB/s = bytes the fused kernel must move / time "
-                        "(same bytes for every impl); % of copy = GB/s / a device-to-device copy of the same "
-                        "tensor measured alongside.",
+    notes = {"kernels": "fwd = training forward, bwd = its backward, infer = eval forward; vs PyTorch / vs "
+                        "compile = ms of PyTorch's own sequence (eager / torch.compile) / ms; GB/s = bytes the "
+                        "fused kernel must move / time (same bytes for every impl); % of copy = GB/s / a "
+                        "device-to-device copy of the same tensor measured alongside.",
              "blocks": "fwd = training-mode forward, train = forward + backward, infer = eval forward.",
              "models": "train = one SGD step (forward, loss, backward, optimizer), infer = eval forward; "
                        "speedups against eager and torch.compile of the same dtype; peak MiB = memory a call "

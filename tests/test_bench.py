@@ -246,6 +246,10 @@ def test_cli_parsing():
     assert cfg.batch == 64 and cfg.dtypes == ("bf16", "fp16") and cfg.repeats == 5 and cfg.cuda_graphs
     assert set(cfg.memory_formats) == {"channels_last", "contiguous"} and cfg.impls == ("eager", "fusedres*")
     assert cli.parse_args(["--demo-size", "4x3x32x32"]).demo_size == (4, 3, 32, 32)
+    assert cfg.block_modes == ("fwd", "train") and cfg.model_modes == ("train", "infer")
+    modes = cli.make_config(cli.parse_args(["--modes", "infer,train"]))
+    assert modes.kernel_modes == ("infer",) and modes.block_modes == ("train", "infer")
+    assert modes.model_modes == ("train", "infer")
     for bad in (["--dtype", "fp8"], ["--level", "everything"], ["--models", "vgg16"], ["--batch", "0"],
                 ["--against", "new.json"], ["--fail-threshold", "5"], ["--demo-size", "2,1,8,8"]):
         with pytest.raises(SystemExit):
@@ -258,7 +262,8 @@ def test_cli_parsing():
 def test_result_stem_and_environment():
     from fusedres.bench.env import environment, result_stem
 
-    assert result_stem(dict(META, dirty=True)) == "20261123-1040_nvidia-h100-80gb-hbm3_0123456-dirty"
+    assert result_stem(dict(META, dirty=True)) == "20261123-104000_nvidia-h100-80gb-hbm3_0123456-dirty"
+    assert result_stem(dict(META, levels=["kernels", "models"])).endswith("_0123456_kernels-models")
     assert result_stem({}) == "undated_unknown_nocommit"
     env = environment()
     assert all(k in env for k in results.META_KEYS) and env["torch"] == torch.__version__
@@ -302,6 +307,7 @@ def test_timed_pipeline_on_cpu(tmp_path, capsys):
                  kernel_specs=[kernels.KernelSpec("bn_act", "t", 8, 4, residual=True),
                                kernels.KernelSpec("dual_bn_act", "t", 8, 4)],
                  block_specs=[blocks.BlockSpec("bottleneck", 16, 4, 4, stride=2, downsample=True)],
+                 block_modes=("fwd", "train", "infer"),
                  models=("resnet18",), model_modes=("train",), image_size=32, num_classes=10,
                  impls=("copy", "pytorch", "eager", "fusedres[reference]", "fusedres[triton]"))
     old = results.write_json(results.document(META, sample_rows()), tmp_path / "old.json")

@@ -61,6 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "include eager fp32, bf16 and fp16")
     p.add_argument("--memory-format", type=_csv("memory format", tuple(MEMORY_FORMATS) + ("both",)),
                    default=None, help="kernels and blocks: channels_last (default), contiguous or both")
+    p.add_argument("--modes", type=_csv("mode", ("fwd", "bwd", "train", "infer")), default=None,
+                   help="keep only these modes (kernels: fwd, bwd, infer; blocks: fwd, train, infer; models: "
+                        "train, infer); default: kernels fwd,bwd,infer, blocks fwd,train, models train,infer")
     p.add_argument("--impl", type=_csv("impl pattern"), default=(),
                    help="keep only impls matching these patterns (* and ? are wildcards, brackets literal), "
                         "e.g. 'eager,fusedres[triton]*' "
@@ -112,9 +115,14 @@ def make_config(args) -> Config:
     models = args.models or (("resnet50",) if args.quick else MODELS)
     if "all" in models:
         models = MODELS
-    return Config(batch=args.batch or 128, dtypes=args.dtype or ("bf16",), memory_formats=fmts, models=models,
-                  impls=tuple(args.impl), repeats=args.repeats or (3 if args.quick else 10), warmup=args.warmup,
-                  quick=args.quick, cuda_graphs=args.cuda_graphs, target_ms=10.0 if args.quick else 25.0)
+    cfg = Config(batch=args.batch or 128, dtypes=args.dtype or ("bf16",), memory_formats=fmts, models=models,
+                 impls=tuple(args.impl), repeats=args.repeats or (3 if args.quick else 10), warmup=args.warmup,
+                 quick=args.quick, cuda_graphs=args.cuda_graphs, target_ms=10.0 if args.quick else 25.0)
+    if args.modes:
+        cfg.kernel_modes = tuple(m for m in ("fwd", "bwd", "infer") if m in args.modes)
+        cfg.block_modes = tuple(m for m in ("fwd", "train", "infer") if m in args.modes)
+        cfg.model_modes = tuple(m for m in ("train", "infer") if m in args.modes)
+    return cfg
 
 
 def default_out() -> Path:
@@ -248,9 +256,10 @@ def run_demo_job(args, requested_timed: list[str], cuda: bool, log=print) -> int
     if not cuda:
         skipped = requested_timed or list(LEVELS)
         log("")
-        log(f"No CUDA GPU here, so no timings: the {', '.join(skipped)} level{'s' if len(skipped) > 1 else ''} "
-            "(kernel GB/s, block ms, model img/s and peak memory) were skipped. Timings need an NVIDIA GPU; "
-            "on one, scripts/bench.sh runs the full benchmark.")
+        plural = len(skipped) > 1
+        log(f"No CUDA GPU here, so no timings: the {', '.join(skipped)} level{'s' if plural else ''} "
+            f"{'were' if plural else 'was'} skipped (kernel GB/s, block ms, model img/s and peak memory are "
+            "measured on a GPU only). On a machine with an NVIDIA GPU, scripts/bench.sh runs the full benchmark.")
         if args.compare is not None:
             log(f"--compare {args.compare}: nothing to compare, no timings were taken.")
     return 0 if result["ok"] else 1

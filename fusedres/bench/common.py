@@ -34,7 +34,7 @@ class Config:
     image_size: int = 224
     num_classes: int = 1000
     kernel_modes: tuple[str, ...] = ("fwd", "bwd", "infer")
-    block_modes: tuple[str, ...] = ("fwd", "train", "infer")
+    block_modes: tuple[str, ...] = ("fwd", "train")
     model_modes: tuple[str, ...] = ("train", "infer")
     kernel_specs: list | None = None
     block_specs: list | None = None

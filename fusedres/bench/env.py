@@ -66,9 +66,11 @@ def environment() -> dict:
 
 
 def result_stem(meta: dict) -> str:
-    """File stem for a run: date, device and commit, e.g. 20261123-1040_nvidia-h100-80gb-hbm3_af03483."""
-    date = re.sub(r"[^0-9T]", "", (meta.get("date") or "")[:16]).replace("T", "-") or "undated"
+    """File stem for a run: date, device, commit and levels, e.g.
+    20261123-104000_nvidia-h100-80gb-hbm3_af03483_kernels-models."""
+    date = re.sub(r"[^0-9T]", "", (meta.get("date") or "")[:19]).replace("T", "-") or "undated"
     device = re.sub(r"[^a-z0-9]+", "-", (meta.get("device") or "unknown").lower()).strip("-")
     commit = (meta.get("commit") or "")[:7] or "nocommit"
     commit += "-dirty" if meta.get("dirty") else ""
-    return f"{date}_{device}_{commit}"
+    levels = "-".join(meta.get("levels") or ())
+    return f"{date}_{device}_{commit}" + (f"_{levels}" if levels else "")

@@ -16,7 +16,6 @@ semantics) and `not_supported_reasons(x) -> list[str]`:
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import functools
 import importlib
 import os
@@ -30,7 +29,9 @@ _MODULES = {
     "triton": "fusedres.triton.bn_act",
     "reference": "fusedres.reference",
 }
-_forced: contextvars.ContextVar[str | None] = contextvars.ContextVar("fusedres_backend", default=None)
+# Process-wide, not a context variable: autograd runs CUDA backward passes on its own worker threads, which
+# must see the same choice as the forward.
+_forced: list[str | None] = [None]
 
 
 class BackendUnavailable(RuntimeError):
@@ -45,16 +46,18 @@ def _check_name(name: str) -> str:
 
 @contextlib.contextmanager
 def use_backend(name: str | None):
-    """Force `name` ('cuda', 'triton' or 'reference') for fused ops run inside the block; None = automatic."""
-    token = _forced.set(None if name is None else _check_name(name))
+    """Force `name` ('cuda', 'triton' or 'reference') for fused ops run inside the block, backward passes
+    included (process-wide, so do not mix different choices across threads); None = automatic."""
+    old = _forced[0]
+    _forced[0] = None if name is None else _check_name(name)
     try:
         yield
     finally:
-        _forced.reset(token)
+        _forced[0] = old
 
 
 def forced_backend() -> str | None:
-    name = _forced.get()
+    name = _forced[0]
     if name is None:
         env = os.environ.get("FUSEDRES_BACKEND", "").strip().lower()
         name = _check_name(env) if env and env != "auto" else None

@@ -90,3 +90,14 @@ def test_primitives_agree_across_backends(device, channels_last, small_tiles):
                 assert (g is None) == (w_ is None)
                 if g is not None:
                     torch.testing.assert_close(g, w_, rtol=1e-5, atol=1e-5, msg=case)
+
+
+def test_forced_backend_reaches_backward_threads(device):
+    """use_backend is process-wide: autograd's worker threads (CUDA backward) see the forced choice."""
+    import threading
+    seen = []
+    with fusedres.use_backend("reference"):
+        t = threading.Thread(target=lambda: seen.append(backends.forced_backend()))
+        t.start()
+        t.join()
+    assert seen == ["reference"]

@@ -254,7 +254,7 @@ FR_HD void channel_thread(i64 N, i64 HW, int C, int c, i64 v0, i64 v_step, Body&
 }
 
 // Launch-planning constants shared by the launchers and the harness.
-constexpr int kReduceBlocksPerSm = 4;  // reductions: one wave of 4 blocks of 256 threads per SM
+constexpr int kReduceBlocksPerSm = 8;  // reductions: a wave of 8 blocks of 256 threads per SM (loads in flight)
 constexpr int kReduceMinRows = 8;      // ... but at least 8 rows (vectors) per thread
 constexpr int kApplyBlocksPerSm = 8;   // elementwise: 2048 threads per SM
 

@@ -1,0 +1,296 @@
+"""The CUDA backend (fusedres.cuda -> fusedres._C) against the reference backend on CUDA tensors, primitive by
+primitive, and cross-checked against Triton: every dtype, both layouts, odd C and vector tails, misaligned
+(but dense) tensors that force the scalar kernels, 1x1 spatial up to ResNet-50 layer shapes, determinism,
+a non-default stream, data far from zero.
+
+GPU-only: skipped where there is no CUDA device or the extension is not built (its logic is covered on the
+CPU by tests/test_cuda_host.py). The op-level tests (tests/test_bn_act.py, ...) also run on this backend
+whenever it is available.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import fusedres
+from fusedres import backends, reference
+
+cuda_backend = backends.load("cuda")
+_HAVE = torch.cuda.is_available() and cuda_backend is not None and cuda_backend.extension() is not None
+pytestmark = pytest.mark.skipif(not _HAVE, reason="needs a CUDA GPU and the fusedres._C extension "
+                                "(pip install -e . with a CUDA toolkit)")
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+# (rtol, atol) of an output in its dtype, against the reference on the same inputs (both compute in fp32)
+OUT_TOL = {torch.float32: (1e-5, 1e-5), torch.float16: (2e-3, 2e-3), torch.bfloat16: (1.6e-2, 1.6e-2)}
+SHAPES = [
+    (2, 3, 5, 5),      # odd C: lanes cross channels
+    (3, 5, 7, 7),      # HW = 49: NCHW per-lane channels + vector tail
+    (4, 64, 1, 1),     # 1x1 spatial
+    (3, 1000, 2, 2),   # C=1000: partly idle channel tile
+    (2, 24, 4, 4),     # NCHW uniform vectors
+    (2, 64, 56, 56),   # ResNet-50 layer1
+    (4, 256, 14, 14),  # layer3
+    (2, 2048, 7, 7),   # layer4
+]
+VARIANTS = ["plain", "residual", "dual"]
+
+
+def make(shape, dtype, channels_last, offset=0.0, misaligned=False):
+    """A dense activation; misaligned: its data pointer is one element past a 16-byte boundary."""
+    n, c, h, w = shape
+    x = torch.randn(shape, device="cuda") + offset
+    if not misaligned:
+        x = x.to(dtype)
+        return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+    buf = torch.empty(x.numel() + 1, dtype=dtype, device="cuda")
+    if channels_last:
+        t = buf[1:].view(n, h, w, c).permute(0, 3, 1, 2)
+        t.copy_(x)
+    else:
+        t = buf[1:].view(shape)
+        t.copy_(x)
+    assert t.data_ptr() % 16 != 0
+    return t
+
+
+def vec(c, lo=-1.5, hi=1.5):
+    return torch.empty(c, device="cuda").uniform_(lo, hi)
+
+
+def inputs(shape, dtype, channels_last, variant, misaligned=False, offset=0.0):
+    c = shape[1]
+    x = make(shape, dtype, channels_last, offset + 2.0, misaligned)
+    mean = x.float().mean((0, 2, 3)) + 0.1 * torch.randn(c, device="cuda")
+    res = make(shape, dtype, channels_last, 0.0, misaligned) if variant == "residual" else None
+    xb = make(shape, dtype, channels_last, -1.0, misaligned) if variant == "dual" else None
+    mean_b = xb.float().mean((0, 2, 3)) if xb is not None else None
+    scale_b, shift_b = (vec(c), vec(c)) if xb is not None else (None, None)
+    return dict(x=x, mean=mean, scale=vec(c), shift=vec(c), residual=res, xb=xb, mean_b=mean_b, scale_b=scale_b,
+                shift_b=shift_b)
+
+
+def close(actual, expected, dtype, what):
+    rtol, atol = OUT_TOL[dtype]
+    assert actual.dtype == expected.dtype and actual.shape == expected.shape, what
+    torch.testing.assert_close(actual.float(), expected.float(), rtol=rtol, atol=atol, msg=lambda m: f"{what}: {m}")
+
+
+def close_sum(actual, expected, abs_sum, what):
+    """Per-channel sums: the error bound scales with the sum of the terms' magnitudes (order differs)."""
+    bound = 1e-5 * abs_sum + 1e-5
+    err = (actual.double() - expected.double()).abs()
+    assert torch.all(err <= bound), f"{what}: max error {err.max().item()} (bound {bound.max().item()})"
+
+
+def other_backends():
+    names = ["reference"]
+    if backends.load("triton") is not None and not backends.not_supported_reasons("triton", torch.empty(
+            1, 1, 1, 1, device="cuda")):
+        names.append("triton")
+    return names
+
+
+# ------------------------------------------------------------------------------------------------ basics
+def test_extension_loads_and_supports_this_gpu():
+    assert "archs" in cuda_backend.build_info()
+    x = torch.randn(2, 8, 4, 4, device="cuda")
+    assert cuda_backend.not_supported_reasons(x) == []
+    assert backends.select(x) is cuda_backend  # preferred whenever it accepts the input
+    assert "dtype float64" in " ".join(cuda_backend.not_supported_reasons(x.double()))
+    assert cuda_backend.not_supported_reasons(x.cpu())
+
+
+# ------------------------------------------------------------------------------------------------ primitives
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("misaligned", [False, True])
+def test_batch_stats(shape, dtype, channels_last, misaligned):
+    x = make(shape, dtype, channels_last, 3.0, misaligned)
+    mean, var = cuda_backend.batch_stats(x)
+    assert mean.dtype == var.dtype == torch.float32 and mean.shape == (shape[1],)
+    x64 = x.double()
+    torch.testing.assert_close(mean.double(), x64.mean((0, 2, 3)), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(var.double(), x64.var((0, 2, 3), unbiased=False), rtol=1e-4, atol=1e-6)
+    for name in other_backends():
+        m2, v2 = backends.load(name).batch_stats(x)
+        torch.testing.assert_close(mean, m2, rtol=1e-5, atol=1e-5, msg=lambda m: f"vs {name}: {m}")
+        torch.testing.assert_close(var, v2, rtol=1e-4, atol=1e-6, msg=lambda m: f"vs {name}: {m}")
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("relu", [False, True])
+def test_apply(shape, dtype, channels_last, variant, relu):
+    a = inputs(shape, dtype, channels_last, variant)
+    args = (a["x"], a["mean"], a["scale"], a["shift"], a["residual"], a["xb"], a["mean_b"], a["scale_b"],
+            a["shift_b"], relu)
+    y = cuda_backend.apply(*args)
+    assert y.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    for name in other_backends():
+        close(y, backends.load(name).apply(*args), dtype, f"apply vs {name}")
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("relu", [False, True])
+def test_backward_reduce(shape, dtype, channels_last, variant, relu):
+    a = inputs(shape, dtype, channels_last, variant)
+    dy = make(shape, dtype, channels_last)
+    want_res = a["residual"] is not None
+    args = (dy, a["x"], a["mean"], a["scale"], a["shift"], a["residual"], a["xb"], a["mean_b"], a["scale_b"],
+            a["shift_b"], relu, want_res)
+    sg, sgx, sgxb, gres = cuda_backend.backward_reduce(*args)
+    # magnitudes for the error bound: sums of |g| and |g * (x - mean)|
+    abs_dims = (0, 2, 3)
+    dyf = dy.float().abs()
+    for name in other_backends():
+        rg, rgx, rgxb, rres = backends.load(name).backward_reduce(*args)
+        close_sum(sg, rg, dyf.sum(abs_dims), f"sum_g vs {name}")
+        close_sum(sgx, rgx, (dyf * (a["x"].float() - a["mean"].view(1, -1, 1, 1)).abs()).sum(abs_dims),
+                  f"sum_g_xc vs {name}")
+        if a["xb"] is not None:
+            close_sum(sgxb, rgxb, (dyf * (a["xb"].float() - a["mean_b"].view(1, -1, 1, 1)).abs()).sum(abs_dims),
+                      f"sum_g_xbc vs {name}")
+        else:
+            assert sgxb is None
+        if want_res:
+            close(gres, rres, dtype, f"grad_residual vs {name}")
+        else:
+            assert gres is None
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("relu", [False, True])
+def test_backward_apply(shape, dtype, channels_last, variant, relu):
+    a = inputs(shape, dtype, channels_last, variant)
+    c = shape[1]
+    dy = make(shape, dtype, channels_last)
+    k = [vec(c) for _ in range(3)]
+    kb = [vec(c) for _ in range(3)] if a["xb"] is not None else [None] * 3
+    args = (dy, a["x"], a["mean"], a["scale"], a["shift"], a["residual"], a["xb"], a["mean_b"], a["scale_b"],
+            a["shift_b"], relu, *k, *kb)
+    dx, dxb = cuda_backend.backward_apply(*args)
+    for name in other_backends():
+        rdx, rdxb = backends.load(name).backward_apply(*args)
+        close(dx, rdx, dtype, f"dx vs {name}")
+        if a["xb"] is not None:
+            close(dxb, rdxb, dtype, f"dxb vs {name}")
+        else:
+            assert dxb is None
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_misaligned_tensors_take_the_scalar_kernels(dtype, channels_last, variant):
+    shape = (2, 24, 3, 5)
+    a = inputs(shape, dtype, channels_last, variant, misaligned=True)
+    dy = make(shape, dtype, channels_last, misaligned=True)
+    fwd = (a["x"], a["mean"], a["scale"], a["shift"], a["residual"], a["xb"], a["mean_b"], a["scale_b"],
+           a["shift_b"], True)
+    close(cuda_backend.apply(*fwd), reference.apply(*fwd), dtype, "apply")
+    red = (dy,) + fwd + (a["residual"] is not None,)
+    for got, want in zip(cuda_backend.backward_reduce(*red), reference.backward_reduce(*red)):
+        if want is None:
+            assert got is None
+        elif want.dim() == 1:
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-3)
+        else:
+            close(got, want, dtype, "grad_residual")
+    c = shape[1]
+    ks = [vec(c) for _ in range(3)] + ([vec(c) for _ in range(3)] if a["xb"] is not None else [None] * 3)
+    for got, want in zip(cuda_backend.backward_apply(dy, *fwd, *ks), reference.backward_apply(dy, *fwd, *ks)):
+        if want is None:
+            assert got is None
+        else:
+            close(got, want, dtype, "dx/dxb")
+
+
+# ------------------------------------------------------------------------------------------------ properties
+def test_data_far_from_zero_keeps_its_variance():
+    x = make((8, 64, 28, 28), torch.float32, True, 1000.0)
+    _, var = cuda_backend.batch_stats(x)
+    torch.testing.assert_close(var.double(), x.double().var((0, 2, 3), unbiased=False), rtol=1e-3, atol=0)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_reductions_are_deterministic(channels_last):
+    shape = (32, 256, 28, 28)  # many splits per channel
+    a = inputs(shape, torch.float16, channels_last, "residual")
+    dy = make(shape, torch.float16, channels_last)
+    args = (dy, a["x"], a["mean"], a["scale"], a["shift"], a["residual"], None, None, None, None, True, True)
+    first = cuda_backend.backward_reduce(*args)
+    stats = cuda_backend.batch_stats(a["x"])
+    for _ in range(3):
+        again = cuda_backend.backward_reduce(*args)
+        for u, v in zip(first, again):
+            if u is not None:
+                assert torch.equal(u, v)
+        for u, v in zip(stats, cuda_backend.batch_stats(a["x"])):
+            assert torch.equal(u, v)
+
+
+def test_runs_on_the_current_stream():
+    shape = (4, 64, 14, 14)
+    a = inputs(shape, torch.float16, True, "residual")
+    fwd = (a["x"], a["mean"], a["scale"], a["shift"], a["residual"], None, None, None, None, True)
+    want = reference.apply(*fwd)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        y = cuda_backend.apply(*fwd)
+        mean, var = cuda_backend.batch_stats(a["x"])
+    torch.cuda.current_stream().wait_stream(side)
+    close(y, want, torch.float16, "apply on a side stream")
+    torch.testing.assert_close(var, a["x"].float().var((0, 2, 3), unbiased=False), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=str)
+def test_resnet50_batch256_layer1_shape(dtype):
+    """N*H*W = 802,816 rows, C = 64: the largest reduction of ResNet-50 training at batch 256."""
+    shape = (256, 64, 56, 56)
+    a = inputs(shape, dtype, True, "residual")
+    x = a["x"]
+    mean, var = cuda_backend.batch_stats(x)
+    torch.testing.assert_close(var.double(), x.double().var((0, 2, 3), unbiased=False), rtol=1e-4, atol=1e-6)
+    dy = make(shape, dtype, True)
+    args = (dy, x, mean, a["scale"], a["shift"], a["residual"], None, None, None, None, True, True)
+    sg, sgx, _, gres = cuda_backend.backward_reduce(*args)
+    rg, rgx, _, rres = reference.backward_reduce(*args)
+    close_sum(sg, rg, dy.float().abs().sum((0, 2, 3)), "sum_g")
+    close(gres, rres, dtype, "grad_residual")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_fused_ops_end_to_end_on_cuda_backend(dtype, channels_last):
+    """bn_act / dual_bn_act forward + backward through the registered ops, CUDA vs reference backend."""
+    shape = (4, 64, 14, 14)
+    c = shape[1]
+    x = make(shape, dtype, channels_last, 1.0)
+    r = make(shape, dtype, channels_last)
+    w, b = vec(c, 0.5, 1.5), vec(c)
+    grads = {}
+    for name in ("cuda", "reference"):
+        xs, rs, ws, bs = (t.detach().clone().requires_grad_() for t in (x, r, w, b))
+        with fusedres.use_backend(name):
+            y = fusedres.bn_act(xs, None, None, ws, bs, training=True, residual=rs, relu=True)
+            y2 = fusedres.dual_bn_act(xs, rs, weight=ws, bias=bs, running_mean=None, running_var=None,
+                                      weight_r=ws, bias_r=bs, running_mean_r=None, running_var_r=None,
+                                      training=True, relu=True)
+            ((y.float() ** 2).sum() + y2.float().sum()).backward()
+        grads[name] = (y, y2, xs.grad, rs.grad, ws.grad, bs.grad)
+    for got, want, what in zip(grads["cuda"], grads["reference"], ("y", "y2", "dx", "dr", "dw", "db")):
+        rtol, atol = OUT_TOL[dtype]
+        scale = max(1.0, want.float().abs().max().item())
+        torch.testing.assert_close(got.float(), want.float(), rtol=rtol * 4, atol=atol * 4 * scale,
+                                   msg=lambda m: f"{what}: {m}")

@@ -26,6 +26,9 @@ DEADLINE=$((SECONDS + ${GPU_BUDGET_S:-570}))
 export FUSEDRES_WERROR="${FUSEDRES_WERROR:-1}"
 export FUSEDRES_BUILD_CUDA="${FUSEDRES_BUILD_CUDA:-1}"
 export PYTHONUNBUFFERED=1
+# The machine's own Python may be marked externally managed (PEP 668), and it has no network: tell pip so
+# (older pips ignore the variables they do not know).
+export PIP_BREAK_SYSTEM_PACKAGES=1 PIP_NO_INDEX=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 
 declare -a SUMMARY=()
 FAILED=0

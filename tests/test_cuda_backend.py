@@ -19,8 +19,9 @@ from fusedres import backends, reference
 
 cuda_backend = backends.load("cuda")
 _HAVE = torch.cuda.is_available() and cuda_backend is not None and cuda_backend.extension() is not None
-pytestmark = pytest.mark.skipif(not _HAVE, reason="needs a CUDA GPU and the fusedres._C extension "
-                                "(pip install -e . with a CUDA toolkit)")
+if not _HAVE:  # one skip line for the module, not one per parametrised case
+    pytest.skip("needs a CUDA GPU and the fusedres._C extension (pip install -e . with a CUDA toolkit)",
+                allow_module_level=True)
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 # (rtol, atol) of an output in its dtype, against the reference on the same inputs (both compute in fp32)

@@ -2,7 +2,6 @@
 import pytest
 import torch
 
-import fusedres
 from fusedres import backends
 
 # (rtol, atol) per dtype, against a float64 reference on the same (rounded) inputs.
@@ -58,3 +57,22 @@ def small_tiles(monkeypatch):
     from fusedres.triton import bn_act as tbn
     monkeypatch.setattr(tbn, "TILE_ELEMENTS", 64)
     monkeypatch.setattr(tbn, "FLAT_BLOCK", 64)
+
+
+def tiny_resnet(width=8, num_classes=4):
+    """A torchvision ResNet with few channels for 8x8 inputs: 3x3 stem, one BasicBlock, one downsampling
+    BasicBlock (the dual_bn_act tail), average pool, linear head."""
+    from torch import nn
+    from torchvision.models import resnet as tv
+
+    model = tv.ResNet(tv.BasicBlock, [1, 1, 1, 1], num_classes=num_classes)
+    model.inplanes = width
+    model.conv1 = nn.Conv2d(3, width, 3, 1, 1, bias=False)
+    model.bn1 = nn.BatchNorm2d(width)
+    model.maxpool = nn.Identity()
+    model.layer1 = model._make_layer(tv.BasicBlock, width, 1)
+    model.layer2 = model._make_layer(tv.BasicBlock, 2 * width, 1, stride=2)
+    model.layer3 = nn.Identity()
+    model.layer4 = nn.Identity()
+    model.fc = nn.Linear(2 * width, num_classes)
+    return model

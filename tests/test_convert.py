@@ -13,6 +13,7 @@ from torchvision.models import resnet as tv
 import fusedres
 from fusedres import convert, unconvert
 from fusedres.nn import BasicBlock, BatchNormAct2d, Bottleneck
+from helpers import tiny_resnet
 
 CL = torch.channels_last
 
@@ -149,21 +150,6 @@ def test_resnet50_float32_channels_last_error_like_stock(device):
         assert errors["fused" + key] <= max(3 * errors["stock" + key], 3e-3), errors
 
 
-def _tiny_resnet(width=8, num_classes=4):
-    """A torchvision ResNet with few channels: stem, one BasicBlock, one downsampling BasicBlock, head."""
-    model = tv.ResNet(tv.BasicBlock, [1, 1, 1, 1], num_classes=num_classes)
-    model.inplanes = width
-    model.conv1 = nn.Conv2d(3, width, 3, 1, 1, bias=False)
-    model.bn1 = nn.BatchNorm2d(width)
-    model.maxpool = nn.Identity()
-    model.layer1 = model._make_layer(tv.BasicBlock, width, 1)
-    model.layer2 = model._make_layer(tv.BasicBlock, 2 * width, 1, stride=2)
-    model.layer3 = nn.Identity()
-    model.layer4 = nn.Identity()
-    model.fc = nn.Linear(2 * width, num_classes)
-    return model
-
-
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_converted_model_low_precision(dtype, device):
     """A fully low-precision tiny ResNet (parameters and activations), train mode, against a float64 copy:
@@ -171,7 +157,7 @@ def test_converted_model_low_precision(dtype, device):
     model's error (or 2e-2 relative, a few bf16 ulps, whichever is larger)."""
     if dtype == torch.float16 and device == "cpu" and not _cpu_half_conv_ok():
         pytest.skip("float16 convolution is not available on this CPU build")
-    stock = _tiny_resnet()
+    stock = tiny_resnet()
     _randomize_bn(stock)
     stock = stock.to(device)
     ref = copy.deepcopy(stock).double()

@@ -13,6 +13,7 @@ from torchvision.models import resnet as tv
 import fusedres
 from fusedres import models
 from fusedres.nn import BasicBlock, BatchNormAct2d, Bottleneck
+from helpers import tiny_resnet
 
 NAMES = ["resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "wide_resnet50_2", "resnext50_32x4d"]
 
@@ -70,22 +71,6 @@ def test_constructor_kwargs_and_weights():
     assert type(back.layer1[0]) is tv.BasicBlock and type(back.bn1) is nn.BatchNorm2d
 
 
-def _tiny_resnet(width=8, num_classes=4):
-    """A torchvision ResNet with few channels for 8x8 inputs: 3x3 stem, one BasicBlock, one downsampling
-    BasicBlock (the dual_bn_act tail), average pool, linear head."""
-    model = tv.ResNet(tv.BasicBlock, [1, 1, 1, 1], num_classes=num_classes)
-    model.inplanes = width
-    model.conv1 = nn.Conv2d(3, width, 3, 1, 1, bias=False)
-    model.bn1 = nn.BatchNorm2d(width)
-    model.maxpool = nn.Identity()
-    model.layer1 = model._make_layer(tv.BasicBlock, width, 1)
-    model.layer2 = model._make_layer(tv.BasicBlock, 2 * width, 1, stride=2)
-    model.layer3 = nn.Identity()
-    model.layer4 = nn.Identity()
-    model.fc = nn.Linear(2 * width, num_classes)
-    return model
-
-
 def _losses(model, data, steps, batch):
     xs, ys = data
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
@@ -120,7 +105,7 @@ def test_convergence_matches_stock(device):
     over 10-step windows by up to 5e-3 (losses fall from 1.4 to 0.02). So fp32 must agree within 1e-4 over
     the first 20 steps, 10-step means within 1e-2 throughout, and the loss must fall by 4x."""
     torch.manual_seed(0)
-    stock = _tiny_resnet().to(device)
+    stock = tiny_resnet().to(device)
     init = copy.deepcopy(stock)
     patterns = torch.randn(4, 3, 8, 8)
     ys = torch.randint(0, 4, (256,))

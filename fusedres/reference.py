@@ -91,3 +91,48 @@ def backward_apply(dy, x, mean, scale, shift, residual, xb, mean_b, scale_b, shi
         dxb = (g * _channel(k_g_b) + (xb.to(g.dtype) - _channel(mean_b)) * _channel(k_x_b)
                + _channel(k_c_b)).to(xb.dtype)
     return dx, dxb
+
+
+# ================================================================ conv_bn_act (single-pass convolution)
+# Appended section owned by the conv work; see fusedres/ops/conv_bn_act.py for the op.
+def conv_bn_act_reference(x, weight, in_scale=None, in_shift=None, in_relu=False, out_scale=None,
+                          out_shift=None, residual=None, res_scale=None, res_shift=None, relu=False, stride=1,
+                          padding=0, dilation=1, groups=1, stats=False):
+    """(y, mean, var) of the fused conv with stock ops, computed in the accumulation dtype (float64 for float64
+    inputs); y in x's dtype and channels_last, mean/var the biased batch statistics of the raw conv output
+    (empty when `stats` is False). Autograd flows through it (tests differentiate it in float64).
+
+        a = act_in(x * in_scale + in_shift)     (zero padding applied to a, i.e. after the prologue)
+        c = conv2d(a, weight)
+        y = act(c * out_scale + out_shift + residual * res_scale + res_shift)
+    """
+    acc = acc_dtype(x.dtype)
+    a = x.to(acc)
+    if in_scale is not None or in_shift is not None:
+        if in_scale is not None:
+            a = a * _channel(in_scale.to(acc))
+        if in_shift is not None:
+            a = a + _channel(in_shift.to(acc))
+        if in_relu:
+            a = torch.relu(a)
+    c = F.conv2d(a, weight.to(acc), None, stride, padding, dilation, groups)
+    z = c
+    if out_scale is not None:
+        z = z * _channel(out_scale.to(acc))
+    if out_shift is not None:
+        z = z + _channel(out_shift.to(acc))
+    if residual is not None:
+        r = residual.to(acc)
+        if res_scale is not None:
+            r = r * _channel(res_scale.to(acc))
+        if res_shift is not None:
+            r = r + _channel(res_shift.to(acc))
+        z = z + r
+    if relu:
+        z = torch.relu(z)
+    y = z.to(x.dtype).contiguous(memory_format=torch.channels_last)
+    if not stats:
+        e = x.new_empty(0, dtype=acc)
+        return y, e, e
+    var, mean = torch.var_mean(c, dim=_DIMS, unbiased=False)
+    return y, mean, var

@@ -10,13 +10,17 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 import fusedres.triton.bn_act as T
+import fusedres.triton.conv_bn_act as TC
 
 PTR = {"float16": "*fp16", "bfloat16": "*bf16", "float32": "*fp32", "float64": "*fp64"}
 ACC = {"float16": "float32", "bfloat16": "float32", "float32": "float32", "float64": "float64"}
 # per-channel and partial buffers are in the accumulation dtype; activations in the input dtype
 ACC_PTRS = {"cnt_ptr", "mean_ptr", "m2_ptr", "mean_part_ptr", "m2_part_ptr", "var_ptr", "scale_ptr",
             "shift_ptr", "mean_b_ptr", "scale_b_ptr", "shift_b_ptr", "sum_g_ptr", "sum_gx_ptr", "sum_gxb_ptr",
-            "kg_ptr", "kx_ptr", "kc_ptr", "kgb_ptr", "kxb_ptr", "kcb_ptr"}
+            "kg_ptr", "kx_ptr", "kc_ptr", "kgb_ptr", "kxb_ptr", "kcb_ptr",
+            # conv_bn_act: per-channel prologue/epilogue vectors and statistics partials are float32
+            "in_scale_ptr", "in_shift_ptr", "out_scale_ptr", "out_shift_ptr", "res_scale_ptr", "res_shift_ptr",
+            "sum_ptr"}
 
 
 def compile_variant(fn, dtype, constexprs, target):
@@ -52,6 +56,40 @@ def variants():
                 yield T._bwd_apply_kernel, dtype, dict(CL=cl, RES_MODE=res_mode, RELU=relu, ACC=None,
                                                         IDX64=idx64, BLOCK=1024)
         yield T._stats_finalize_kernel, dtype, dict(ACC=None, BLOCK_C=64)
+    yield from conv_variants()
+
+
+def conv_variants():
+    """conv_bn_act: every epilogue/prologue switch, each dtype and precision, 1x1/3x3/7x7, the configs'
+    tile shapes (GPU and interpreter), int64 offsets."""
+    none = dict(UPCAST=False, PROLOGUE=False, IN_RELU=False, OUT_SCALE=False, OUT_SHIFT=False, RESIDUAL=False, RES_AFFINE=False,
+                RELU=False, STATS=False)
+    fold = dict(none, OUT_SCALE=True, OUT_SHIFT=True, RELU=True)
+    combos = [
+        none,                                                          # raw conv
+        dict(none, STATS=True),                                        # training: raw output + BN statistics
+        dict(none, PROLOGUE=True, IN_RELU=True, STATS=True),           # training: consumer conv
+        fold,                                                          # folded conv + BN + ReLU
+        dict(fold, RESIDUAL=True),                                     # folded block tail, identity shortcut
+        dict(fold, RESIDUAL=True, RES_AFFINE=True),                    # projection shortcut's own BN
+        dict(none, PROLOGUE=True, OUT_SHIFT=True, RESIDUAL=True, RES_AFFINE=True, RELU=True, STATS=True),
+    ]
+    gpu_tile = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, STAT_ROWS=TC.GPU_STAT_ROWS)
+    for dtype, precision in (("bfloat16", "ieee"), ("float16", "ieee"), ("float32", "tf32"), ("float32", "ieee")):
+        for i, flags in enumerate(combos):
+            if dtype != "bfloat16" and i != (2 if precision == "tf32" else 5):
+                continue
+            yield TC._conv_kernel, dtype, dict(flags, KH=3, KW=3, PRECISION=precision, IDX64=False, **gpu_tile)
+    for kh in (1, 7):
+        yield TC._conv_kernel, "bfloat16", dict(fold, KH=kh, KW=kh, PRECISION="ieee", IDX64=False, STAT_ROWS=64,
+                                                BLOCK_M=128, BLOCK_N=64, BLOCK_K=16)
+    for cfg in ((256, 128, 64), (128, 256, 64), (64, 64, 16)):  # the extreme autotune tile shapes
+        yield TC._conv_kernel, "float16", dict(combos[2], KH=3, KW=3, PRECISION="ieee", IDX64=False,
+                                               STAT_ROWS=TC.GPU_STAT_ROWS, **dict(zip(("BLOCK_M", "BLOCK_N",
+                                                                                      "BLOCK_K"), cfg)))
+    yield TC._conv_kernel, "bfloat16", dict(combos[6], KH=3, KW=3, PRECISION="ieee", IDX64=True, **gpu_tile)
+    yield TC._conv_kernel, "float32", dict(combos[6], KH=3, KW=3, PRECISION="ieee", IDX64=False,
+                                           STAT_ROWS=TC.INTERPRET_STAT_ROWS, **TC.INTERPRET_CONFIG)
 
 
 def main(archs):

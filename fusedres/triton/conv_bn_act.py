@@ -1,0 +1,266 @@
+"""Triton implicit-GEMM conv2d with a fused prologue and epilogue (`conv_bn_act`).
+
+    a = act_in(x * in_scale[c] + in_shift[c])          prologue (optional), zero padding applied AFTER it
+    c = conv2d(a, weight, stride, padding, dilation, groups)      fp32 accumulation (tensor cores)
+    y = act(c * out_scale[k] + out_shift[k] [+ r * res_scale[k] + res_shift[k]])   epilogue (each optional)
+    stats: per-output-channel mean and biased variance of the raw c (optional)
+
+GEMM view: rows m = (n, oh, ow) output pixels (M = N*OH*OW), columns = output channels of one group, reduction
+over (kh, kw, input channel of the group). Activations are NHWC (channels_last) dense; the launcher converts
+other layouts. Weights are read as [C_out, KH, KW, C_in/groups] (a channels_last weight tensor: no copy when
+the weight already is one, as `fusedres.fold` arranges), so a K-tile is contiguous along input channels.
+
+BN statistics are deterministic and independent of the tile configuration: every group of STAT_ROWS output
+rows writes its own partial (sum and sum of squared deviations from the group's own mean) and the launcher
+merges the [M / STAT_ROWS, C_out] partials with the exact parallel-variance formula (no atomics). Configs are
+kept per GPU generation in `CONFIGS`; under the interpreter one small fixed config is used.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from fusedres._layout import empty
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+# Element counts from which offsets are computed in int64 (tests lower it to cover that path on tiny inputs).
+INT64_INDEX_THRESHOLD = 2**31
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _cfg(bm, bn, bk, warps, stages):
+    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=warps, num_stages=stages)
+
+
+# Autotune candidates per GPU generation (compute capability major). Every BLOCK_M is a multiple of
+# GPU_STAT_ROWS. Keyed on the GEMM shape (see `_KEY`).
+CONFIGS = {
+    9: [  # Hopper
+        _cfg(128, 128, 64, 8, 3), _cfg(128, 256, 64, 8, 3), _cfg(256, 128, 64, 8, 3), _cfg(128, 64, 64, 4, 4),
+        _cfg(64, 128, 64, 4, 4), _cfg(128, 128, 32, 4, 4), _cfg(64, 64, 64, 4, 4), _cfg(128, 64, 32, 4, 4),
+        _cfg(128, 64, 16, 4, 4),
+    ],
+    8: [  # Ampere / Ada
+        _cfg(128, 128, 32, 4, 3), _cfg(128, 64, 32, 4, 4), _cfg(64, 128, 32, 4, 4), _cfg(64, 64, 32, 4, 4),
+        _cfg(128, 128, 64, 8, 3), _cfg(64, 64, 16, 4, 4),
+    ],
+}
+CONFIGS[10] = CONFIGS[9]  # Blackwell: start from the Hopper list until measured
+GPU_STAT_ROWS = 64
+# Under the interpreter (tests): one config, small so tiny shapes span several tiles and masked tails.
+INTERPRET_CONFIG = dict(BLOCK_M=32, BLOCK_N=16, BLOCK_K=16)
+INTERPRET_STAT_ROWS = 16
+
+
+def not_supported_reasons(x: torch.Tensor) -> list[str]:
+    reasons = []
+    if x.device.type == "cpu" and not _INTERPRET:
+        reasons.append("CPU tensor and the Triton interpreter is off (set TRITON_INTERPRET=1 before importing "
+                       "triton to run the Triton kernels on CPU)")
+    elif x.device.type not in ("cpu", "cuda"):
+        reasons.append(f"device type {x.device.type!r} is not supported by the Triton kernels")
+    if x.dtype not in SUPPORTED_DTYPES:
+        reasons.append(f"dtype {x.dtype} is not supported by the Triton conv kernel (float32, float16, bfloat16)")
+    return reasons
+
+
+# ------------------------------------------------------------------------------------------------- kernel
+@triton.jit
+def _conv_kernel(
+    x_ptr,                        # [N, H, W, C_in] input, NHWC dense
+    w_ptr,                        # [C_out, KH, KW, C_in/groups] weights (channels_last [C_out, C_in/g, KH, KW])
+    y_ptr,                        # [N, OH, OW, C_out] out, NHWC dense, x's dtype
+    in_scale_ptr, in_shift_ptr,   # [C_in] fp32 prologue a = x * in_scale + in_shift (PROLOGUE)
+    out_scale_ptr,                # [C_out] fp32 epilogue scale (OUT_SCALE)
+    out_shift_ptr,                # [C_out] fp32 epilogue shift / bias (OUT_SHIFT)
+    r_ptr,                        # [N, OH, OW, C_out] residual, NHWC dense, x's dtype (RESIDUAL)
+    res_scale_ptr, res_shift_ptr,  # [C_out] fp32 residual affine r * res_scale + res_shift (RES_AFFINE)
+    sum_ptr, m2_ptr,              # [cdiv(M, STAT_ROWS), C_out] fp32 out: per-row-group sum and centred M2 (STATS)
+    H, W, C_in, OH, OW, C_out,
+    M,                            # N * OH * OW output pixels
+    CIN_G, COUT_G,                # channels per group (input, output)
+    stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
+    KH: tl.constexpr, KW: tl.constexpr,
+    PROLOGUE: tl.constexpr, IN_RELU: tl.constexpr,
+    OUT_SCALE: tl.constexpr, OUT_SHIFT: tl.constexpr, RESIDUAL: tl.constexpr, RES_AFFINE: tl.constexpr,
+    RELU: tl.constexpr, STATS: tl.constexpr, STAT_ROWS: tl.constexpr,
+    PRECISION: tl.constexpr,      # "tf32" or "ieee" (fp32 inputs; ignored by fp16/bf16)
+    IDX64: tl.constexpr,
+    UPCAST: tl.constexpr,         # interpreter only: its bf16 tl.dot is wrong, so multiply bf16 values in fp32
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    g = tl.program_id(2)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_mask = rm < M
+    if IDX64:
+        rm = rm.to(tl.int64)
+    ow = rm % OW
+    t = rm // OW
+    oh = t % OH
+    n = t // OH
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = rn < COUT_G
+    co = g * COUT_G + rn
+    rk = tl.arange(0, BLOCK_K)
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for kh in range(KH):
+        ih = oh * stride_h - pad_h + kh * dil_h
+        for kw in range(KW):
+            iw = ow * stride_w - pad_w + kw * dil_w
+            valid = m_mask & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+            x_row = ((n * H + ih) * W + iw) * C_in + g * CIN_G   # [BLOCK_M]
+            w_row = (kh * KW + kw) * CIN_G
+            for k0 in range(0, CIN_G, BLOCK_K):
+                ck = k0 + rk
+                k_mask = ck < CIN_G
+                a_mask = valid[:, None] & k_mask[None, :]
+                a = tl.load(x_ptr + x_row[:, None] + ck[None, :], mask=a_mask, other=0.0)
+                if PROLOGUE:
+                    s_in = tl.load(in_scale_ptr + g * CIN_G + ck, mask=k_mask, other=0.0)
+                    b_in = tl.load(in_shift_ptr + g * CIN_G + ck, mask=k_mask, other=0.0)
+                    af = a.to(tl.float32) * s_in[None, :] + b_in[None, :]
+                    if IN_RELU:
+                        af = tl.maximum(af, 0.0)
+                    # zero padding (and masked tails) after the prologue: contribute exactly 0
+                    a = tl.where(a_mask, af, 0.0).to(x_ptr.dtype.element_ty)
+                w_offs = co[None, :] * (KH * KW * CIN_G) + (w_row + ck)[:, None]
+                b = tl.load(w_ptr + w_offs, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+                if UPCAST:
+                    acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+                else:
+                    acc = tl.dot(a, b, acc, input_precision=PRECISION)
+
+    out_mask = m_mask[:, None] & n_mask[None, :]
+    if STATS:
+        GROUPS: tl.constexpr = BLOCK_M // STAT_ROWS
+        v = tl.where(out_mask, acc, 0.0)
+        v3 = tl.reshape(v, [GROUPS, STAT_ROWS, BLOCK_N])
+        ones = tl.where(out_mask, 1.0, 0.0)
+        cnt3 = tl.reshape(ones, [GROUPS, STAT_ROWS, BLOCK_N])
+        cnt = tl.sum(cnt3, axis=1)                          # [GROUPS, BLOCK_N] valid rows per group
+        s = tl.sum(v3, axis=1)                              # [GROUPS, BLOCK_N]
+        mean_g = s / tl.maximum(cnt, 1.0)
+        d = tl.where(cnt3 > 0, v3 - mean_g[:, None, :], 0.0)
+        m2 = tl.sum(d * d, axis=1)
+        rows = pid_m * GROUPS + tl.arange(0, GROUPS)
+        st_offs = rows[:, None] * C_out + co[None, :]
+        st_mask = (rows * STAT_ROWS < M)[:, None] & n_mask[None, :]
+        tl.store(sum_ptr + st_offs, s, mask=st_mask)
+        tl.store(m2_ptr + st_offs, m2, mask=st_mask)
+
+    z = acc
+    if OUT_SCALE:
+        z = z * tl.load(out_scale_ptr + co, mask=n_mask, other=0.0)[None, :]
+    if OUT_SHIFT:
+        z = z + tl.load(out_shift_ptr + co, mask=n_mask, other=0.0)[None, :]
+    y_offs = rm[:, None] * C_out + co[None, :]
+    if RESIDUAL:
+        r = tl.load(r_ptr + y_offs, mask=out_mask, other=0.0).to(tl.float32)
+        if RES_AFFINE:
+            r = r * tl.load(res_scale_ptr + co, mask=n_mask, other=0.0)[None, :] \
+                + tl.load(res_shift_ptr + co, mask=n_mask, other=0.0)[None, :]
+        z = z + r
+    if RELU:
+        z = tl.maximum(z, 0.0)
+    tl.store(y_ptr + y_offs, z.to(y_ptr.dtype.element_ty), mask=out_mask)
+
+
+_KEY = ["M", "C_out", "CIN_G", "COUT_G", "KH", "KW", "stride_h", "PROLOGUE", "STATS", "RESIDUAL"]
+_TUNED: dict = {}
+
+
+def _tuned_kernel(device):
+    major = torch.cuda.get_device_capability(device)[0]
+    configs = CONFIGS.get(major, CONFIGS[8])
+    if major not in _TUNED:
+        _TUNED[major] = triton.autotune(configs=configs, key=_KEY)(_conv_kernel)
+    return _TUNED[major]
+
+
+# ------------------------------------------------------------------------------------------------ launcher
+def out_size(size: int, k: int, stride: int, pad: int, dil: int) -> int:
+    return (size + 2 * pad - dil * (k - 1) - 1) // stride + 1
+
+
+def conv_bn_act(x, weight, in_scale, in_shift, in_relu, out_scale, out_shift, residual, res_scale, res_shift,
+                relu, stride, padding, dilation, groups, stats, allow_tf32):
+    """The fused conv (see the module docstring). x [N, C_in, H, W] any dense layout (used as NHWC),
+    weight [C_out, C_in/groups, KH, KW]; per-channel vectors fp32 (or None); residual [N, C_out, OH, OW].
+    Returns (y channels_last in x's dtype, mean, var) — mean/var fp32 [C_out] when `stats`, else empty."""
+    N, C_in, H, W = x.shape
+    C_out, cin_g, KH, KW = weight.shape
+    OH = out_size(H, KH, stride[0], padding[0], dilation[0])
+    OW = out_size(W, KW, stride[1], padding[1], dilation[1])
+    cl = torch.channels_last
+    x = x.contiguous(memory_format=cl)
+    w = weight.to(x.dtype).contiguous(memory_format=cl)   # no copy for a channels_last weight of x's dtype
+    y = empty((N, C_out, OH, OW), dtype=x.dtype, device=x.device, memory_format=cl)
+    M = N * OH * OW
+    f32 = dict(dtype=torch.float32, device=x.device)
+    vec = lambda v: None if v is None else v.to(**f32).contiguous()  # noqa: E731
+    in_scale, in_shift, out_scale, out_shift, res_scale, res_shift = map(
+        vec, (in_scale, in_shift, out_scale, out_shift, res_scale, res_shift))
+    if in_scale is not None or in_shift is not None:
+        in_scale = in_scale if in_scale is not None else torch.ones(C_in, **f32)
+        in_shift = in_shift if in_shift is not None else torch.zeros(C_in, **f32)
+    res_affine = residual is not None and (res_scale is not None or res_shift is not None)
+    if res_affine:
+        res_scale = res_scale if res_scale is not None else torch.ones(C_out, **f32)
+        res_shift = res_shift if res_shift is not None else torch.zeros(C_out, **f32)
+    if residual is not None:
+        residual = residual.to(x.dtype).contiguous(memory_format=cl)
+    interp = x.device.type == "cpu"
+    stat_rows = INTERPRET_STAT_ROWS if interp else GPU_STAT_ROWS
+    n_parts = triton.cdiv(M, stat_rows)
+    if stats:
+        sums = empty((n_parts, C_out), **f32)
+        m2s = empty((n_parts, C_out), **f32)
+    else:
+        sums = m2s = y
+    if M == 0 or C_out == 0:
+        return y, *_merge(sums, m2s, M, stat_rows, C_out, stats, x.device)
+    dummy = y
+    idx64 = max(x.numel(), y.numel(), w.numel()) >= INT64_INDEX_THRESHOLD
+    args = (x, w, y, in_scale if in_scale is not None else dummy, in_shift if in_shift is not None else dummy,
+            out_scale if out_scale is not None else dummy, out_shift if out_shift is not None else dummy,
+            residual if residual is not None else dummy,
+            res_scale if res_affine else dummy, res_shift if res_affine else dummy, sums, m2s,
+            H, W, C_in, OH, OW, C_out, M, cin_g, C_out // groups, stride[0], stride[1], padding[0], padding[1],
+            dilation[0], dilation[1])
+    flags = dict(KH=KH, KW=KW, PROLOGUE=in_scale is not None, IN_RELU=bool(in_relu) and in_scale is not None,
+                 OUT_SCALE=out_scale is not None, OUT_SHIFT=out_shift is not None, RESIDUAL=residual is not None,
+                 RES_AFFINE=res_affine, RELU=bool(relu), STATS=bool(stats), STAT_ROWS=stat_rows,
+                 PRECISION="tf32" if allow_tf32 and x.dtype == torch.float32 else "ieee", IDX64=idx64,
+                 UPCAST=interp and x.dtype == torch.bfloat16)
+    cout_g = C_out // groups
+
+    def grid(meta):
+        return (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(cout_g, meta["BLOCK_N"]), groups)
+
+    if interp:
+        _conv_kernel[grid(INTERPRET_CONFIG)](*args, **flags, **INTERPRET_CONFIG)
+    else:
+        with torch.cuda.device(x.device):
+            _tuned_kernel(x.device)[grid](*args, **flags)
+    return y, *_merge(sums, m2s, M, stat_rows, C_out, stats, x.device)
+
+
+def _merge(sums, m2s, M, stat_rows, C_out, stats, device):
+    """mean and biased variance from the per-row-group partials (exact parallel-variance merge, fixed order)."""
+    if not stats:
+        return (torch.empty(0, dtype=torch.float32, device=device),
+                torch.empty(0, dtype=torch.float32, device=device))
+    if M == 0:
+        nan = torch.full((C_out,), float("nan"), dtype=torch.float32, device=device)
+        return nan, nan.clone()
+    P = sums.shape[0]
+    cnt = (M - torch.arange(P, device=device, dtype=torch.float64) * stat_rows).clamp(max=stat_rows)[:, None]
+    s = sums.double()
+    mean = s.sum(0) / M
+    m2 = m2s.double().sum(0) + (cnt * (s / cnt - mean) ** 2).sum(0)
+    return mean.float(), (m2 / M).float()

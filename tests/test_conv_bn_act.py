@@ -1,0 +1,203 @@
+"""conv_bn_act: the Triton implicit-GEMM conv with fused prologue/epilogue against F.conv2d + the reference math
+in float64 (forward, BN statistics, and gradients through aten.convolution_backward), per option combination,
+geometry (1x1/3x3/7x7, stride 2, padding with prologue, groups, dilation, odd channels), layout and dtype.
+Outputs are NaN-poisoned (conftest), so an element the kernel fails to write fails the comparison."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fusedres
+from fusedres.ops.conv_bn_act import conv_bn_act
+from fusedres.reference import conv_bn_act_reference
+from helpers import assert_close, double_leaf, leaf
+
+# name: which optional operands are present, and the flags
+OPTIONS = {
+    "raw": dict(),
+    "stats": dict(stats=True),
+    "bias": dict(out_shift=True),
+    "bn_relu": dict(out_scale=True, out_shift=True, relu=True),
+    "bn_add_relu": dict(out_scale=True, out_shift=True, residual=True, relu=True),
+    "bn_projbn_relu": dict(out_scale=True, out_shift=True, residual=True, res_scale=True, res_shift=True,
+                           relu=True),
+    "prologue_stats": dict(in_scale=True, in_shift=True, in_relu=True, stats=True),
+    "prologue_noact": dict(in_scale=True, in_shift=True),
+    "everything": dict(in_scale=True, in_shift=True, in_relu=True, out_scale=True, out_shift=True,
+                       residual=True, res_scale=True, res_shift=True, relu=True, stats=True),
+}
+# name: (N, C_in, H, W), C_out, kernel, stride, padding, dilation, groups
+GEOMETRIES = {
+    "3x3": ((2, 5, 7, 7), 6, 3, 1, 1, 1, 1),
+    "stem7x7s2": ((2, 3, 9, 9), 8, 7, 2, 3, 1, 1),
+    "1x1s2": ((2, 16, 6, 6), 12, 1, 2, 0, 1, 1),
+    "3x3s2_groups": ((2, 6, 5, 5), 6, 3, 2, 1, 1, 3),
+    "pad2_dil2": ((2, 4, 5, 6), 5, 3, 1, 2, 2, 1),
+    "odd_17ch": ((1, 17, 4, 5), 19, 3, 1, 1, 1, 1),
+}
+TOL = {torch.float32: (2e-5, 2e-5), torch.float16: (1e-2, 1e-2), torch.bfloat16: (2e-2, 3e-2),
+       torch.float64: (1e-10, 1e-10)}
+
+
+def _close(actual, expected, dtype, what):
+    rtol, atol = TOL[dtype]
+    scale = max(1.0, expected.abs().max().item()) if expected.numel() else 1.0
+    torch.testing.assert_close(actual.double(), expected.double(), rtol=rtol, atol=atol * scale,
+                               msg=lambda m: f"{what}: {m}")
+
+
+def _inputs(geometry, option, dtype, channels_last, device="cpu"):
+    shape, c_out, k, stride, pad, dil, groups = GEOMETRIES[geometry]
+    opts = OPTIONS[option]
+    n, c_in, h, w = shape
+    x = torch.randn(shape, dtype=torch.float64, device=device).to(dtype)
+    weight = (torch.randn(c_out, c_in // groups, k, k, dtype=torch.float64, device=device)
+              / (c_in // groups * k * k) ** 0.5).to(dtype)
+    oh = (h + 2 * pad - dil * (k - 1) - 1) // stride + 1
+    ow = (w + 2 * pad - dil * (k - 1) - 1) // stride + 1
+    vdtype = torch.float64 if dtype == torch.float64 else torch.float32  # BN parameters: fp32 (fp64 for fp64)
+    vec = lambda c: torch.randn(c, device=device, dtype=vdtype)  # noqa: E731
+    kw = dict(stride=stride, padding=pad, dilation=dil, groups=groups, in_relu=opts.get("in_relu", False),
+              relu=opts.get("relu", False), stats=opts.get("stats", False))
+    tensors = dict(x=x, weight=weight)
+    for name, c in (("in_scale", c_in), ("in_shift", c_in), ("out_scale", c_out), ("out_shift", c_out),
+                    ("res_scale", c_out), ("res_shift", c_out)):
+        if opts.get(name):
+            tensors[name] = vec(c)
+    if opts.get("residual"):
+        tensors["residual"] = torch.randn(n, c_out, oh, ow, dtype=torch.float64, device=device).to(dtype)
+    if channels_last:
+        for name in ("x", "residual"):
+            if name in tensors:
+                tensors[name] = tensors[name].contiguous(memory_format=torch.channels_last)
+    return tensors, kw
+
+
+def _check(geometry, option, dtype, channels_last, backward=True, backend=None):
+    tensors, kw = _inputs(geometry, option, dtype, channels_last)
+    leaves = {k: leaf(v) for k, v in tensors.items()}
+    with fusedres.use_backend(backend):
+        out = conv_bn_act(**leaves, **kw, allow_tf32=False)
+    y, mean, var = out if kw["stats"] else (out, None, None)
+    dleaves = {k: double_leaf(v) for k, v in tensors.items()}
+    yd, md, vd = conv_bn_act_reference(**dleaves, **kw)
+
+    assert y.dtype == dtype and y.shape == yd.shape
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    _close(y, yd, dtype, "y")
+    if kw["stats"]:
+        acc = torch.float64 if dtype == torch.float64 else torch.float32
+        assert mean.dtype == acc and var.dtype == acc
+        # statistics of the raw conv output, accumulated in fp32 from the fp32 accumulator
+        _close(mean, md, torch.float32 if dtype == torch.float32 else dtype, "mean")
+        _close(var, vd, torch.float32 if dtype == torch.float32 else dtype, "var")
+    if not backward:
+        return
+    gy = torch.randn(yd.shape, dtype=torch.float64)
+    loss = (y.double() * gy).sum()
+    loss_d = (yd * gy).sum()
+    if kw["stats"]:
+        gm, gv = torch.randn_like(md), torch.randn_like(vd)
+        loss = loss + (mean.double() * gm).sum() + (var.double() * gv).sum()
+        loss_d = loss_d + (md * gm).sum() + (vd * gv).sum()
+    loss.backward()
+    loss_d.backward()
+    for name in tensors:
+        _close(leaves[name].grad, dleaves[name].grad, dtype, f"grad {name}")
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("option", list(OPTIONS))
+def test_every_option_fp32(option, channels_last):
+    _check("3x3", option, torch.float32, channels_last)
+
+
+@pytest.mark.parametrize("option", ["bn_add_relu", "prologue_stats", "everything"])
+@pytest.mark.parametrize("geometry", [g for g in GEOMETRIES if g != "3x3"])
+def test_geometries_fp32(geometry, option):
+    _check(geometry, option, torch.float32, channels_last=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("geometry,option", [("3x3", "everything"), ("stem7x7s2", "bn_relu"),
+                                             ("3x3s2_groups", "prologue_stats")])
+def test_low_precision(geometry, option, dtype):
+    _check(geometry, option, dtype, channels_last=True, backward=geometry == "3x3")
+
+
+def test_float64_and_forced_reference_backend():
+    _check("3x3", "everything", torch.float64, channels_last=False)          # float64: reference backend
+    _check("3x3s2_groups", "everything", torch.float32, True, backend="reference")
+
+
+def test_matches_f_conv2d_and_tf32_flag():
+    x = torch.randn(2, 5, 7, 7)
+    w = torch.randn(6, 5, 3, 3)
+    ref = F.conv2d(x.double(), w.double(), padding=1)
+    for tf32 in (False, True):  # the interpreter computes fp32 either way; on a GPU tf32 is ~1e-3 relative
+        y = conv_bn_act(x, w, padding=1, allow_tf32=tf32)
+        assert_close(y, ref, torch.float32 if not tf32 else torch.float16, f"allow_tf32={tf32}")
+
+
+def test_padding_after_prologue_contributes_zero():
+    """A prologue with a large shift must not leak into padded positions (they are 0 after the prologue)."""
+    x = torch.zeros(1, 2, 3, 3)
+    w = torch.ones(1, 2, 3, 3)
+    y = conv_bn_act(x, w, padding=1, in_shift=torch.full((2,), 5.0), in_relu=True, allow_tf32=False)
+    counts = F.conv2d(torch.ones(1, 1, 3, 3), torch.ones(1, 1, 3, 3), padding=1)  # in-image taps per output
+    torch.testing.assert_close(y, 2 * 5.0 * counts)
+
+
+def test_statistics_deterministic_and_stable():
+    x = torch.randn(2, 5, 7, 7).contiguous(memory_format=torch.channels_last) + 100.0  # |mean| >> std
+    w = torch.randn(6, 5, 1, 1)
+    _, m1, v1 = conv_bn_act(x, w, stats=True, allow_tf32=False)
+    _, m2, v2 = conv_bn_act(x, w, stats=True, allow_tf32=False)
+    assert torch.equal(m1, m2) and torch.equal(v1, v2)
+    c = F.conv2d(x.double(), w.double())
+    torch.testing.assert_close(v1.double(), c.var((0, 2, 3), unbiased=False), rtol=1e-3, atol=1e-3)
+
+
+def test_int64_offsets(monkeypatch):
+    from fusedres.triton import conv_bn_act as tconv
+    monkeypatch.setattr(tconv, "INT64_INDEX_THRESHOLD", 0)
+    _check("3x3s2_groups", "everything", torch.float32, True, backward=False)
+
+
+def test_opcheck():
+    tensors, kw = _inputs("3x3s2_groups", "everything", torch.float32, True)
+    t = {k: v.requires_grad_() for k, v in tensors.items()}
+    args = (t["x"], t["weight"], t["in_scale"], t["in_shift"], t["out_scale"], t["out_shift"], t["residual"],
+            t["res_scale"], t["res_shift"], [kw["stride"]] * 2, [kw["padding"]] * 2, [1, 1], kw["groups"], True,
+            True, True, False)
+    torch.library.opcheck(torch.ops.fusedres.conv_bn_act.default, args)
+
+
+def test_compile_fullgraph():
+    x = torch.randn(2, 4, 5, 5).contiguous(memory_format=torch.channels_last).requires_grad_()
+    w = torch.randn(6, 4, 3, 3, requires_grad=True)
+    s, b = torch.randn(6), torch.randn(6)
+    fn = lambda x, w: conv_bn_act(x, w, padding=1, out_scale=s, out_shift=b, relu=True,  # noqa: E731
+                                  allow_tf32=False)
+    y = torch.compile(fn, backend="aot_eager", fullgraph=True)(x, w)
+    torch.testing.assert_close(y, fn(x, w))
+    y.sum().backward()
+    assert x.grad is not None and w.grad is not None
+
+
+@pytest.mark.parametrize("bad", ["channels", "groups", "residual", "res_affine_without_residual", "vector"])
+def test_errors(bad):
+    x = torch.randn(2, 4, 5, 5)
+    w = torch.randn(6, 4, 3, 3)
+    kwargs = {}
+    if bad == "channels":
+        w = torch.randn(6, 3, 3, 3)
+    elif bad == "groups":
+        kwargs["groups"] = 3
+    elif bad == "residual":
+        kwargs["residual"] = torch.randn(2, 6, 5, 5)
+    elif bad == "res_affine_without_residual":
+        kwargs["res_scale"] = torch.randn(6)
+    else:
+        kwargs["out_scale"] = torch.randn(5)
+    with pytest.raises((ValueError, TypeError)):
+        conv_bn_act(x, w, **kwargs)

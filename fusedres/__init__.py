@@ -5,7 +5,10 @@ from fusedres.backends import available_backends, not_supported_reasons, use_bac
 from fusedres.ops import bn_act, dual_bn_act
 from fusedres import nn, models
 from fusedres.convert import convert, unconvert
+from fusedres.ops.conv_bn_act import conv_bn_act
+from fusedres.fold import fold
 
 __version__ = "0.1.0"
 __all__ = ["ops", "bn_act", "dual_bn_act", "use_backend", "available_backends", "not_supported_reasons",
-           "poison_outputs", "nn", "models", "convert", "unconvert"]
+           "poison_outputs", "nn", "models", "convert", "unconvert",
+           "conv_bn_act", "fold"]

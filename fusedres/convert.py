@@ -50,23 +50,41 @@ def _swap_children(model: nn.Module, fn) -> None:
             _swap_children(child, fn)
 
 
-def convert(model: nn.Module, inplace: bool = True) -> nn.Module:
+def convert(model: nn.Module, inplace: bool = True, mode: str = "bn") -> nn.Module:
     """Replace torchvision ResNet blocks (and a torchvision ResNet's stem BN + ReLU) in `model` by fused ones
     that share their Parameters and buffers; returns the converted model (a new object only when `model`
     itself is a block). `inplace=False` converts a deep copy and leaves `model` untouched.
-    Idempotent: converting a converted model changes nothing."""
+    Idempotent: converting a converted model changes nothing.
+
+    mode="bn" (default): fused BatchNorm + add + ReLU elementwise ops after stock convolutions.
+    mode="conv": additionally run each block as single-pass convolutions (`fusedres.nn.conv_blocks`): convs
+    emit BN statistics, the next conv applies BN + ReLU in its input prologue, the tail is one bn_act pass.
+    Same modules, tensors and state_dict keys; `unconvert` undoes either mode."""
+    if mode not in ("bn", "conv"):
+        raise ValueError(f"fusedres.convert: unknown mode {mode!r}; choose 'bn' or 'conv'")
     if not inplace:
         import copy
 
         model = copy.deepcopy(model)
     root = _convert_module(model)
+    if mode == "conv":
+        root = _to_conv_mode(root)
     if root is not model:
         return root
     _swap_children(model, _convert_module)
+    if mode == "conv":
+        _swap_children(model, _to_conv_mode)
     if _is_stock_resnet(model) and type(model.bn1) is nn.BatchNorm2d and type(model.relu) is nn.ReLU:
         model.bn1 = BatchNormAct2d.from_bn(model.bn1, act="relu")
         model.relu = nn.Identity()
     return model
+
+
+def _to_conv_mode(m: nn.Module) -> nn.Module:
+    from fusedres.nn.conv_blocks import CONV_BLOCKS
+
+    cls = CONV_BLOCKS.get(type(m))
+    return m if cls is None else cls.from_fused(m)
 
 
 def unconvert(model: nn.Module, inplace: bool = True) -> nn.Module:

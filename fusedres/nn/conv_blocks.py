@@ -1,0 +1,110 @@
+"""Training-mode single-pass blocks (`fusedres.convert(model, mode="conv")`): the MLPerf pattern in PyTorch.
+
+In a `ConvBasicBlock` / `ConvBottleneck` (subclasses of the fused blocks, same attributes and state_dict keys):
+
+* each conv but the last emits its raw output plus the BN batch statistics of that output (epilogue of the
+  `conv_bn_act` kernel); no BN or ReLU pass over it;
+* the next conv applies that BN + ReLU to its input tiles as it loads them (prologue), with
+  (scale, shift) = (gamma / sqrt(var + eps), beta - mean * scale) computed from the statistics as a few
+  per-channel ops, so autograd differentiates through the statistics exactly as BatchNorm does;
+* the block tail (last BN + shortcut add + ReLU, and the projection shortcut's BN) is the existing one-pass
+  `bn_act` / `dual_bn_act` op.
+
+Backward: `aten.convolution_backward` for dgrad/wgrad plus the per-channel prologue/epilogue derivatives; the
+raw conv output is saved (it is the next conv's input anyway) and BN + ReLU are recomputed from it, so the
+normalised activation is never stored. Running statistics, `momentum` (incl. None) and `num_batches_tracked`
+follow nn.BatchNorm2d. In eval mode (or when a BN uses running statistics) the prologue uses the running
+statistics. Blocks whose convs have a bias or non-zero padding modes run the parent fused forward.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from fusedres.nn.batchnorm_act import _uses_batch_stats, batch_norm_args
+from fusedres.nn.blocks import BasicBlock, Bottleneck
+from fusedres.ops._common import update_running_stats
+from fusedres.ops.conv_bn_act import conv_bn_act
+
+
+def _plain_conv(conv) -> bool:
+    return (type(conv) is nn.Conv2d and conv.bias is None and conv.padding_mode == "zeros"
+            and not isinstance(conv.padding, str))
+
+
+def _conv(conv: nn.Conv2d, x: Tensor, prologue, stats: bool):
+    s, t = prologue if prologue is not None else (None, None)
+    return conv_bn_act(x, conv.weight, stride=conv.stride, padding=conv.padding, dilation=conv.dilation,
+                       groups=conv.groups, in_scale=s, in_shift=t, in_relu=prologue is not None, stats=stats)
+
+
+def _bn_prologue(bn: nn.BatchNorm2d, out):
+    """(scale, shift) of bn for the next conv's prologue, from the batch statistics in `out` (training: running
+    statistics updated as nn.BatchNorm2d does) or from the running statistics."""
+    args = batch_norm_args(bn)  # num_batches_tracked bookkeeping, once per forward
+    acc = torch.float64 if out[0].dtype == torch.float64 else torch.float32
+    if args["training"]:
+        _, mean, var = out
+        c = out[0]
+        update_running_stats(args["running_mean"], args["running_var"], mean.detach(), var.detach(),
+                             c.shape[0] * c.shape[2] * c.shape[3], args["momentum"])
+    else:
+        mean, var = args["running_mean"].to(acc), args["running_var"].to(acc)
+    scale = torch.rsqrt(var + bn.eps)
+    if bn.weight is not None:
+        scale = scale * bn.weight.to(acc)
+    shift = -mean * scale
+    if bn.bias is not None:
+        shift = shift + bn.bias.to(acc)
+    return scale, shift
+
+
+class _ConvTrainMixin:
+    _chain: tuple = ()  # (conv, bn) pairs whose BN + ReLU move into the next conv's prologue
+
+    def _can_run(self, x) -> bool:
+        convs = [getattr(self, c) for c, _ in self._chain] + [getattr(self, self._last_conv)]
+        return all(_plain_conv(c) for c in convs) and x.dim() == 4
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self._can_run(x):
+            return super().forward(x)
+        out, prologue = x, None
+        for conv_name, bn_name in self._chain:
+            bn = getattr(self, bn_name)
+            res = _conv(getattr(self, conv_name), out, prologue, stats=_uses_batch_stats(bn))
+            if not isinstance(res, tuple):
+                res = (res, None, None)
+            prologue = _bn_prologue(bn, res)
+            out = res[0]
+        last = _conv(getattr(self, self._last_conv), out, prologue, stats=False)
+        return self._tail(x, last, getattr(self, self._last_bn))
+
+    @classmethod
+    def from_fused(cls, block: nn.Module) -> nn.Module:
+        """The conv-mode block running `block`'s own modules (a fusedres BasicBlock / Bottleneck)."""
+        new = cls.__new__(cls)
+        nn.Module.__init__(new)
+        for name, child in block.named_children():
+            setattr(new, name, child)
+        if "downsample" not in new._modules:
+            new.downsample = None
+        new.stride = block.stride
+        new.training = block.training
+        return new
+
+
+class ConvBasicBlock(_ConvTrainMixin, BasicBlock):
+    """BasicBlock: conv1 (+ bn1 statistics) -> conv2 with bn1 + ReLU in its prologue -> bn2 + shortcut + ReLU."""
+    _chain = (("conv1", "bn1"),)
+    _last_conv, _last_bn = "conv2", "bn2"
+
+
+class ConvBottleneck(_ConvTrainMixin, Bottleneck):
+    """Bottleneck: conv1 (+ stats) -> conv2 (bn1 + ReLU prologue, + stats) -> conv3 (bn2 + ReLU prologue)
+    -> bn3 + shortcut (+ projection BN) + ReLU."""
+    _chain = (("conv1", "bn1"), ("conv2", "bn2"))
+    _last_conv, _last_bn = "conv3", "bn3"
+
+
+CONV_BLOCKS = {BasicBlock: ConvBasicBlock, Bottleneck: ConvBottleneck}

@@ -1,0 +1,102 @@
+"""Training mode `fusedres.convert(model, mode="conv")`: convs emit BN statistics, the next conv applies BN + ReLU
+in its prologue, the tail is one bn_act/dual_bn_act pass. Outputs, gradients and running statistics must match
+stock torchvision over SGD steps (float64 exactly, float32 through the Triton kernels)."""
+import copy
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+from torchvision.models.resnet import BasicBlock, Bottleneck, conv1x1
+
+import fusedres
+from fusedres.nn.conv_blocks import ConvBasicBlock, ConvBottleneck
+
+
+def tiny_resnet(dtype):
+    m = torchvision.models.resnet18(num_classes=5)
+    m.conv1 = nn.Conv2d(3, 8, 7, 2, 3, bias=False)
+    m.bn1 = nn.BatchNorm2d(8)
+    m.layer1 = nn.Sequential(BasicBlock(8, 8))
+    m.layer2 = nn.Sequential(BasicBlock(8, 12, 2, downsample=nn.Sequential(conv1x1(8, 12, 2), nn.BatchNorm2d(12))))
+    m.layer3 = nn.Sequential(Bottleneck(12, 5, 2, downsample=nn.Sequential(conv1x1(12, 20, 2), nn.BatchNorm2d(20))))
+    m.layer4 = nn.Sequential(Bottleneck(20, 5))
+    m.layer4[0].bn2.momentum = None  # cumulative average
+    m.fc = nn.Linear(20, 5)
+    with torch.no_grad():
+        for mod in m.modules():
+            if isinstance(mod, nn.BatchNorm2d):
+                mod.weight.uniform_(0.5, 1.5)
+                mod.bias.normal_(0, 0.2)
+    return m.to(dtype)
+
+
+def _step(model, opt, x, target):
+    opt.zero_grad()
+    out = model(x)
+    loss = nn.functional.cross_entropy(out, target)
+    loss.backward()
+    grads = {k: p.grad.clone() for k, p in model.named_parameters()}
+    opt.step()
+    return out.detach(), grads
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-9), (torch.float32, 2e-4)], ids=["fp64", "fp32"])
+def test_two_sgd_steps_match_stock(dtype, tol):
+    stock = tiny_resnet(dtype).train()
+    model = fusedres.convert(copy.deepcopy(stock), mode="conv")
+    assert type(model.layer1[0]) is ConvBasicBlock and type(model.layer3[0]) is ConvBottleneck
+    assert list(model.state_dict()) == list(stock.state_dict())
+    opts = [torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9) for m in (stock, model)]
+    for step in range(2):
+        x = torch.randn(2, 3, 32, 32, dtype=dtype).contiguous(memory_format=torch.channels_last)
+        target = torch.randint(0, 5, (2,))
+        ref_out, ref_grads = _step(stock, opts[0], x, target)
+        out, grads = _step(model, opts[1], x, target)
+        torch.testing.assert_close(out, ref_out, rtol=tol, atol=tol, msg=lambda m: f"step {step} output: {m}")
+        for k in ref_grads:
+            scale = max(1.0, ref_grads[k].abs().max().item())
+            torch.testing.assert_close(grads[k], ref_grads[k], rtol=tol, atol=tol * scale,
+                                       msg=lambda m: f"step {step} grad {k}: {m}")
+    sd, ref_sd = model.state_dict(), stock.state_dict()
+    for k in ref_sd:  # parameters after two steps, running statistics, num_batches_tracked
+        torch.testing.assert_close(sd[k], ref_sd[k], rtol=tol, atol=tol, msg=lambda m: f"state {k}: {m}")
+    # eval mode uses the running statistics in the prologue
+    stock.eval()
+    model.eval()
+    x = torch.randn(2, 3, 32, 32, dtype=dtype)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), stock(x), rtol=tol, atol=tol)
+
+
+def test_conv_mode_round_trip_and_errors():
+    stock = tiny_resnet(torch.float32)
+    model = fusedres.convert(copy.deepcopy(stock), mode="conv")
+    assert fusedres.convert(model, mode="conv") is model  # idempotent
+    back = fusedres.unconvert(model)
+    assert type(back.layer1[0]) is BasicBlock and type(back.layer4[0]) is Bottleneck
+    with pytest.raises(ValueError, match="mode"):
+        fusedres.convert(stock, mode="nope")
+    block = fusedres.convert(Bottleneck(8, 2), mode="conv")  # a bare block converts too
+    assert type(block) is ConvBottleneck
+
+
+def test_block_convs_run_fused_in_training():
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    seen = []
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            seen.append(str(func.overloadpacket))
+            return func(*args, **(kwargs or {}))
+
+    model = fusedres.convert(tiny_resnet(torch.float32).train(), mode="conv")
+    x = torch.randn(2, 3, 32, 32)
+    with Record():
+        model(x)
+    names = [s.split(".")[-1] for s in seen]
+    assert names.count("conv_bn_act") == 10            # every block conv except the two downsample convs
+    assert names.count("convolution") == 3             # the stem and the two downsample convs
+    assert not any("batch_norm" in n for n in names)   # BN: statistics in the conv epilogue, bn_act tails
+    assert names.count("bn_act_train") == 3 and names.count("dual_bn_act_train") == 2

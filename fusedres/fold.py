@@ -2,7 +2,7 @@
 (+ ReLU) run as one `fusedres::conv_bn_act` kernel.
 
 Accepts an eval-mode torchvision ResNet (or any module containing torchvision / fusedres `BasicBlock` and
-`Bottleneck` blocks), converted by `fusedres.convert` or not. What changes:
+`Bottleneck` blocks), converted by `fusedres.convert` (either mode) or not. What changes:
 
 * each block becomes `fusedres.nn.conv.FoldedBasicBlock` / `FoldedBottleneck`: conv1 (and conv2 of a
   bottleneck) run conv + BN + ReLU; the last conv runs conv + BN + shortcut add + ReLU; a torchvision
@@ -30,9 +30,11 @@ def _folded_class(m: nn.Module):
     from torchvision.models import resnet
 
     from fusedres.nn.blocks import BasicBlock, Bottleneck
+    from fusedres.nn.conv_blocks import ConvBasicBlock, ConvBottleneck
 
     pairs = ((resnet.BasicBlock, FoldedBasicBlock), (resnet.Bottleneck, FoldedBottleneck),
-             (BasicBlock, FoldedBasicBlock), (Bottleneck, FoldedBottleneck))
+             (BasicBlock, FoldedBasicBlock), (Bottleneck, FoldedBottleneck),
+             (ConvBasicBlock, FoldedBasicBlock), (ConvBottleneck, FoldedBottleneck))
     for src, dst in pairs:
         if isinstance(m, src) and type(m).forward is src.forward:
             if all(isinstance(getattr(m, bn), nn.BatchNorm2d) and getattr(m, bn).running_mean is not None

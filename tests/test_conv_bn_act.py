@@ -163,12 +163,13 @@ def test_int64_offsets(monkeypatch):
     _check("3x3s2_groups", "everything", torch.float32, True, backward=False)
 
 
-def test_opcheck():
-    tensors, kw = _inputs("3x3s2_groups", "everything", torch.float32, True)
+@pytest.mark.parametrize("option", ["everything", "prologue_stats"])
+def test_opcheck(option):
+    tensors, kw = _inputs("3x3s2_groups", option, torch.float32, True)
     t = {k: v.requires_grad_() for k, v in tensors.items()}
-    args = (t["x"], t["weight"], t["in_scale"], t["in_shift"], t["out_scale"], t["out_shift"], t["residual"],
-            t["res_scale"], t["res_shift"], [kw["stride"]] * 2, [kw["padding"]] * 2, [1, 1], kw["groups"], True,
-            True, True, False)
+    args = (t["x"], t["weight"], t.get("in_scale"), t.get("in_shift"), t.get("out_scale"), t.get("out_shift"),
+            t.get("residual"), t.get("res_scale"), t.get("res_shift"), [kw["stride"]] * 2, [kw["padding"]] * 2,
+            [1, 1], kw["groups"], kw["in_relu"], kw["relu"], kw["stats"], False)
     torch.library.opcheck(torch.ops.fusedres.conv_bn_act.default, args)
 
 

@@ -50,11 +50,11 @@ class OpCounter(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-@pytest.mark.parametrize("convert", [False, True], ids=["stock", "converted"])
-@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("convert,channels_last", [(None, False), (None, True), ("bn", True), ("conv", False)],
+                         ids=["stock-nchw", "stock-nhwc", "converted-nhwc", "conv_mode-nchw"])
 def test_tiny_resnet_matches_stock(convert, channels_last):
     stock = tiny_resnet()
-    model = fusedres.convert(stock, inplace=False) if convert else stock
+    model = fusedres.convert(stock, inplace=False, mode=convert).eval() if convert else stock
     folded = fold(model)
     assert isinstance(folded.layer1[0], FoldedBasicBlock) and isinstance(folded.layer3[0], FoldedBottleneck)
     assert isinstance(folded.conv1, FoldedConv2d)

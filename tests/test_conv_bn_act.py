@@ -11,6 +11,19 @@ from fusedres.ops.conv_bn_act import conv_bn_act
 from fusedres.reference import conv_bn_act_reference
 from helpers import assert_close, double_leaf, leaf
 
+
+@pytest.fixture(autouse=True)
+def _on_device(device):
+    """Every tensor and module of these tests on the test device (the GPU where there is one, with TF32 off so
+    float32 references are exact; else the CPU, where Triton runs in its interpreter)."""
+    old = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        with torch.device(device):
+            yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = old
+
 # name: which optional operands are present, and the flags
 OPTIONS = {
     "raw": dict(),
@@ -45,7 +58,7 @@ def _close(actual, expected, dtype, what):
                                msg=lambda m: f"{what}: {m}")
 
 
-def _inputs(geometry, option, dtype, channels_last, device="cpu"):
+def _inputs(geometry, option, dtype, channels_last, device=None):
     shape, c_out, k, stride, pad, dil, groups = GEOMETRIES[geometry]
     opts = OPTIONS[option]
     n, c_in, h, w = shape
@@ -202,3 +215,42 @@ def test_errors(bad):
         kwargs["out_scale"] = torch.randn(5)
     with pytest.raises((ValueError, TypeError)):
         conv_bn_act(x, w, **kwargs)
+
+
+# (C_in, C_out, kernel, stride, input size, epilogue) — ResNet-50 layers, batch 256 (GPU only: far too big for
+# the interpreter)
+RESNET50_LAYERS = [(3, 64, 7, 2, 224, "bn_relu"), (64, 64, 3, 1, 56, "bn_relu"), (128, 128, 3, 2, 56, "stats"),
+                   (256, 1024, 1, 1, 14, "bn_add_relu"), (1024, 2048, 1, 2, 14, "proj"),
+                   (512, 512, 3, 1, 7, "prologue_stats")]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="ResNet-50 shapes at batch 256 need a GPU")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("layer", RESNET50_LAYERS, ids=lambda l: f"{l[0]}-{l[1]}-k{l[2]}s{l[3]}-{l[4]}-{l[5]}")
+def test_resnet50_layers_batch256_gpu(layer, dtype):
+    c_in, c_out, k, stride, size, kind = layer
+    cl = torch.channels_last
+    x = torch.randn(256, c_in, size, size, dtype=dtype).contiguous(memory_format=cl)
+    w = (torch.randn(c_out, c_in, k, k) / (c_in * k * k) ** 0.5).to(dtype).contiguous(memory_format=cl)
+    o = (size + 2 * (k // 2) - k) // stride + 1
+    r = torch.randn(256, c_out, o, o, dtype=dtype).contiguous(memory_format=cl)
+    s, b, s_r, b_r = torch.rand(c_out) + 0.5, torch.randn(c_out), torch.rand(c_out) + 0.5, torch.randn(c_out)
+    s_in, b_in = torch.rand(c_in) + 0.5, torch.randn(c_in)
+    kw = dict(stride=stride, padding=k // 2)
+    if kind == "bn_relu":
+        kw.update(out_scale=s, out_shift=b, relu=True)
+    elif kind == "bn_add_relu":
+        kw.update(out_scale=s, out_shift=b, residual=r, relu=True)
+    elif kind == "proj":
+        kw.update(out_scale=s, out_shift=b, residual=r, res_scale=s_r, res_shift=b_r, relu=True)
+    elif kind == "prologue_stats":
+        kw.update(in_scale=s_in, in_shift=b_in, in_relu=True, stats=True)
+    else:
+        kw.update(stats=True)
+    out = conv_bn_act(x, w, **kw)
+    y = out[0] if kw.get("stats") else out
+    ref = conv_bn_act_reference(x, w, **kw)  # float32 conv (TF32 off) of the same rounded inputs
+    _close(y, ref[0], dtype, "y")
+    if kw.get("stats"):
+        _close(out[1], ref[1], dtype, "mean")
+        _close(out[2], ref[2], dtype, "var")

@@ -13,6 +13,19 @@ import fusedres
 from fusedres.nn.conv_blocks import ConvBasicBlock, ConvBottleneck
 
 
+@pytest.fixture(autouse=True)
+def _on_device(device):
+    """Every tensor and module of these tests on the test device (the GPU where there is one, with TF32 off so
+    float32 references are exact; else the CPU, where Triton runs in its interpreter)."""
+    old = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        with torch.device(device):
+            yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = old
+
+
 def tiny_resnet(dtype):
     m = torchvision.models.resnet18(num_classes=5)
     m.conv1 = nn.Conv2d(3, 8, 7, 2, 3, bias=False)

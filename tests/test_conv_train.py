@@ -109,7 +109,9 @@ def test_block_convs_run_fused_in_training():
     with Record():
         model(x)
     names = [s.split(".")[-1] for s in seen]
-    assert names.count("conv_bn_act") == 10            # every block conv except the two downsample convs
-    assert names.count("convolution") == 3             # the stem and the two downsample convs
-    assert not any("batch_norm" in n for n in names)   # BN: statistics in the conv epilogue, bn_act tails
-    assert names.count("bn_act_train") == 3 and names.count("dual_bn_act_train") == 2
+    assert names.count("conv_bn_act") == 12            # every block conv, downsample convs included
+    assert names.count("convolution") == 1             # the stem
+    assert not any("batch_norm" in n for n in names)   # BN: statistics in the conv epilogues
+    assert names.count("bn_act_train") == 1            # the stem's BN + ReLU (a max-pool follows)
+    assert names.count("scale_shift_act") == 4         # one tail pass per block
+    assert "dual_bn_act_train" not in names

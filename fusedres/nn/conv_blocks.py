@@ -7,8 +7,10 @@ In a `ConvBasicBlock` / `ConvBottleneck` (subclasses of the fused blocks, same a
 * the next conv applies that BN + ReLU to its input tiles as it loads them (prologue), with
   (scale, shift) = (gamma / sqrt(var + eps), beta - mean * scale) computed from the statistics as a few
   per-channel ops, so autograd differentiates through the statistics exactly as BatchNorm does;
-* the block tail (last BN + shortcut add + ReLU, and the projection shortcut's BN) is the existing one-pass
-  `bn_act` / `dual_bn_act` op.
+* the last conv (and a projection shortcut's conv) emit their statistics too, and the block tail (last BN +
+  shortcut add [+ projection BN] + ReLU) is one `scale_shift_act` pass over the conv output(s), with the
+  statistics as differentiable inputs (no separate statistics pass). When a tail BN uses running statistics
+  (eval) the tail is the fused block's `bn_act` / `dual_bn_act` op.
 
 Backward: `aten.convolution_backward` for dgrad/wgrad plus the per-channel prologue/epilogue derivatives; the
 raw conv output is saved (it is the next conv's input anyway) and BN + ReLU are recomputed from it, so the
@@ -22,9 +24,10 @@ import torch
 from torch import Tensor, nn
 
 from fusedres.nn.batchnorm_act import _uses_batch_stats, batch_norm_args
-from fusedres.nn.blocks import BasicBlock, Bottleneck
+from fusedres.nn.blocks import BasicBlock, Bottleneck, _is_conv_bn
 from fusedres.ops._common import update_running_stats
 from fusedres.ops.conv_bn_act import conv_bn_act
+from fusedres.ops.scale_shift_act import scale_shift_act
 
 
 def _plain_conv(conv) -> bool:
@@ -38,14 +41,15 @@ def _conv(conv: nn.Conv2d, x: Tensor, prologue, stats: bool):
                        groups=conv.groups, in_scale=s, in_shift=t, in_relu=prologue is not None, stats=stats)
 
 
-def _bn_prologue(bn: nn.BatchNorm2d, out):
-    """(scale, shift) of bn for the next conv's prologue, from the batch statistics in `out` (training: running
-    statistics updated as nn.BatchNorm2d does) or from the running statistics."""
+def _bn_stats(bn: nn.BatchNorm2d, out):
+    """(mean, scale, shift) with BN(c) = (c - mean) * scale + shift: from the batch statistics in
+    out = (c, mean, var) (training; running statistics updated as nn.BatchNorm2d does) or from the running
+    statistics (eval). The batch statistics stay differentiable."""
     args = batch_norm_args(bn)  # num_batches_tracked bookkeeping, once per forward
-    acc = torch.float64 if out[0].dtype == torch.float64 else torch.float32
+    c = out[0]
+    acc = torch.float64 if c.dtype == torch.float64 else torch.float32
     if args["training"]:
         _, mean, var = out
-        c = out[0]
         update_running_stats(args["running_mean"], args["running_var"], mean.detach(), var.detach(),
                              c.shape[0] * c.shape[2] * c.shape[3], args["momentum"])
     else:
@@ -53,10 +57,14 @@ def _bn_prologue(bn: nn.BatchNorm2d, out):
     scale = torch.rsqrt(var + bn.eps)
     if bn.weight is not None:
         scale = scale * bn.weight.to(acc)
-    shift = -mean * scale
-    if bn.bias is not None:
-        shift = shift + bn.bias.to(acc)
-    return scale, shift
+    shift = bn.bias.to(acc) if bn.bias is not None else torch.zeros_like(scale)
+    return mean, scale, shift
+
+
+def _bn_prologue(bn: nn.BatchNorm2d, out):
+    """(scale, shift') of bn for the next conv's prologue: BN(c) = c * scale + shift'."""
+    mean, scale, shift = _bn_stats(bn, out)
+    return scale, shift - mean * scale
 
 
 class _ConvTrainMixin:
@@ -77,8 +85,23 @@ class _ConvTrainMixin:
                 res = (res, None, None)
             prologue = _bn_prologue(bn, res)
             out = res[0]
-        last = _conv(getattr(self, self._last_conv), out, prologue, stats=False)
-        return self._tail(x, last, getattr(self, self._last_bn))
+        last_conv, last_bn = getattr(self, self._last_conv), getattr(self, self._last_bn)
+        if not _uses_batch_stats(last_bn):
+            return self._tail(x, _conv(last_conv, out, prologue, stats=False), last_bn)
+        # the last conv emits its statistics too; the tail is one scale_shift_act pass over its output
+        res = _conv(last_conv, out, prologue, stats=True)
+        mean, scale, shift = _bn_stats(last_bn, res)
+        c = res[0]
+        relu = getattr(last_bn, "act", "relu") == "relu"
+        ds = self.downsample
+        if ds is None:
+            return scale_shift_act(c, mean, scale, shift, residual=x.to(c.dtype), relu=relu)
+        if _is_conv_bn(ds) and _plain_conv(ds[0]) and _uses_batch_stats(ds[1]):
+            res_b = _conv(ds[0], x, None, stats=True)
+            mean_b, scale_b, shift_b = _bn_stats(ds[1], res_b)
+            return scale_shift_act(c, mean, scale, shift, xb=res_b[0].to(c.dtype), mean_b=mean_b, scale_b=scale_b,
+                                   shift_b=shift_b, relu=relu)
+        return scale_shift_act(c, mean, scale, shift, residual=ds(x).to(c.dtype), relu=relu)
 
     @classmethod
     def from_fused(cls, block: nn.Module) -> nn.Module:

@@ -1,0 +1,122 @@
+"""`scale_shift_act`: y = act((x - mean) * scale + shift [+ residual | + (xb - mean_b) * scale_b + shift_b]) with
+per-channel vectors that are *differentiable inputs* — the BN-apply of a block tail whose batch statistics
+came from the conv epilogue (`conv_bn_act(stats=True)`), so the tail is one read of the conv output instead
+of a statistics pass plus an apply pass. Gradients flow into mean/scale/shift (and the xb ones), hence back
+through the statistics into the conv, as BatchNorm's do.
+
+Registered ops (torch.ops.fusedres.*), built on the dispatcher's primitives (cuda → triton → reference):
+    scale_shift_act(x, mean, scale, shift, residual, xb, mean_b, scale_b, shift_b, relu) -> y
+    scale_shift_act_backward(grad_y, x, mean, scale, shift, residual, xb, mean_b, scale_b, shift_b, relu)
+        -> (grad_x, grad_mean, grad_scale, grad_shift, grad_residual, grad_xb, grad_mean_b, grad_scale_b,
+            grad_shift_b)
+residual and xb are mutually exclusive; vectors are in the accumulation dtype (float32; float64 for float64).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from fusedres import backends
+from fusedres._layout import acc_dtype
+from fusedres.ops._common import check_activation, check_channels, check_like, densify, fake_channels, fake_like
+
+
+def _check(x, mean, scale, shift, residual, xb, mean_b, scale_b, shift_b):
+    check_activation(x, "x")
+    for v, name in ((mean, "mean"), (scale, "scale"), (shift, "shift")):
+        check_channels(v, x, name)
+    if residual is not None and xb is not None:
+        raise ValueError("fusedres: scale_shift_act takes a residual or a second input xb, not both")
+    if residual is not None:
+        check_like(residual, x, "residual")
+    if xb is not None:
+        check_like(xb, x, "xb")
+        for v, name in ((mean_b, "mean_b"), (scale_b, "scale_b"), (shift_b, "shift_b")):
+            if v is None:
+                raise ValueError(f"fusedres: scale_shift_act with xb needs {name}")
+            check_channels(v, x, name)
+
+
+def _vecs(x, *vs):
+    acc = acc_dtype(x.dtype)
+    return tuple(None if v is None else v.to(acc).contiguous() for v in vs)
+
+
+@torch.library.custom_op("fusedres::scale_shift_act", mutates_args=())
+def scale_shift_act_op(x: Tensor, mean: Tensor, scale: Tensor, shift: Tensor, residual: Optional[Tensor],
+                       xb: Optional[Tensor], mean_b: Optional[Tensor], scale_b: Optional[Tensor],
+                       shift_b: Optional[Tensor], relu: bool) -> Tensor:
+    _check(x, mean, scale, shift, residual, xb, mean_b, scale_b, shift_b)
+    x, residual, xb = densify(x, residual, xb)
+    return backends.select(x).apply(x, *_vecs(x, mean, scale, shift), residual, xb,
+                                    *_vecs(x, mean_b, scale_b, shift_b), relu)
+
+
+@scale_shift_act_op.register_fake
+def _(x, mean, scale, shift, residual, xb, mean_b, scale_b, shift_b, relu):
+    _check(x, mean, scale, shift, residual, xb, mean_b, scale_b, shift_b)
+    return fake_like(x)
+
+
+@torch.library.custom_op("fusedres::scale_shift_act_backward", mutates_args=())
+def scale_shift_act_backward(grad_y: Tensor, x: Tensor, mean: Tensor, scale: Tensor, shift: Tensor,
+                             residual: Optional[Tensor], xb: Optional[Tensor], mean_b: Optional[Tensor],
+                             scale_b: Optional[Tensor], shift_b: Optional[Tensor], relu: bool
+                             ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    check_like(grad_y, x, "grad_y")
+    x, grad_y, residual, xb = densify(x, grad_y, residual, xb)
+    backend = backends.select(x)
+    mean, scale, shift = _vecs(x, mean, scale, shift)
+    mean_b, scale_b, shift_b = _vecs(x, mean_b, scale_b, shift_b)
+    sum_g, sum_g_xc, sum_g_xbc, d_res = backend.backward_reduce(grad_y, x, mean, scale, shift, residual, xb,
+                                                                mean_b, scale_b, shift_b, relu,
+                                                                residual is not None)
+    zero = torch.zeros_like(scale)
+    has_b = xb is not None
+    dx, dxb = backend.backward_apply(grad_y, x, mean, scale, shift, residual, xb, mean_b, scale_b, shift_b, relu,
+                                     scale, zero, zero, scale_b if has_b else None, zero if has_b else None,
+                                     zero if has_b else None)
+    e = lambda: x.new_empty(0)  # noqa: E731  (distinct empties: outputs must not alias)
+    ev = lambda: scale.new_empty(0)  # noqa: E731
+    return (dx, -scale * sum_g, sum_g_xc, sum_g.clone(), d_res if d_res is not None else e(),
+            dxb if has_b else e(), -scale_b * sum_g if has_b else ev(), sum_g_xbc if has_b else ev(),
+            sum_g.clone() if has_b else ev())
+
+
+@scale_shift_act_backward.register_fake
+def _(grad_y, x, mean, scale, shift, residual, xb, mean_b, scale_b, shift_b, relu):
+    has_b = xb is not None
+    ev = fake_channels(x).new_empty(0)
+    return (fake_like(x), fake_channels(x), fake_channels(x), fake_channels(x),
+            fake_like(x) if residual is not None else x.new_empty(0), fake_like(x) if has_b else x.new_empty(0),
+            fake_channels(x) if has_b else ev, fake_channels(x) if has_b else ev, fake_channels(x) if has_b else ev)
+
+
+def _save(ctx, inputs, output):
+    ctx.save_for_backward(*inputs[:9])
+    ctx.relu = inputs[9]
+
+
+def _cast(g, like):
+    return None if like is None else g.to(like.dtype)
+
+
+def _backward(ctx, grad_y):
+    x, mean, scale, shift, residual, xb, mean_b, scale_b, shift_b = ctx.saved_tensors
+    grads = torch.ops.fusedres.scale_shift_act_backward(grad_y, x, mean, scale, shift, residual, xb, mean_b,
+                                                        scale_b, shift_b, ctx.relu)
+    like = (x, mean, scale, shift, residual, xb, mean_b, scale_b, shift_b)
+    return tuple(_cast(g, t) for g, t in zip(grads, like)) + (None,)
+
+
+scale_shift_act_op.register_autograd(_backward, setup_context=_save)
+
+
+def scale_shift_act(x: Tensor, mean: Tensor, scale: Tensor, shift: Tensor, residual: Optional[Tensor] = None,
+                    xb: Optional[Tensor] = None, mean_b: Optional[Tensor] = None, scale_b: Optional[Tensor] = None,
+                    shift_b: Optional[Tensor] = None, relu: bool = True) -> Tensor:
+    """act((x - mean) * scale + shift [+ residual | + (xb - mean_b) * scale_b + shift_b]), differentiable in
+    every tensor argument."""
+    return torch.ops.fusedres.scale_shift_act(x, mean, scale, shift, residual, xb, mean_b, scale_b, shift_b, relu)

@@ -115,3 +115,21 @@ def test_block_convs_run_fused_in_training():
     assert names.count("bn_act_train") == 1            # the stem's BN + ReLU (a max-pool follows)
     assert names.count("scale_shift_act") == 4         # one tail pass per block
     assert "dual_bn_act_train" not in names
+
+
+def test_conv_mode_block_compiles_fullgraph():
+    """torch.compile (Inductor, fullgraph) of a conv-mode Bottleneck with a projection shortcut, in training."""
+    stock = Bottleneck(8, 2, 2, downsample=nn.Sequential(conv1x1(8, 8, 2), nn.BatchNorm2d(8)))
+    block = fusedres.convert(copy.deepcopy(stock), mode="conv")
+    x = torch.randn(2, 8, 6, 6)
+    xs, xr = x.clone().requires_grad_(), x.clone().requires_grad_()
+    y = torch.compile(block, fullgraph=True)(xs)
+    ref = stock(xr)
+    g = torch.randn_like(ref)
+    y.backward(g)
+    ref.backward(g)
+    torch.testing.assert_close(y, ref, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(xs.grad, xr.grad, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(block.conv2.weight.grad, stock.conv2.weight.grad, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(block.downsample[1].running_var, stock.downsample[1].running_var)
+    assert int(block.bn1.num_batches_tracked) == 1

@@ -108,32 +108,36 @@ def _conv_kernel(
     co = g * COUT_G + rn
     rk = tl.arange(0, BLOCK_K)
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for kh in range(KH):
+    # One flat loop over (kh, kw, input-channel block), so the compiler pipelines loads across filter taps
+    # (a nested loop would leave 1x1-per-tap inner loops of one iteration with nothing to overlap).
+    c_iters = tl.cdiv(CIN_G, BLOCK_K)
+    for it in range(0, KH * KW * c_iters):
+        tap = it // c_iters
+        k0 = (it - tap * c_iters) * BLOCK_K
+        kh = tap // KW
+        kw = tap - kh * KW
         ih = oh * stride_h - pad_h + kh * dil_h
-        for kw in range(KW):
-            iw = ow * stride_w - pad_w + kw * dil_w
-            valid = m_mask & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-            x_row = ((n * H + ih) * W + iw) * C_in + g * CIN_G   # [BLOCK_M]
-            w_row = (kh * KW + kw) * CIN_G
-            for k0 in range(0, CIN_G, BLOCK_K):
-                ck = k0 + rk
-                k_mask = ck < CIN_G
-                a_mask = valid[:, None] & k_mask[None, :]
-                a = tl.load(x_ptr + x_row[:, None] + ck[None, :], mask=a_mask, other=0.0)
-                if PROLOGUE:
-                    s_in = tl.load(in_scale_ptr + g * CIN_G + ck, mask=k_mask, other=0.0)
-                    b_in = tl.load(in_shift_ptr + g * CIN_G + ck, mask=k_mask, other=0.0)
-                    af = a.to(tl.float32) * s_in[None, :] + b_in[None, :]
-                    if IN_RELU:
-                        af = tl.maximum(af, 0.0)
-                    # zero padding (and masked tails) after the prologue: contribute exactly 0
-                    a = tl.where(a_mask, af, 0.0).to(x_ptr.dtype.element_ty)
-                w_offs = co[None, :] * (KH * KW * CIN_G) + (w_row + ck)[:, None]
-                b = tl.load(w_ptr + w_offs, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
-                if UPCAST:
-                    acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
-                else:
-                    acc = tl.dot(a, b, acc, input_precision=PRECISION)
+        iw = ow * stride_w - pad_w + kw * dil_w
+        valid = m_mask & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+        x_row = ((n * H + ih) * W + iw) * C_in + g * CIN_G   # [BLOCK_M]
+        ck = k0 + rk
+        k_mask = ck < CIN_G
+        a_mask = valid[:, None] & k_mask[None, :]
+        a = tl.load(x_ptr + x_row[:, None] + ck[None, :], mask=a_mask, other=0.0)
+        if PROLOGUE:
+            s_in = tl.load(in_scale_ptr + g * CIN_G + ck, mask=k_mask, other=0.0)
+            b_in = tl.load(in_shift_ptr + g * CIN_G + ck, mask=k_mask, other=0.0)
+            af = a.to(tl.float32) * s_in[None, :] + b_in[None, :]
+            if IN_RELU:
+                af = tl.maximum(af, 0.0)
+            # zero padding (and masked tails) after the prologue: contribute exactly 0
+            a = tl.where(a_mask, af, 0.0).to(x_ptr.dtype.element_ty)
+        w_offs = co[None, :] * (KH * KW * CIN_G) + (tap * CIN_G + ck)[:, None]
+        b = tl.load(w_ptr + w_offs, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+        if UPCAST:
+            acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+        else:
+            acc = tl.dot(a, b, acc, input_precision=PRECISION)
 
     out_mask = m_mask[:, None] & n_mask[None, :]
     if STATS:

@@ -90,6 +90,7 @@ def conv_variants():
     yield TC._conv_kernel, "bfloat16", dict(combos[6], KH=3, KW=3, PRECISION="ieee", IDX64=True, **gpu_tile)
     yield TC._conv_kernel, "float32", dict(combos[6], KH=3, KW=3, PRECISION="ieee", IDX64=False,
                                            STAT_ROWS=TC.INTERPRET_STAT_ROWS, **TC.INTERPRET_CONFIG)
+    yield TC._stats_merge_kernel, "float32", dict(STAT_ROWS=TC.GPU_STAT_ROWS, BLOCK_P=64, BLOCK_C=64)
 
 
 def main(archs):

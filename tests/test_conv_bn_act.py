@@ -254,3 +254,15 @@ def test_resnet50_layers_batch256_gpu(layer, dtype):
     if kw.get("stats"):
         _close(out[1], ref[1], dtype, "mean")
         _close(out[2], ref[2], dtype, "var")
+
+
+def test_config_tables():
+    """Every GPU config keeps BLOCK_M a multiple of the statistics row group; the untuned heuristic fits the
+    channel counts."""
+    from fusedres.triton import conv_bn_act as tconv
+    for configs in tconv.CONFIGS.values():
+        for cfg in configs:
+            assert cfg.kwargs["BLOCK_M"] % tconv.GPU_STAT_ROWS == 0
+    assert tconv.INTERPRET_CONFIG["BLOCK_M"] % tconv.INTERPRET_STAT_ROWS == 0
+    assert tconv.heuristic_config(3, 64)["BLOCK_K"] == 16
+    assert tconv.heuristic_config(256, 512) == dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3)

@@ -14,7 +14,9 @@ BN statistics are deterministic and independent of the tile configuration: every
 rows writes its own partial (sum and sum of squared deviations from the group's own mean) and the launcher
 merges the [M / STAT_ROWS, C_out] partials in float64 with the exact parallel-variance formula
 (`_stats_merge_kernel`, fixed order, no atomics). Configs are
-kept per GPU generation in `CONFIGS`; under the interpreter one small fixed config is used.
+kept per GPU generation in `CONFIGS` (autotuned per GEMM shape and fused options on first use; set
+FUSEDRES_CONV_AUTOTUNE=0 to skip tuning and use `heuristic_config`); under the interpreter one small fixed
+config is used.
 """
 from __future__ import annotations
 
@@ -207,6 +209,14 @@ def _stats_merge_kernel(
     tl.store(var_ptr + c, (m2 / M).to(tl.float32), mask=c_mask)
 
 
+def heuristic_config(cin_g: int, cout_g: int) -> dict:
+    """One reasonable config without tuning (FUSEDRES_CONV_AUTOTUNE=0): tiles sized to the channel counts."""
+    block_n = 128 if cout_g >= 128 else 64
+    block_k = 64 if cin_g >= 64 else 32 if cin_g >= 32 else 16
+    return dict(BLOCK_M=128, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=8 if block_n == 128 else 4,
+                num_stages=3)
+
+
 _KEY = ["M", "C_out", "CIN_G", "COUT_G", "KH", "KW", "stride_h", "PROLOGUE", "STATS", "RESIDUAL"]
 _TUNED: dict = {}
 
@@ -281,6 +291,10 @@ def conv_bn_act(x, weight, in_scale, in_shift, in_relu, out_scale, out_shift, re
 
     if interp:
         _conv_kernel[grid(INTERPRET_CONFIG)](*args, **flags, **INTERPRET_CONFIG)
+    elif os.environ.get("FUSEDRES_CONV_AUTOTUNE", "1") == "0":
+        cfg = heuristic_config(cin_g, cout_g)
+        with torch.cuda.device(x.device):
+            _conv_kernel[grid(cfg)](*args, **flags, **cfg)
     else:
         with torch.cuda.device(x.device):
             _tuned_kernel(x.device)[grid](*args, **flags)

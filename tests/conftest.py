@@ -24,4 +24,4 @@ def _poison_and_seed():
 def device(request):
     return request.param
 
-from helpers import small_tiles  # noqa: E402,F401  (a fixture, shared by the op tests)
+from helpers import on_test_device, small_tiles  # noqa: E402,F401  (fixtures shared by the op tests)

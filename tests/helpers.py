@@ -52,6 +52,19 @@ def double_leaf(t):
 
 
 @pytest.fixture
+def on_test_device(device):
+    """Every tensor and module created in the test on the test device (the GPU where there is one, with TF32
+    off so float32 references are exact; else the CPU, where Triton runs in its interpreter)."""
+    old = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        with torch.device(device):
+            yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = old
+
+
+@pytest.fixture
 def small_tiles(monkeypatch):
     """Shrink the Triton tiles so tiny shapes span several tiles, programs and masked tails."""
     from fusedres.triton import bn_act as tbn

@@ -16,16 +16,8 @@ from helpers import assert_close
 
 
 @pytest.fixture(autouse=True)
-def _on_device(device):
-    """Every tensor and module of these tests on the test device (the GPU where there is one, with TF32 off so
-    float32 references are exact; else the CPU, where Triton runs in its interpreter)."""
-    old = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
-    try:
-        with torch.device(device):
-            yield
-    finally:
-        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = old
+def _on_device(on_test_device):
+    pass
 
 
 def _randomise_bns(model):

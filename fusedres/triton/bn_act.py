@@ -10,15 +10,14 @@ element count can pass 2**31.
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
 from fusedres._layout import acc_dtype, empty, empty_like, is_channels_last
+from fusedres.triton import INTERPRET, device_reasons
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+_INTERPRET = INTERPRET  # tests patch the module-level copy
 # Elements per reduction tile and per elementwise program. The interpreter's cost is per program, so it gets
 # large blocks too; the op tests shrink both so tiny shapes still span many tiles and programs.
 TILE_ELEMENTS = 4096
@@ -29,12 +28,7 @@ _TL_ACC = {torch.float32: tl.float32, torch.float64: tl.float64}
 
 
 def not_supported_reasons(x: torch.Tensor) -> list[str]:
-    reasons = []
-    if x.device.type == "cpu" and not _INTERPRET:
-        reasons.append("CPU tensor and the Triton interpreter is off (set TRITON_INTERPRET=1 before importing "
-                       "triton to run the Triton kernels on CPU)")
-    elif x.device.type not in ("cpu", "cuda"):
-        reasons.append(f"device type {x.device.type!r} is not supported by the Triton kernels")
+    reasons = device_reasons(x, _INTERPRET)
     if x.dtype == torch.float64 and x.device.type == "cuda" and torch.version.hip is not None:
         reasons.append("float64 on ROCm is not supported by the Triton kernels")
     if not (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)):

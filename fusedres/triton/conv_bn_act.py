@@ -27,8 +27,9 @@ import triton
 import triton.language as tl
 
 from fusedres._layout import empty
+from fusedres.triton import INTERPRET, device_reasons
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+_INTERPRET = INTERPRET  # tests patch the module-level copy
 # Element counts from which offsets are computed in int64 (tests lower it to cover that path on tiny inputs).
 INT64_INDEX_THRESHOLD = 2**31
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -59,12 +60,7 @@ INTERPRET_STAT_ROWS = 16
 
 
 def not_supported_reasons(x: torch.Tensor) -> list[str]:
-    reasons = []
-    if x.device.type == "cpu" and not _INTERPRET:
-        reasons.append("CPU tensor and the Triton interpreter is off (set TRITON_INTERPRET=1 before importing "
-                       "triton to run the Triton kernels on CPU)")
-    elif x.device.type not in ("cpu", "cuda"):
-        reasons.append(f"device type {x.device.type!r} is not supported by the Triton kernels")
+    reasons = device_reasons(x, _INTERPRET)
     if x.dtype not in SUPPORTED_DTYPES:
         reasons.append(f"dtype {x.dtype} is not supported by the Triton conv kernel (float32, float16, bfloat16)")
     return reasons

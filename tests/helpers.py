@@ -89,3 +89,34 @@ def tiny_resnet(width=8, num_classes=4):
     model.layer4 = nn.Identity()
     model.fc = nn.Linear(2 * width, num_classes)
     return model
+
+
+def mixed_resnet(randomise_running_stats=False):
+    """A torchvision ResNet (stock forward, 7x7 stem) with tiny layers: both block kinds, identity and projection
+    shortcuts, stride 2, odd channel counts; BN affine (and optionally running) tensors randomised."""
+    import torchvision
+    from torch import nn
+    from torchvision.models.resnet import BasicBlock, Bottleneck, conv1x1
+
+    m = torchvision.models.resnet18(num_classes=5)
+    m.conv1 = nn.Conv2d(3, 8, 7, 2, 3, bias=False)
+    m.bn1 = nn.BatchNorm2d(8)
+    m.layer1 = nn.Sequential(BasicBlock(8, 8))
+    m.layer2 = nn.Sequential(BasicBlock(8, 12, 2, downsample=nn.Sequential(conv1x1(8, 12, 2), nn.BatchNorm2d(12))))
+    m.layer3 = nn.Sequential(Bottleneck(12, 5, 2, downsample=nn.Sequential(conv1x1(12, 20, 2), nn.BatchNorm2d(20))))
+    m.layer4 = nn.Sequential(Bottleneck(20, 5))
+    m.fc = nn.Linear(20, 5)
+    return randomise_bns(m, randomise_running_stats)
+
+
+@torch.no_grad()
+def randomise_bns(model, running_stats=True):
+    """Non-trivial BN weights and biases (and running statistics) so BN folding and fusion are exercised."""
+    for mod in model.modules():
+        if isinstance(mod, torch.nn.BatchNorm2d):
+            if running_stats:
+                mod.running_mean.normal_(0, 0.2)
+                mod.running_var.uniform_(0.5, 1.5)
+            mod.weight.uniform_(0.5, 1.5)
+            mod.bias.normal_(0, 0.2)
+    return model

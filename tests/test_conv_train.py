@@ -5,12 +5,12 @@ import copy
 
 import pytest
 import torch
-import torchvision
 from torch import nn
 from torchvision.models.resnet import BasicBlock, Bottleneck, conv1x1
 
 import fusedres
 from fusedres.nn.conv_blocks import ConvBasicBlock, ConvBottleneck
+from helpers import mixed_resnet
 
 
 @pytest.fixture(autouse=True)
@@ -19,20 +19,8 @@ def _on_device(on_test_device):
 
 
 def tiny_resnet(dtype):
-    m = torchvision.models.resnet18(num_classes=5)
-    m.conv1 = nn.Conv2d(3, 8, 7, 2, 3, bias=False)
-    m.bn1 = nn.BatchNorm2d(8)
-    m.layer1 = nn.Sequential(BasicBlock(8, 8))
-    m.layer2 = nn.Sequential(BasicBlock(8, 12, 2, downsample=nn.Sequential(conv1x1(8, 12, 2), nn.BatchNorm2d(12))))
-    m.layer3 = nn.Sequential(Bottleneck(12, 5, 2, downsample=nn.Sequential(conv1x1(12, 20, 2), nn.BatchNorm2d(20))))
-    m.layer4 = nn.Sequential(Bottleneck(20, 5))
+    m = mixed_resnet()
     m.layer4[0].bn2.momentum = None  # cumulative average
-    m.fc = nn.Linear(20, 5)
-    with torch.no_grad():
-        for mod in m.modules():
-            if isinstance(mod, nn.BatchNorm2d):
-                mod.weight.uniform_(0.5, 1.5)
-                mod.bias.normal_(0, 0.2)
     return m.to(dtype)
 
 

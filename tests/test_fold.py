@@ -7,12 +7,11 @@ import torch
 import torchvision
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
-from torchvision.models.resnet import BasicBlock, Bottleneck, conv1x1
 
 import fusedres
 from fusedres.fold import fold
 from fusedres.nn.conv import FoldedBasicBlock, FoldedBottleneck, FoldedConv2d
-from helpers import assert_close
+from helpers import assert_close, mixed_resnet, randomise_bns
 
 
 @pytest.fixture(autouse=True)
@@ -20,29 +19,8 @@ def _on_device(on_test_device):
     pass
 
 
-def _randomise_bns(model):
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.running_mean.normal_(0, 0.2)
-                m.running_var.uniform_(0.5, 1.5)
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.normal_(0, 0.2)
-    return model
-
-
 def tiny_resnet():
-    """A torchvision ResNet (stock forward, stem included) with tiny layers: both block kinds, identity and
-    projection shortcuts, stride 2, odd channel counts."""
-    m = torchvision.models.resnet18(num_classes=5)
-    m.conv1 = nn.Conv2d(3, 8, 7, 2, 3, bias=False)
-    m.bn1 = nn.BatchNorm2d(8)
-    m.layer1 = nn.Sequential(BasicBlock(8, 8))
-    m.layer2 = nn.Sequential(BasicBlock(8, 12, 2, downsample=nn.Sequential(conv1x1(8, 12, 2), nn.BatchNorm2d(12))))
-    m.layer3 = nn.Sequential(Bottleneck(12, 5, 2, downsample=nn.Sequential(conv1x1(12, 20, 2), nn.BatchNorm2d(20))))
-    m.layer4 = nn.Sequential(Bottleneck(20, 5))
-    m.fc = nn.Linear(20, 5)
-    return _randomise_bns(m).eval()
+    return mixed_resnet(randomise_running_stats=True).eval()
 
 
 class OpCounter(TorchDispatchMode):
@@ -87,7 +65,7 @@ def test_low_precision_bf16():
 
 
 def test_resnet50_runs_no_separate_bn_add_relu():
-    stock = _randomise_bns(torchvision.models.resnet50()).eval()
+    stock = randomise_bns(torchvision.models.resnet50()).eval()
     folded = fold(stock)
     x = torch.randn(1, 3, 32, 32)
     with torch.no_grad(), fusedres.use_backend("reference"):  # the op, not the kernel, is counted (fast on CPU)

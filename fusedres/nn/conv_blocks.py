@@ -20,12 +20,12 @@ statistics. Blocks whose convs have a bias or non-zero padding modes run the par
 """
 from __future__ import annotations
 
-import torch
 from torch import Tensor, nn
 
 from fusedres.nn.batchnorm_act import _uses_batch_stats, batch_norm_args
 from fusedres.nn.blocks import BasicBlock, Bottleneck, _is_conv_bn
-from fusedres.ops._common import update_running_stats
+from fusedres._layout import acc_dtype
+from fusedres.ops._common import scale_shift, update_running_stats
 from fusedres.ops.conv_bn_act import conv_bn_act
 from fusedres.ops.scale_shift_act import scale_shift_act
 
@@ -47,17 +47,14 @@ def _bn_stats(bn: nn.BatchNorm2d, out):
     statistics (eval). The batch statistics stay differentiable."""
     args = batch_norm_args(bn)  # num_batches_tracked bookkeeping, once per forward
     c = out[0]
-    acc = torch.float64 if c.dtype == torch.float64 else torch.float32
+    acc = acc_dtype(c.dtype)
     if args["training"]:
         _, mean, var = out
         update_running_stats(args["running_mean"], args["running_var"], mean.detach(), var.detach(),
                              c.shape[0] * c.shape[2] * c.shape[3], args["momentum"])
     else:
         mean, var = args["running_mean"].to(acc), args["running_var"].to(acc)
-    scale = torch.rsqrt(var + bn.eps)
-    if bn.weight is not None:
-        scale = scale * bn.weight.to(acc)
-    shift = bn.bias.to(acc) if bn.bias is not None else torch.zeros_like(scale)
+    _, scale, shift = scale_shift(mean, var, bn.weight, bn.bias, bn.eps)
     return mean, scale, shift
 
 

@@ -15,7 +15,7 @@ from typing import Optional
 from torch import Tensor, nn
 
 from fusedres.ops import bn_act, dual_bn_act
-from fusedres.ops._common import check_activation, check_batch_size, check_like
+from fusedres.ops._common import check_batch_size, check_bn, check_eps, check_like
 
 ACTIVATIONS = (None, "relu")
 
@@ -37,7 +37,8 @@ def _check_input(bn: nn.modules.batchnorm._BatchNorm, x, name: str = "input") ->
     if x.shape[1] != bn.num_features:
         raise ValueError(f"{what}: {name} has {x.shape[1]} channels but the layer has num_features="
                          f"{bn.num_features} (shape {tuple(x.shape)})")
-    check_activation(x, name)
+    check_bn(x, name, bn.weight, bn.bias, bn.running_mean, bn.running_var)  # dtype; parameters' device
+    check_eps(bn.eps, _uses_batch_stats(bn))
 
 
 def batch_norm_args(bn: nn.modules.batchnorm._BatchNorm) -> dict:
@@ -106,35 +107,58 @@ def _share_state(src: nn.Module, dst: nn.Module) -> None:
 
 
 def dual_bn_act_modules(x: Tensor, bn: nn.BatchNorm2d, r: Tensor, bn_r: nn.BatchNorm2d,
-                        relu: bool = True) -> Tensor:
+                        relu: bool = True, gain: Optional[Tensor] = None,
+                        residual_gain: Optional[Tensor] = None) -> Tensor:
     """`act(bn(x) + bn_r(r))` — a downsampling block's tail (last BN of the main branch plus the shortcut's
     BN) — as one fused op, with each module's own momentum, eps, running-stat and num_batches_tracked
     bookkeeping. r is cast to x's dtype first (as stock `out += identity` casts the sum). When the two BNs
     disagree on batch vs running statistics (one in eval, or without running buffers), bn_r runs on its own
-    and its output is added as a plain residual."""
+    and its output is added as a plain residual. `gain` / `residual_gain` (1 or C values) scale bn's / bn_r's
+    output: learned skip weights, folded into the BN affine parameters so they cost no extra pass."""
     _check_input(bn, x, "x")
     _check_input(bn_r, r, "r (the shortcut input)")
     r = r.to(x.dtype)
     check_like(r, x, "r (the shortcut input)")
     if _uses_batch_stats(bn) != _uses_batch_stats(bn_r):
-        return bn_act_module(bn, x, bn_act_module(bn_r, r, None, False), relu)
+        return bn_act_module(bn, x, bn_act_module(bn_r, r, None, False, gain=residual_gain), relu, gain=gain)
     if _uses_batch_stats(bn):
         check_batch_size(x)
     a, b = batch_norm_args(bn), batch_norm_args(bn_r)
-    return dual_bn_act(x, r, weight=bn.weight, bias=bn.bias, running_mean=a["running_mean"],
+    weight, bias = gained_affine(bn, gain)
+    weight_r, bias_r = gained_affine(bn_r, residual_gain)
+    return dual_bn_act(x, r, weight=weight, bias=bias, running_mean=a["running_mean"],
                        running_var=a["running_var"], momentum=a["momentum"], eps=bn.eps,
-                       weight_r=bn_r.weight, bias_r=bn_r.bias, running_mean_r=b["running_mean"],
+                       weight_r=weight_r, bias_r=bias_r, running_mean_r=b["running_mean"],
                        running_var_r=b["running_var"], momentum_r=b["momentum"], eps_r=bn_r.eps,
                        training=a["training"], relu=relu)
 
 
-def bn_act_module(bn: nn.BatchNorm2d, x: Tensor, residual: Optional[Tensor], relu: bool) -> Tensor:
-    """act(bn(x) + residual) with bn's parameters and bookkeeping, for any BatchNorm2d (a BatchNormAct2d's own
-    `act` is ignored; `relu` decides). Inputs are checked before any running statistic is updated."""
+def bn_act_module(bn: nn.BatchNorm2d, x: Tensor, residual: Optional[Tensor], relu: bool,
+                  gain: Optional[Tensor] = None, residual_gain: Optional[Tensor] = None) -> Tensor:
+    """act(gain * bn(x) + residual_gain * residual) with bn's parameters and bookkeeping, for any BatchNorm2d
+    (a BatchNormAct2d's own `act` is ignored; `relu` decides). The optional gains (1 or C values, learned skip
+    weights) ride in the same fused pass. Inputs are checked before any running statistic is updated."""
     _check_input(bn, x)
     if residual is not None:
         check_like(residual, x, "residual", "the BatchNorm input")
     if _uses_batch_stats(bn):
         check_batch_size(x, "input")
-    return bn_act(x, weight=bn.weight, bias=bn.bias, eps=bn.eps, residual=residual, relu=relu,
+    weight, bias = gained_affine(bn, gain)
+    return bn_act(x, weight=weight, bias=bias, eps=bn.eps, residual=residual, relu=relu,
+                  residual_weight=None if residual_gain is None else _per_channel(residual_gain, x.shape[1]),
                   **batch_norm_args(bn))
+
+
+def _per_channel(gain: Tensor, channels: int) -> Tensor:
+    if gain.dim() != 1 or gain.numel() not in (1, channels):
+        raise ValueError(f"fusedres: a skip weight must have 1 or {channels} values (one per channel), got shape "
+                         f"{tuple(gain.shape)}")
+    return gain.expand(channels)
+
+
+def gained_affine(bn: nn.BatchNorm2d, gain: Optional[Tensor]):
+    """(weight, bias) of `gain * bn(.)`: gain * gamma and gain * beta (gain alone when bn has no affine)."""
+    if gain is None:
+        return bn.weight, bn.bias
+    g = _per_channel(gain, bn.num_features)
+    return (g if bn.weight is None else bn.weight * g), (None if bn.bias is None else bn.bias * g)

@@ -1,6 +1,8 @@
 """What every fused op shares above the backends: input checks, per-channel math, running-stat updates."""
 from __future__ import annotations
 
+import numbers
+
 import torch
 
 from fusedres._layout import acc_dtype, dense, memory_format_of
@@ -17,6 +19,8 @@ def check_activation(x, name: str = "x") -> None:
     if x.dtype not in SUPPORTED_DTYPES:
         raise TypeError(f"fusedres: {name} has dtype {x.dtype}; supported: float32, float16, bfloat16 "
                         f"(and float64, computed in float64)")
+    if x.shape[1] == 0:
+        raise ValueError(f"fusedres: {name} has 0 channels (shape {tuple(x.shape)}); expected C >= 1")
 
 
 def check_like(t, x, name: str, x_name: str = "x") -> None:
@@ -58,6 +62,50 @@ def check_bn(x, name, weight, bias, mean=None, var=None) -> None:
     check_activation(x, name)
     for v, vname in ((weight, "weight"), (bias, "bias"), (mean, "running_mean"), (var, "running_var")):
         check_channels(v, x, f"{vname} (of {name})")
+
+
+def check_flag(v, name: str) -> None:
+    """A Python bool, as F.batch_norm requires of `training` (a string or tensor would be silently truthy)."""
+    if not isinstance(v, bool):
+        raise TypeError(f"fusedres: {name} must be a bool, got {type(v).__name__} {v!r}")
+
+
+def check_number(v, name: str) -> None:
+    if isinstance(v, bool) or not isinstance(v, numbers.Real):
+        raise TypeError(f"fusedres: {name} must be a real number, got {type(v).__name__} {v!r}")
+
+
+def check_eps(eps, training: bool, name: str = "eps") -> None:
+    """As F.batch_norm: eps > 0 when normalising with batch statistics, eps >= 0 with running statistics."""
+    check_number(eps, name)
+    if training and eps <= 0:
+        raise ValueError(f"fusedres: {name} must be positive when training (batch statistics), got {eps}")
+    if eps < 0:
+        raise ValueError(f"fusedres: {name} must be non-negative, got {eps}")
+
+
+def check_bn_call(x, running_mean, running_var, weight, bias, training, momentum, eps, name: str = "x",
+                  suffix: str = "") -> None:
+    """Every argument of one F.batch_norm-style call, checked before any kernel runs or running statistic is
+    touched: x, the C-element vectors (floating, on x's device), running statistics both given or both None
+    (and given when not training), training a bool, eps and momentum numbers with F.batch_norm's eps rule.
+    `suffix` names the second BN's arguments of dual_bn_act ("_r")."""
+    check_activation(x, name)
+    check_flag(training, "training")
+    rm, rv = f"running_mean{suffix}", f"running_var{suffix}"
+    if (running_mean is None) != (running_var is None):
+        raise ValueError(f"fusedres: {rm} and {rv} must both be tensors or both be None, got "
+                         f"{type(running_mean).__name__} and {type(running_var).__name__}")
+    if not training and running_mean is None:
+        raise ValueError(f"fusedres: training=False normalises with running statistics: {rm} and {rv} are "
+                         f"needed, got None")
+    for v, vname in ((weight, f"weight{suffix}"), (bias, f"bias{suffix}"), (running_mean, rm), (running_var, rv)):
+        check_channels(v, x, vname)
+    check_eps(eps, training, f"eps{suffix}")
+    if training and running_mean is not None:
+        check_number(momentum, f"momentum{suffix}")
+    if training:
+        check_batch_size(x, name)
 
 
 def channel_count(x) -> int:

@@ -2,7 +2,8 @@
 (+ ReLU) run as one `fusedres::conv_bn_act` kernel.
 
 Accepts an eval-mode torchvision ResNet (or any module containing torchvision / fusedres `BasicBlock` and
-`Bottleneck` blocks), converted by `fusedres.convert` (either mode) or not. What changes:
+`Bottleneck` blocks), converted by `fusedres.convert` (either mode) or not; blocks with a learned skip
+weight are left as they are. What changes:
 
 * each block becomes `fusedres.nn.conv.FoldedBasicBlock` / `FoldedBottleneck`: conv1 (and conv2 of a
   bottleneck) run conv + BN + ReLU; the last conv runs conv + BN + shortcut add + ReLU; a torchvision
@@ -35,6 +36,8 @@ def _folded_class(m: nn.Module):
     pairs = ((resnet.BasicBlock, FoldedBasicBlock), (resnet.Bottleneck, FoldedBottleneck),
              (BasicBlock, FoldedBasicBlock), (Bottleneck, FoldedBottleneck),
              (ConvBasicBlock, FoldedBasicBlock), (ConvBottleneck, FoldedBottleneck))
+    if getattr(m, "skip_weight", None) is not None:
+        return None  # a learned skip weight: left as is (its fused eval path is already one pass per tail)
     for src, dst in pairs:
         if isinstance(m, src) and type(m).forward is src.forward:
             if all(isinstance(getattr(m, bn), nn.BatchNorm2d) and getattr(m, bn).running_mean is not None
@@ -91,6 +94,8 @@ def _fold_stem(model: nn.Module) -> None:
 def fold(model: nn.Module, inplace: bool = False) -> nn.Module:
     """The inference-folded model (see the module docstring); a deep copy unless `inplace`. The model must be
     in eval mode. Folding a folded model recomputes its folded constants from its current tensors."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"fusedres.fold: model must be a torch.nn.Module, got {type(model).__name__}")
     if model.training:
         raise ValueError("fusedres.fold folds BatchNorm running statistics: put the model in eval mode first "
                          "(model.eval())")

@@ -17,9 +17,11 @@ from __future__ import annotations
 
 from typing import Callable, Optional
 
+import torch
 from torch import Tensor, nn
 
 from fusedres.nn.batchnorm_act import BatchNormAct2d, bn_act_module, dual_bn_act_modules
+from fusedres.nn.sync_batchnorm import SyncBatchNormAct2d
 
 
 def conv3x3(in_planes: int, out_planes: int, stride: int = 1, groups: int = 1, dilation: int = 1) -> nn.Conv2d:
@@ -33,8 +35,17 @@ def conv1x1(in_planes: int, out_planes: int, stride: int = 1) -> nn.Conv2d:
     return nn.Conv2d(in_planes, out_planes, kernel_size=1, stride=stride, bias=False)
 
 
+SKIP_KINDS = ("scalar", "channel")
+SKIP_SIDES = ("branch", "shortcut")
+
+
 def _is_plain_bn(m) -> bool:
-    return type(m) in (nn.BatchNorm2d, BatchNormAct2d)
+    return type(m) in (nn.BatchNorm2d, BatchNormAct2d, SyncBatchNormAct2d)
+
+
+def _with_act(bn: nn.BatchNorm2d, act: Optional[str]) -> BatchNormAct2d:
+    """bn as a BatchNormAct2d with `act`, sharing its tensors; a SyncBatchNormAct2d stays one (same group)."""
+    return (type(bn) if isinstance(bn, BatchNormAct2d) else BatchNormAct2d).from_bn(bn, act=act)
 
 
 def _is_conv_bn(m) -> bool:
@@ -42,12 +53,31 @@ def _is_conv_bn(m) -> bool:
     return type(m) is nn.Sequential and len(m) == 2 and isinstance(m[0], nn.Conv2d) and _is_plain_bn(m[1])
 
 
+def fused_tail(bn: nn.BatchNorm2d, out: Tensor, x: Tensor, downsample: Optional[nn.Module], relu: bool,
+               gain: Optional[Tensor] = None, residual_gain: Optional[Tensor] = None) -> Tensor:
+    """A post-activation block's tail `act(bn(out) + shortcut)`, shortcut = x or downsample(x), fused as far as
+    the downsample allows: none -> `bn_act` with x as residual; an `nn.Sequential` whose last module is a plain
+    BatchNorm2d (torchvision's `(Conv2d, BN)`, timm's avg-down `(AvgPool2d | Identity, Conv2d, BN)`) -> the
+    modules before that BN run as they are, then `dual_bn_act` applies both BNs, the add and the ReLU in one
+    pass; any other module runs as is and its output is the residual. Shared by the torchvision and timm
+    blocks. `gain` / `residual_gain` (learned skip weights on the branch / the shortcut) ride in the same pass."""
+    if downsample is None:
+        return bn_act_module(bn, out, x.to(out.dtype), relu, gain, residual_gain)
+    if (type(downsample) is nn.Sequential and len(downsample) >= 2 and _is_plain_bn(downsample[-1])
+            and getattr(downsample[-1], "act", None) is None):
+        r = x
+        for m in list(downsample)[:-1]:
+            r = m(r)
+        return dual_bn_act_modules(out, bn, r, downsample[-1], relu, gain, residual_gain)
+    return bn_act_module(bn, out, downsample(x).to(out.dtype), relu, gain, residual_gain)
+
+
 def _fused_norm(norm_layer, channels: int, act: Optional[str]) -> BatchNormAct2d:
     bn = (norm_layer or nn.BatchNorm2d)(channels)
     if not isinstance(bn, nn.BatchNorm2d) or not _is_plain_bn(bn):
         raise TypeError(f"fusedres blocks fuse nn.BatchNorm2d only; norm_layer built a {type(bn).__name__} "
                         f"(keep the torchvision block for other norms)")
-    return BatchNormAct2d.from_bn(bn, act=act)
+    return _with_act(bn, act)
 
 
 class _FusedBlock(nn.Module):
@@ -56,14 +86,35 @@ class _FusedBlock(nn.Module):
     _norms: tuple = ()
 
     def _tail(self, x: Tensor, out: Tensor, bn: BatchNormAct2d) -> Tensor:
-        """act(bn(out) + shortcut(x)), fused as far as the shortcut allows."""
-        relu = bn.act == "relu"
-        ds = self.downsample
-        if ds is None:
-            return bn_act_module(bn, out, x.to(out.dtype), relu)
-        if _is_conv_bn(ds):
-            return dual_bn_act_modules(out, bn, ds[0](x), ds[1], relu)
-        return bn_act_module(bn, out, ds(x).to(out.dtype), relu)
+        """act(bn(out) + shortcut(x)), fused as far as the shortcut allows; a skip weight rides along."""
+        return fused_tail(bn, out, x, self.downsample, bn.act == "relu", *self.skip_gains())
+
+    def skip_gains(self) -> tuple[Optional[Tensor], Optional[Tensor]]:
+        """(gain on the residual branch, gain on the shortcut): the learned skip weight on its side, else None."""
+        w = getattr(self, "skip_weight", None)
+        if w is None:
+            return None, None
+        return (w, None) if self.skip_on == "branch" else (None, w)
+
+    def add_skip_weight(self, kind: str = "scalar", on: str = "branch", init: float = 1.0) -> "_FusedBlock":
+        """Give the block a learned skip weight: `relu(a * BN(F(x)) + shortcut)` (on="branch"; ReZero/SkipInit
+        style with init=0) or `relu(BN(F(x)) + b * shortcut)` (on="shortcut"), with one value (kind="scalar")
+        or one per output channel (kind="channel"), registered as the Parameter `skip_weight`. It is folded
+        into the tail's fused pass (no extra read or write of the activation)."""
+        if kind not in SKIP_KINDS:
+            raise ValueError(f"fusedres: skip weight kind must be one of {SKIP_KINDS}, got {kind!r}")
+        if on not in SKIP_SIDES:
+            raise ValueError(f"fusedres: skip weight side `on` must be one of {SKIP_SIDES}, got {on!r}")
+        if getattr(self, "skip_weight", None) is not None:
+            raise ValueError(f"fusedres: {type(self).__name__} already has a skip weight")
+        last = getattr(self, self._norms[-1])
+        ref = last.weight if last.weight is not None else last.running_mean
+        channels = 1 if kind == "scalar" else last.num_features
+        self.skip_weight = nn.Parameter(torch.full((channels,), float(init),
+                                                   dtype=None if ref is None else ref.dtype,
+                                                   device=None if ref is None else ref.device))
+        self.skip_on = on
+        return self
 
     @classmethod
     def can_convert(cls, block: nn.Module) -> bool:
@@ -92,6 +143,9 @@ class _FusedBlock(nn.Module):
         """The torchvision block running this block's modules and tensors (BatchNormAct2d -> BatchNorm2d)."""
         from torchvision.models import resnet
 
+        if getattr(self, "skip_weight", None) is not None:
+            raise ValueError(f"fusedres: this {type(self).__name__} has a learned skip weight, which torchvision's "
+                             f"{self._torchvision_name} has no place for; it cannot be unconverted")
         tv_cls = getattr(resnet, self._torchvision_name)
         old = tv_cls.__new__(tv_cls)
         nn.Module.__init__(old)
@@ -106,13 +160,15 @@ def _copy_children(src: nn.Module, dst: nn.Module, norms) -> None:
     to_fused = not isinstance(src, _FusedBlock)
     for name, child in src.named_children():
         if name in norms:
-            child = BatchNormAct2d.from_bn(child, act="relu") if to_fused else _to_plain_bn(child)
+            child = _with_act(child, "relu") if to_fused else _to_plain_bn(child)
         setattr(dst, name, child)
     if "downsample" not in dst._modules:
         dst.downsample = None
 
 
 def _to_plain_bn(bn: nn.BatchNorm2d) -> nn.BatchNorm2d:
+    if isinstance(bn, SyncBatchNormAct2d):
+        return _with_act(bn, None)  # stays synchronised
     return bn.to_bn() if isinstance(bn, BatchNormAct2d) else bn
 
 
@@ -126,7 +182,8 @@ class BasicBlock(_FusedBlock):
 
     def __init__(self, inplanes: int, planes: int, stride: int = 1, downsample: Optional[nn.Module] = None,
                  groups: int = 1, base_width: int = 64, dilation: int = 1,
-                 norm_layer: Optional[Callable[..., nn.Module]] = None) -> None:
+                 norm_layer: Optional[Callable[..., nn.Module]] = None, *, skip_weight: Optional[str] = None,
+                 skip_on: str = "branch", skip_init: float = 1.0) -> None:
         super().__init__()
         if groups != 1 or base_width != 64:
             raise ValueError("BasicBlock only supports groups=1 and base_width=64")
@@ -139,6 +196,8 @@ class BasicBlock(_FusedBlock):
         self.bn2 = _fused_norm(norm_layer, planes, "relu")
         self.downsample = downsample
         self.stride = stride
+        if skip_weight is not None:
+            self.add_skip_weight(skip_weight, skip_on, skip_init)
 
     def forward(self, x: Tensor) -> Tensor:
         out = self.bn1(self.conv1(x))
@@ -155,7 +214,8 @@ class Bottleneck(_FusedBlock):
 
     def __init__(self, inplanes: int, planes: int, stride: int = 1, downsample: Optional[nn.Module] = None,
                  groups: int = 1, base_width: int = 64, dilation: int = 1,
-                 norm_layer: Optional[Callable[..., nn.Module]] = None) -> None:
+                 norm_layer: Optional[Callable[..., nn.Module]] = None, *, skip_weight: Optional[str] = None,
+                 skip_on: str = "branch", skip_init: float = 1.0) -> None:
         super().__init__()
         width = int(planes * (base_width / 64.0)) * groups
         self.conv1 = conv1x1(inplanes, width)
@@ -167,6 +227,8 @@ class Bottleneck(_FusedBlock):
         self.relu = nn.ReLU(inplace=True)
         self.downsample = downsample
         self.stride = stride
+        if skip_weight is not None:
+            self.add_skip_weight(skip_weight, skip_on, skip_init)
 
     def forward(self, x: Tensor) -> Tensor:
         out = self.bn1(self.conv1(x))

@@ -20,12 +20,13 @@ statistics. Blocks whose convs have a bias or non-zero padding modes run the par
 """
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
 
-from fusedres.nn.batchnorm_act import _uses_batch_stats, batch_norm_args
+from fusedres.nn.batchnorm_act import _per_channel, _uses_batch_stats, batch_norm_args
 from fusedres.nn.blocks import BasicBlock, Bottleneck, _is_conv_bn
 from fusedres._layout import acc_dtype
-from fusedres.ops._common import scale_shift, update_running_stats
+from fusedres.ops._common import check_batch_size, scale_shift, update_running_stats
 from fusedres.ops.conv_bn_act import conv_bn_act
 from fusedres.ops.scale_shift_act import scale_shift_act
 
@@ -45,8 +46,10 @@ def _bn_stats(bn: nn.BatchNorm2d, out):
     """(mean, scale, shift) with BN(c) = (c - mean) * scale + shift: from the batch statistics in
     out = (c, mean, var) (training; running statistics updated as nn.BatchNorm2d does) or from the running
     statistics (eval). The batch statistics stay differentiable."""
-    args = batch_norm_args(bn)  # num_batches_tracked bookkeeping, once per forward
     c = out[0]
+    if _uses_batch_stats(bn):  # as nn.BatchNorm2d, before num_batches_tracked is touched
+        check_batch_size(c, "the conv output")
+    args = batch_norm_args(bn)  # num_batches_tracked bookkeeping, once per forward
     acc = acc_dtype(c.dtype)
     if args["training"]:
         _, mean, var = out
@@ -90,15 +93,27 @@ class _ConvTrainMixin:
         mean, scale, shift = _bn_stats(last_bn, res)
         c = res[0]
         relu = getattr(last_bn, "act", "relu") == "relu"
+        gain, res_gain = self.skip_gains()
+        if gain is not None:  # a learned skip weight on the branch scales the last BN's output
+            gain = _per_channel(gain, c.shape[1]).to(scale.dtype)
+            scale, shift = scale * gain, shift * gain
         ds = self.downsample
-        if ds is None:
-            return scale_shift_act(c, mean, scale, shift, residual=x.to(c.dtype), relu=relu)
         if _is_conv_bn(ds) and _plain_conv(ds[0]) and _uses_batch_stats(ds[1]):
             res_b = _conv(ds[0], x, None, stats=True)
             mean_b, scale_b, shift_b = _bn_stats(ds[1], res_b)
+            if res_gain is not None:
+                res_gain = _per_channel(res_gain, c.shape[1]).to(scale_b.dtype)
+                scale_b, shift_b = scale_b * res_gain, shift_b * res_gain
             return scale_shift_act(c, mean, scale, shift, xb=res_b[0].to(c.dtype), mean_b=mean_b, scale_b=scale_b,
                                    shift_b=shift_b, relu=relu)
-        return scale_shift_act(c, mean, scale, shift, residual=ds(x).to(c.dtype), relu=relu)
+        residual = (x if ds is None else ds(x)).to(c.dtype)
+        if res_gain is None:
+            return scale_shift_act(c, mean, scale, shift, residual=residual, relu=relu)
+        # a learned shortcut weight b: b * residual is the second-input term (residual - 0) * b + 0
+        res_gain = _per_channel(res_gain, c.shape[1]).to(scale.dtype)
+        zero = torch.zeros_like(res_gain)
+        return scale_shift_act(c, mean, scale, shift, xb=residual, mean_b=zero, scale_b=res_gain, shift_b=zero,
+                               relu=relu)
 
     @classmethod
     def from_fused(cls, block: nn.Module) -> nn.Module:
@@ -107,6 +122,10 @@ class _ConvTrainMixin:
         nn.Module.__init__(new)
         for name, child in block.named_children():
             setattr(new, name, child)
+        for name, param in block._parameters.items():  # a learned skip weight
+            new.register_parameter(name, param)
+        if hasattr(block, "skip_on"):
+            new.skip_on = block.skip_on
         if "downsample" not in new._modules:
             new.downsample = None
         new.stride = block.stride

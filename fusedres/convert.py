@@ -60,6 +60,8 @@ def convert(model: nn.Module, inplace: bool = True, mode: str = "bn") -> nn.Modu
     mode="conv": additionally run each block as single-pass convolutions (`fusedres.nn.conv_blocks`): convs
     emit BN statistics, the next conv applies BN + ReLU in its input prologue, the tail is one bn_act pass.
     Same modules, tensors and state_dict keys; `unconvert` undoes either mode."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"fusedres.convert: model must be a torch.nn.Module, got {type(model).__name__}")
     if mode not in ("bn", "conv"):
         raise ValueError(f"fusedres.convert: unknown mode {mode!r}; choose 'bn' or 'conv'")
     if not inplace:
@@ -91,6 +93,8 @@ def unconvert(model: nn.Module, inplace: bool = True) -> nn.Module:
     """The inverse of `convert`: fused blocks back to torchvision's classes and a converted ResNet stem back
     to `bn1: BatchNorm2d`, `relu: ReLU(inplace=True)`, sharing every tensor. Other BatchNormAct2d layers are
     left as they are."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"fusedres.unconvert: model must be a torch.nn.Module, got {type(model).__name__}")
     if not inplace:
         import copy
 

@@ -131,7 +131,7 @@ def test_torch_compile_fullgraph(device):
 @pytest.mark.parametrize("case, error, match", [
     ("r_shape", ValueError, r"r \(the shortcut input\) shape"),
     ("r_dtype", TypeError, r"r \(the shortcut input\) dtype"),
-    ("r_channels", ValueError, r"weight \(of r\) has shape \(5,\)"),
+    ("r_channels", ValueError, r"weight_r \(of r\) has shape \(5,\)"),
     ("one_value", ValueError, "more than 1 value per channel"),
 ])
 def test_bad_input_errors(device, case, error, match):

@@ -97,10 +97,10 @@ def check_bn_call(x, running_mean, running_var, weight, bias, training, momentum
         raise ValueError(f"fusedres: {rm} and {rv} must both be tensors or both be None, got "
                          f"{type(running_mean).__name__} and {type(running_var).__name__}")
     if not training and running_mean is None:
-        raise ValueError(f"fusedres: training=False normalises with running statistics: {rm} and {rv} are "
-                         f"needed, got None")
+        raise ValueError(f"fusedres: training=False needs {rm} and {rv} (it normalises with running "
+                         f"statistics), got None")
     for v, vname in ((weight, f"weight{suffix}"), (bias, f"bias{suffix}"), (running_mean, rm), (running_var, rv)):
-        check_channels(v, x, vname)
+        check_channels(v, x, f"{vname} (of {name})")
     check_eps(eps, training, f"eps{suffix}")
     if training and running_mean is not None:
         check_number(momentum, f"momentum{suffix}")

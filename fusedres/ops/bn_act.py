@@ -21,6 +21,7 @@ from torch import Tensor
 
 from fusedres import backends
 from fusedres._layout import acc_dtype
+from fusedres.ops._common import check_bn_call, check_flag
 from fusedres.ops._common import (cast_param_grad, channel_count, check_batch_size, check_bn, check_channels,
                                   check_like, densify, fake_channels, fake_like, grad_coefficients, scale_shift,
                                   update_running_stats)
@@ -167,6 +168,8 @@ def bn_act(x: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tens
     """act(F.batch_norm(x, ...) [+ residual [* residual_weight]]) as one fused op; same arguments and
     running-stat update as `F.batch_norm`, plus `residual` (same shape, dtype, device as x), `relu`, and
     `residual_weight`: C per-channel factors on the residual (a learned shortcut weight; differentiable)."""
+    check_bn_call(x, running_mean, running_var, weight, bias, training, momentum, eps)
+    check_flag(relu, "relu")
     if training:
         y, mean, var = torch.ops.fusedres.bn_act_train(x, weight, bias, residual, eps, relu, residual_weight)
         if running_mean is not None:

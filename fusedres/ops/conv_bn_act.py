@@ -17,6 +17,7 @@ Gradients flow into mean and var (the BN that consumes them differentiates throu
 """
 from __future__ import annotations
 
+import numbers
 from typing import Optional
 
 import torch
@@ -24,19 +25,27 @@ from torch import Tensor
 
 from fusedres import backends
 from fusedres._layout import acc_dtype
-from fusedres.ops._common import check_activation, check_channels
+from fusedres.ops._common import check_activation, check_channels, check_flag
 
 _DIMS = (0, 2, 3)
 
 
-def _pair(v) -> list[int]:
-    if isinstance(v, int):
-        return [v, v]
+def _is_int(v) -> bool:
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+def _pair(v, name: str) -> list[int]:
+    """An int or a sequence of one or two ints (as F.conv2d) as [h, w]; string padding modes are refused."""
+    if _is_int(v):
+        return [int(v), int(v)]
+    if isinstance(v, (str, bytes)) or not isinstance(v, (tuple, list, torch.Size)) \
+            or not all(_is_int(i) for i in v):
+        raise TypeError(f"fusedres: conv_bn_act {name} must be an int or a pair of ints, got {v!r}")
     v = [int(i) for i in v]
     if len(v) == 1:
         return v * 2
     if len(v) != 2:
-        raise ValueError(f"fusedres: conv_bn_act expects an int or a pair, got {v}")
+        raise ValueError(f"fusedres: conv_bn_act {name} must be an int or a pair of ints, got {len(v)} values {v}")
     return v
 
 
@@ -56,9 +65,11 @@ class _Named:
 
 
 def _check(x, weight, in_scale, in_shift, out_scale, out_shift, residual, res_scale, res_shift, stride, padding,
-           dilation, groups):
+           dilation, groups, in_relu=False):
     check_activation(x, "x")
-    if not isinstance(weight, Tensor) or weight.dim() != 4:
+    if not isinstance(weight, Tensor):
+        raise TypeError(f"fusedres: conv weight must be a torch.Tensor, got {type(weight).__name__}")
+    if weight.dim() != 4:
         raise ValueError(f"fusedres: conv weight must be a 4-D tensor [C_out, C_in/groups, KH, KW], got "
                          f"{getattr(weight, 'shape', type(weight).__name__)}")
     if weight.device != x.device:
@@ -66,11 +77,14 @@ def _check(x, weight, in_scale, in_shift, out_scale, out_shift, residual, res_sc
     if not weight.is_floating_point():
         raise TypeError(f"fusedres: weight must be floating, got {weight.dtype}")
     c_out = weight.shape[0]
+    if not _is_int(groups):
+        raise TypeError(f"fusedres: conv_bn_act groups must be an int, got {type(groups).__name__} {groups!r}")
     if groups < 1 or x.shape[1] != weight.shape[1] * groups or c_out % groups:
         raise ValueError(f"fusedres: x has {x.shape[1]} channels, weight {tuple(weight.shape)}, groups={groups}: "
                          f"need C_in == weight.shape[1] * groups and C_out % groups == 0")
-    if min(stride) < 1 or min(dilation) < 1 or min(padding) < 0:
-        raise ValueError(f"fusedres: bad stride {stride} / padding {padding} / dilation {dilation}")
+    for v, name, low in ((stride, "stride", 1), (dilation, "dilation", 1), (padding, "padding", 0)):
+        if min(v) < low:
+            raise ValueError(f"fusedres: conv_bn_act {name} must be >= {low}, got {list(v)}")
     oh, ow = _out_hw(x, weight, stride, padding, dilation)
     if oh < 1 or ow < 1:
         raise ValueError(f"fusedres: conv output would be empty ({oh}x{ow}) for input {tuple(x.shape)}")
@@ -90,6 +104,9 @@ def _check(x, weight, in_scale, in_shift, out_scale, out_shift, residual, res_sc
             raise ValueError(f"fusedres: residual is on {residual.device} but x is on {x.device}")
     elif res_scale is not None or res_shift is not None:
         raise ValueError("fusedres: res_scale / res_shift given without a residual")
+    if in_relu and in_scale is None and in_shift is None:
+        raise ValueError("fusedres: conv_bn_act in_relu=True needs a prologue (in_scale and/or in_shift); "
+                         "got neither")
     return oh, ow
 
 
@@ -103,11 +120,18 @@ def _triton_module():
 
 def _use_triton(x) -> bool:
     """Triton unless the reference backend is forced or Triton refuses x (float64, CPU without the
-    interpreter); there is no CUDA-backend conv, so a forced 'cuda' runs the Triton conv."""
-    if backends.forced_backend() == "reference":
+    interpreter); there is no CUDA-backend conv, so a forced 'cuda' runs the Triton conv. A forced 'triton' or
+    'cuda' that Triton refuses raises BackendUnavailable, as the other ops do."""
+    forced = backends.forced_backend()
+    if forced == "reference":
         return False
     module = _triton_module()
-    return module is not None and not module.not_supported_reasons(x)
+    reasons = ["the Triton conv is not available (triton is not installed)"] if module is None \
+        else module.not_supported_reasons(x)
+    if reasons and forced is not None:
+        raise backends.BackendUnavailable(f"fusedres backend {forced!r} was forced but the conv_bn_act Triton "
+                                          f"kernel cannot run this input: " + "; ".join(reasons))
+    return not reasons
 
 
 @torch.library.custom_op("fusedres::conv_bn_act", mutates_args=())
@@ -117,7 +141,7 @@ def conv_bn_act_op(x: Tensor, weight: Tensor, in_scale: Optional[Tensor], in_shi
                    dilation: list[int], groups: int, in_relu: bool, relu: bool, stats: bool,
                    allow_tf32: bool) -> tuple[Tensor, Tensor, Tensor]:
     _check(x, weight, in_scale, in_shift, out_scale, out_shift, residual, res_scale, res_shift, stride, padding,
-           dilation, groups)
+           dilation, groups, in_relu)
     if _use_triton(x):
         return _triton_module().conv_bn_act(x, weight, in_scale, in_shift, in_relu, out_scale, out_shift, residual,
                                  res_scale, res_shift, relu, stride, padding, dilation, groups, stats, allow_tf32)
@@ -134,7 +158,7 @@ def conv_bn_act_op(x: Tensor, weight: Tensor, in_scale: Optional[Tensor], in_shi
 def _(x, weight, in_scale, in_shift, out_scale, out_shift, residual, res_scale, res_shift, stride, padding,
       dilation, groups, in_relu, relu, stats, allow_tf32):
     oh, ow = _check(x, weight, in_scale, in_shift, out_scale, out_shift, residual, res_scale, res_shift, stride,
-                    padding, dilation, groups)
+                    padding, dilation, groups, in_relu)
     y = torch.empty((x.shape[0], weight.shape[0], oh, ow), dtype=x.dtype, device=x.device,
                     memory_format=torch.channels_last)
     c = weight.shape[0] if stats else 0
@@ -178,7 +202,7 @@ def _backward(ctx, gy, gmean, gvar):
         a = (torch.relu(u) if ctx.in_relu else u).to(x.dtype)
     gz = gy.to(acc)
     if ctx.relu:
-        gz = torch.where(y > 0, gz, torch.zeros_like(gz))
+        gz = torch.where(y <= 0, torch.zeros_like(gz), gz)  # torch.relu's backward (NaN passes)
     count = x.shape[0] * gy.shape[2] * gy.shape[3]
     need_c = (ctx.stats and gvar is not None) or (s_out is not None and need[4])
     c = None
@@ -219,7 +243,7 @@ def _backward(ctx, gy, gmean, gvar):
             if prologue:
                 gu = da.to(acc)
                 if ctx.in_relu:
-                    gu = torch.where(u > 0, gu, torch.zeros_like(gu))
+                    gu = torch.where(u <= 0, torch.zeros_like(gu), gu)
                 if need[0]:
                     grads[0] = (gu * _ch(s_in, acc) if s_in is not None else gu).to(x.dtype)
                 if s_in is not None and need[2]:
@@ -245,7 +269,13 @@ def conv_bn_act(x: Tensor, weight: Tensor, *, stride=1, padding=0, dilation=1, g
     exact float32 products."""
     if allow_tf32 is None:
         allow_tf32 = bool(torch.backends.cudnn.allow_tf32)
+    for v, name in ((in_relu, "in_relu"), (relu, "relu"), (stats, "stats"), (allow_tf32, "allow_tf32")):
+        check_flag(v, name)
+    stride, padding, dilation = _pair(stride, "stride"), _pair(padding, "padding"), _pair(dilation, "dilation")
+    # checked here too (not only inside the op) so a wrong argument type gets this message, not the dispatcher's
+    _check(x, weight, in_scale, in_shift, out_scale, out_shift, residual, res_scale, res_shift, stride, padding,
+           dilation, groups, in_relu)
     y, mean, var = torch.ops.fusedres.conv_bn_act(x, weight, in_scale, in_shift, out_scale, out_shift, residual,
-                                                  res_scale, res_shift, _pair(stride), _pair(padding),
-                                                  _pair(dilation), groups, in_relu, relu, stats, allow_tf32)
+                                                  res_scale, res_shift, stride, padding, dilation, groups,
+                                                  in_relu, relu, stats, allow_tf32)
     return (y, mean, var) if stats else y

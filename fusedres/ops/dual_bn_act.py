@@ -18,6 +18,7 @@ from torch import Tensor
 
 from fusedres import backends
 from fusedres._layout import acc_dtype
+from fusedres.ops._common import check_bn_call, check_flag
 from fusedres.ops._common import (cast_param_grad, channel_count, check_batch_size, check_bn, check_like,
                                   densify, fake_channels, fake_like, grad_coefficients, scale_shift,
                                   update_running_stats)
@@ -147,6 +148,10 @@ def dual_bn_act(x: Tensor, r: Tensor, *, weight: Optional[Tensor], bias: Optiona
                 eps_r: float = 1e-5, training: bool = False, relu: bool = True) -> Tensor:
     """act(BN_a(x) + BN_b(r)) as one fused op; each BN's arguments as in `F.batch_norm` (`*_r` for r's BN).
     Training uses batch statistics for both and updates whichever running statistics are given."""
+    check_bn_call(x, running_mean, running_var, weight, bias, training, momentum, eps)
+    check_bn_call(r, running_mean_r, running_var_r, weight_r, bias_r, training, momentum_r, eps_r, "r", "_r")
+    check_like(r, x, "r (the shortcut input)")
+    check_flag(relu, "relu")
     if training:
         y, mean, var, mean_r, var_r = torch.ops.fusedres.dual_bn_act_train(x, weight, bias, eps, r, weight_r,
                                                                            bias_r, eps_r, relu)

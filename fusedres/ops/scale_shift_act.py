@@ -20,12 +20,15 @@ from torch import Tensor
 
 from fusedres import backends
 from fusedres._layout import acc_dtype
-from fusedres.ops._common import check_activation, check_channels, check_like, densify, fake_channels, fake_like
+from fusedres.ops._common import (check_activation, check_channels, check_flag, check_like, densify, fake_channels,
+                                  fake_like)
 
 
 def _check(x, mean, scale, shift, residual, xb, mean_b, scale_b, shift_b):
     check_activation(x, "x")
     for v, name in ((mean, "mean"), (scale, "scale"), (shift, "shift")):
+        if v is None:
+            raise ValueError(f"fusedres: scale_shift_act needs {name} (a C-element vector), got None")
         check_channels(v, x, name)
     if residual is not None and xb is not None:
         raise ValueError("fusedres: scale_shift_act takes a residual or a second input xb, not both")
@@ -37,6 +40,8 @@ def _check(x, mean, scale, shift, residual, xb, mean_b, scale_b, shift_b):
             if v is None:
                 raise ValueError(f"fusedres: scale_shift_act with xb needs {name}")
             check_channels(v, x, name)
+    elif mean_b is not None or scale_b is not None or shift_b is not None:
+        raise ValueError("fusedres: scale_shift_act got mean_b / scale_b / shift_b without xb (the second input)")
 
 
 def _vecs(x, *vs):
@@ -119,4 +124,5 @@ def scale_shift_act(x: Tensor, mean: Tensor, scale: Tensor, shift: Tensor, resid
                     shift_b: Optional[Tensor] = None, relu: bool = True) -> Tensor:
     """act((x - mean) * scale + shift [+ residual | + (xb - mean_b) * scale_b + shift_b]), differentiable in
     every tensor argument."""
+    check_flag(relu, "relu")
     return torch.ops.fusedres.scale_shift_act(x, mean, scale, shift, residual, xb, mean_b, scale_b, shift_b, relu)

@@ -8,6 +8,15 @@ What `convert` changes (everything else is left alone):
 * the stem of a torchvision `ResNet` (stock `forward`): `bn1` becomes `BatchNormAct2d(act="relu")` and
   `relu` becomes `nn.Identity`, so `conv1 -> bn1 -> relu` runs as conv + one fused op.
 
+* timm (optional; never imported by fusedres): `timm.models.resnet.BasicBlock` / `Bottleneck` become
+  `fusedres.nn.timm_blocks.TimmBasicBlock` / `TimmBottleneck` when they have plain BatchNorm2d norms, ReLU
+  activations and no drop-block / anti-aliasing / attention / drop-path module (else they stay stock); a
+  stock-forward timm `ResNet`'s stem BN + ReLU pairs (`bn1`/`act1`, deep-stem `conv1`) are fused; every
+  `timm.layers.BatchNormAct2d` with an nn.ReLU and no dropout (the pre-activation `resnetv2_*` norms)
+  becomes `TimmBatchNormAct2d`;
+* `fusedres.preact` pre-activation units become `fusedres.nn.preact_blocks` units, and a stock-forward
+  `PreActResNet`'s final `bn` + `relu` one fused op.
+
 A bare BatchNorm2d followed by a ReLU elsewhere is not converted: whether the BN output is used anywhere else
 cannot be told from the module tree. state_dict keys, train/eval mode, device, dtype and memory format are
 unchanged because no tensor is created or copied. Forward hooks registered on replaced modules (the blocks,
@@ -19,6 +28,9 @@ from torch import nn
 
 from fusedres.nn.batchnorm_act import BatchNormAct2d
 from fusedres.nn.blocks import BasicBlock, Bottleneck, _FusedBlock
+from fusedres.nn.preact_blocks import PREACT_BLOCKS, _FusedPreAct, fuse_preact_head, unfuse_preact_head
+from fusedres.nn.timm_blocks import (TIMM_BLOCKS, TimmBatchNormAct2d, _TimmFusedBlock, fuse_timm_stem,
+                                     unfuse_timm_stem)
 
 _FUSED_BLOCKS = (BasicBlock, Bottleneck)
 
@@ -31,14 +43,34 @@ def _is_stock_resnet(model: nn.Module) -> bool:
 
 
 def _convert_module(m: nn.Module) -> nn.Module:
+    """The fused replacement of m, or m itself (then with a timm ResNet stem / PreActResNet head fused in place,
+    and its children visited next)."""
     for fused in _FUSED_BLOCKS:
         if fused.can_convert(m):
             return fused.from_torchvision(m)
+    for fused in TIMM_BLOCKS:
+        if fused.can_convert(m):
+            return fused.from_timm(m)
+    if TimmBatchNormAct2d.can_convert(m):
+        return TimmBatchNormAct2d.from_timm(m)
+    for fused in PREACT_BLOCKS:
+        if fused.can_convert(m):
+            return fused.from_stock(m)
+    fuse_timm_stem(m)
+    fuse_preact_head(m)
     return m
 
 
 def _unconvert_module(m: nn.Module) -> nn.Module:
-    return m.to_torchvision() if isinstance(m, _FusedBlock) else m
+    if isinstance(m, _FusedBlock):
+        return m.to_torchvision()
+    if isinstance(m, (_TimmFusedBlock, TimmBatchNormAct2d)):
+        return m.to_timm()
+    if isinstance(m, _FusedPreAct):
+        return m.to_stock()
+    unfuse_timm_stem(m)
+    unfuse_preact_head(m)
+    return m
 
 
 def _swap_children(model: nn.Module, fn) -> None:

@@ -3,7 +3,9 @@
 Each builds the torchvision model with random initialisation (torchvision's own init, `zero_init_residual`
 and every other keyword included) and runs `fusedres.convert` on it, so parameter names, shapes and
 state_dict keys are torchvision's: `model.load_state_dict(torchvision_state_dict)` works unchanged, and
-`fusedres.unconvert(model)` gives back a torchvision model.
+`fusedres.unconvert(model)` gives back a torchvision model. Pre-activation ResNets (`preact_resnet164`,
+`preact_resnet1001`, `preact_resnet18/34/50/101/152`) build the plain-PyTorch `fusedres.preact` networks and
+convert them unless `fused=False`.
 
 Pretrained `weights` are refused rather than downloaded: these constructors never touch the network. Load
 weights yourself, e.g. `model.load_state_dict(torch.load(path))`, or build
@@ -18,7 +20,8 @@ from torch import nn
 from fusedres.convert import convert
 
 __all__ = ["resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "wide_resnet50_2",
-           "resnext50_32x4d"]
+           "resnext50_32x4d", "preact_resnet164", "preact_resnet1001", "preact_resnet_cifar", "preact_resnet18",
+           "preact_resnet34", "preact_resnet50", "preact_resnet101", "preact_resnet152"]
 
 
 def _build(name: str, weights, progress: bool, kwargs: dict) -> nn.Module:
@@ -66,3 +69,60 @@ def wide_resnet50_2(*, weights: Any = None, progress: bool = True, **kwargs: Any
 def resnext50_32x4d(*, weights: Any = None, progress: bool = True, **kwargs: Any) -> nn.Module:
     """ResNeXt-50 32x4d (torchvision.models.resnext50_32x4d), fused (grouped conv2); weights must be None."""
     return _build("resnext50_32x4d", weights, progress, kwargs)
+
+# Pre-activation ResNets ("Identity Mappings in Deep Residual Networks"): the stock networks are the plain-PyTorch
+# `fusedres.preact.PreActResNet`; fused=True converts them (every BN -> ReLU pair one fused op), fused=False
+# returns the stock network. `fusedres.convert` / `unconvert` map between the two; state_dict keys are the same.
+
+def _preact(model: nn.Module, fused: bool) -> nn.Module:
+    return convert(model) if fused else model
+
+
+def preact_resnet_cifar(depth: int, num_classes: int = 10, fused: bool = True) -> nn.Module:
+    """CIFAR pre-activation bottleneck ResNet of depth 9n + 2 (3x3 stem, stages of 16/32/64 bottleneck widths)."""
+    from fusedres.preact import preact_resnet_cifar as build
+
+    return _preact(build(depth, num_classes), fused)
+
+
+def preact_resnet164(num_classes: int = 10, fused: bool = True) -> nn.Module:
+    """ResNet-164 of "Identity Mappings" (CIFAR, 18 bottleneck units per stage, 1.7M parameters)."""
+    return preact_resnet_cifar(164, num_classes, fused)
+
+
+def preact_resnet1001(num_classes: int = 10, fused: bool = True) -> nn.Module:
+    """ResNet-1001 of "Identity Mappings" (CIFAR, 111 bottleneck units per stage, 10.3M parameters)."""
+    return preact_resnet_cifar(1001, num_classes, fused)
+
+
+def _preact_imagenet(bottleneck: bool, layers, num_classes: int, fused: bool) -> nn.Module:
+    from fusedres.preact import PreActBasicBlock, PreActBottleneck, PreActResNet
+
+    block = PreActBottleneck if bottleneck else PreActBasicBlock
+    return _preact(PreActResNet(block, layers, [64, 128, 256, 512], num_classes, stem="imagenet", stem_width=64),
+                   fused)
+
+
+def preact_resnet18(num_classes: int = 1000, fused: bool = True) -> nn.Module:
+    """ImageNet pre-activation ResNet-18 (basic units, torchvision's widths and depths)."""
+    return _preact_imagenet(False, [2, 2, 2, 2], num_classes, fused)
+
+
+def preact_resnet34(num_classes: int = 1000, fused: bool = True) -> nn.Module:
+    """ImageNet pre-activation ResNet-34 (basic units)."""
+    return _preact_imagenet(False, [3, 4, 6, 3], num_classes, fused)
+
+
+def preact_resnet50(num_classes: int = 1000, fused: bool = True) -> nn.Module:
+    """ImageNet pre-activation ResNet-50 (bottleneck units, stride on the 3x3 conv)."""
+    return _preact_imagenet(True, [3, 4, 6, 3], num_classes, fused)
+
+
+def preact_resnet101(num_classes: int = 1000, fused: bool = True) -> nn.Module:
+    """ImageNet pre-activation ResNet-101 (bottleneck units)."""
+    return _preact_imagenet(True, [3, 4, 23, 3], num_classes, fused)
+
+
+def preact_resnet152(num_classes: int = 1000, fused: bool = True) -> nn.Module:
+    """ImageNet pre-activation ResNet-152 (bottleneck units)."""
+    return _preact_imagenet(True, [3, 8, 36, 3], num_classes, fused)

@@ -1,7 +1,12 @@
 """Fused modules with torchvision attribute names and state_dict keys: `BatchNormAct2d`, `BasicBlock`,
-`Bottleneck`, and `dual_bn_act_modules` (the two-BatchNorm downsampling tail run from two BN modules)."""
+`Bottleneck`, and `dual_bn_act_modules` (the two-BatchNorm downsampling tail run from two BN modules); the
+fused pre-activation units `PreActBasicBlock`, `PreActBottleneck` (counterparts of `fusedres.preact`); and
+timm's ResNet modules `TimmBasicBlock`, `TimmBottleneck`, `TimmBatchNormAct2d` (timm itself is not imported)."""
 from fusedres.nn.batchnorm_act import BatchNormAct2d, batch_norm_args, bn_act_module, dual_bn_act_modules
 from fusedres.nn.blocks import BasicBlock, Bottleneck
+from fusedres.nn.preact_blocks import PreActBasicBlock, PreActBottleneck
+from fusedres.nn.timm_blocks import TimmBasicBlock, TimmBatchNormAct2d, TimmBottleneck
 
 __all__ = ["BatchNormAct2d", "BasicBlock", "Bottleneck", "batch_norm_args", "bn_act_module",
-           "dual_bn_act_modules"]
+           "dual_bn_act_modules", "PreActBasicBlock", "PreActBottleneck", "TimmBasicBlock", "TimmBottleneck",
+           "TimmBatchNormAct2d"]

@@ -10,12 +10,14 @@ activation: run `fusedres.unconvert` first.
 """
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 from torch import Tensor, nn
 
 from fusedres.ops import bn_act, dual_bn_act
 from fusedres.ops._common import check_batch_size, check_bn, check_eps, check_like
+from fusedres.ops.sync_bn_act import sync_bn_act, sync_dual_bn_act
 
 ACTIVATIONS = (None, "relu")
 
@@ -99,6 +101,14 @@ class BatchNormAct2d(nn.BatchNorm2d):
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, act={self.act}"
 
+    def _syncs(self) -> bool:
+        """Whether this call takes batch statistics over a process group (`SyncBatchNormAct2d` overrides it)."""
+        return False
+
+
+def _syncs(bn) -> bool:
+    return isinstance(bn, BatchNormAct2d) and bn._syncs()
+
 
 def _share_state(src: nn.Module, dst: nn.Module) -> None:
     for name in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked"):
@@ -121,16 +131,27 @@ def dual_bn_act_modules(x: Tensor, bn: nn.BatchNorm2d, r: Tensor, bn_r: nn.Batch
     check_like(r, x, "r (the shortcut input)")
     if _uses_batch_stats(bn) != _uses_batch_stats(bn_r):
         return bn_act_module(bn, x, bn_act_module(bn_r, r, None, False, gain=residual_gain), relu, gain=gain)
-    if _uses_batch_stats(bn):
+    sync = _syncs(bn)
+    if (sync or _syncs(bn_r)) and not (sync and _syncs(bn_r) and bn.process_group is bn_r.process_group):
+        raise ValueError(f"fusedres: the two BatchNorms of a fused dual tail share one all_reduce, so both must be "
+                         f"SyncBatchNormAct2d with the same process_group; got {_describe_sync(bn)} and "
+                         f"{_describe_sync(bn_r)} (fusedres.nn.to_sync_bn converts a whole model)")
+    if _uses_batch_stats(bn) and not sync:  # a synchronised batch is checked over the group
         check_batch_size(x)
     a, b = batch_norm_args(bn), batch_norm_args(bn_r)
     weight, bias = gained_affine(bn, gain)
     weight_r, bias_r = gained_affine(bn_r, residual_gain)
-    return dual_bn_act(x, r, weight=weight, bias=bias, running_mean=a["running_mean"],
-                       running_var=a["running_var"], momentum=a["momentum"], eps=bn.eps,
-                       weight_r=weight_r, bias_r=bias_r, running_mean_r=b["running_mean"],
-                       running_var_r=b["running_var"], momentum_r=b["momentum"], eps_r=bn_r.eps,
-                       training=a["training"], relu=relu)
+    fused = functools.partial(sync_dual_bn_act, process_group=bn.process_group) if sync else dual_bn_act
+    return fused(x, r, weight=weight, bias=bias, running_mean=a["running_mean"],
+                 running_var=a["running_var"], momentum=a["momentum"], eps=bn.eps,
+                 weight_r=weight_r, bias_r=bias_r, running_mean_r=b["running_mean"],
+                 running_var_r=b["running_var"], momentum_r=b["momentum"], eps_r=bn_r.eps,
+                 training=a["training"], relu=relu)
+
+
+def _describe_sync(bn) -> str:
+    return (f"{type(bn).__name__}(process_group={bn.process_group!r})" if _syncs(bn)
+            else f"{type(bn).__name__} (not synchronised)")
 
 
 def bn_act_module(bn: nn.BatchNorm2d, x: Tensor, residual: Optional[Tensor], relu: bool,
@@ -141,12 +162,14 @@ def bn_act_module(bn: nn.BatchNorm2d, x: Tensor, residual: Optional[Tensor], rel
     _check_input(bn, x)
     if residual is not None:
         check_like(residual, x, "residual", "the BatchNorm input")
-    if _uses_batch_stats(bn):
+    sync = _syncs(bn)
+    if _uses_batch_stats(bn) and not sync:  # a synchronised batch is checked over the group
         check_batch_size(x, "input")
     weight, bias = gained_affine(bn, gain)
-    return bn_act(x, weight=weight, bias=bias, eps=bn.eps, residual=residual, relu=relu,
-                  residual_weight=None if residual_gain is None else _per_channel(residual_gain, x.shape[1]),
-                  **batch_norm_args(bn))
+    fused = functools.partial(sync_bn_act, process_group=bn.process_group) if sync else bn_act
+    return fused(x, weight=weight, bias=bias, eps=bn.eps, residual=residual, relu=relu,
+                 residual_weight=None if residual_gain is None else _per_channel(residual_gain, x.shape[1]),
+                 **batch_norm_args(bn))
 
 
 def _per_channel(gain: Tensor, channels: int) -> Tensor:

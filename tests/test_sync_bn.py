@@ -468,6 +468,29 @@ def test_to_sync_bn_and_back_share_everything():
     assert type(from_sync_bn(synced)) is nn.BatchNorm2d
 
 
+def test_to_sync_bn_subclasses():
+    """A BatchNormAct2d subclass keeping its forward (TimmBatchNormAct2d) is synchronised and comes back as
+    itself, extra attributes included; one with its own forward, and other BatchNorm subclasses, are left."""
+    from fusedres.nn.timm_blocks import TimmBatchNormAct2d
+
+    class OwnForward(BatchNormAct2d):
+        def forward(self, x, residual=None):
+            return super().forward(x, residual) * 2
+
+    timm_bn = TimmBatchNormAct2d.from_bn(nn.BatchNorm2d(4), act="relu")
+    timm_bn.relu_inplace = False
+    model = nn.Sequential(timm_bn, OwnForward(4), nn.SyncBatchNorm(4), BatchNormAct2d(4, act=None))
+    to_sync_bn(model)
+    assert [type(m) for m in model] == [SyncBatchNormAct2d, OwnForward, nn.SyncBatchNorm, SyncBatchNormAct2d]
+    assert model[0].act == "relu" and model[0].weight is timm_bn.weight
+    from_sync_bn(model)
+    assert [type(m) for m in model] == [TimmBatchNormAct2d, OwnForward, nn.SyncBatchNorm, BatchNormAct2d]
+    assert model[0].relu_inplace is False and model[0].running_var is timm_bn.running_var
+    assert model[3].act is None
+    direct = from_sync_bn(nn.Sequential(SyncBatchNormAct2d(4), SyncBatchNormAct2d(4, act=None)))
+    assert [type(m) for m in direct] == [BatchNormAct2d, nn.BatchNorm2d]
+
+
 def test_to_sync_bn_before_convert():
     """A stock model made synchronised first still converts to fused blocks, which keep the synced BNs."""
     model = to_sync_bn(mixed_resnet())

@@ -14,6 +14,7 @@ group; otherwise (eval, a single process, no process group) it is exactly `Batch
 """
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch.distributed as dist
@@ -34,14 +35,38 @@ class SyncBatchNormAct2d(BatchNormAct2d):
                  act: Optional[str] = "relu", process_group=None) -> None:
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype, act=act)
         self.process_group = process_group
+        # what `from_sync_bn` turns this layer back into: a class, and that class's extra plain attributes
+        self._unsynced_cls, self._unsynced_attrs = (nn.BatchNorm2d if act is None else BatchNormAct2d), {}
 
     @classmethod
     def from_bn(cls, bn: nn.BatchNorm2d, act: Optional[str] = "relu",
                 process_group=None) -> "SyncBatchNormAct2d":
         """A SyncBatchNormAct2d sharing bn's tensors and training mode; `process_group` defaults to bn's own
-        (when bn is a SyncBatchNormAct2d), else None (the default group)."""
+        (when bn is a SyncBatchNormAct2d), else None (the default group). It remembers bn's class (and a
+        BatchNormAct2d subclass's extra attributes) for `from_sync_bn`."""
         new = super().from_bn(bn, act=act)
         new.process_group = process_group if process_group is not None else getattr(bn, "process_group", None)
+        if isinstance(bn, SyncBatchNormAct2d):
+            new._unsynced_cls, new._unsynced_attrs = bn._unsynced_cls, dict(bn._unsynced_attrs)
+            if new._unsynced_cls is nn.BatchNorm2d and act is not None:
+                new._unsynced_cls = BatchNormAct2d
+            elif new._unsynced_cls is BatchNormAct2d and act is None:
+                new._unsynced_cls = nn.BatchNorm2d
+        elif isinstance(bn, BatchNormAct2d):
+            new._unsynced_cls = type(bn)
+            new._unsynced_attrs = {k: v for k, v in vars(bn).items() if k not in _base_attributes()}
+        else:
+            new._unsynced_cls, new._unsynced_attrs = nn.BatchNorm2d, {}
+        return new
+
+    def to_unsynced(self) -> nn.BatchNorm2d:
+        """The layer this one was made from (its class and extra attributes: an nn.BatchNorm2d, BatchNormAct2d,
+        or a BatchNormAct2d subclass), sharing this module's tensors; this module's own act is kept."""
+        if self._unsynced_cls is nn.BatchNorm2d and self.act is None:
+            return self.to_bn()
+        cls = BatchNormAct2d if self._unsynced_cls is nn.BatchNorm2d else self._unsynced_cls
+        new = cls.from_bn(self, act=self.act)
+        new.__dict__.update(self._unsynced_attrs)
         return new
 
     def _syncs(self) -> bool:
@@ -51,8 +76,16 @@ class SyncBatchNormAct2d(BatchNormAct2d):
                 and dist.get_world_size(self.process_group) > 1)
 
 
-def _bn_types():
-    return (nn.BatchNorm2d, BatchNormAct2d)
+@functools.cache
+def _base_attributes() -> frozenset:
+    """Instance attribute names every BatchNormAct2d has (a subclass's others are its own state)."""
+    return frozenset(vars(BatchNormAct2d(1, device="meta")))
+
+
+def _syncable(m: nn.Module) -> bool:
+    """A plain nn.BatchNorm2d, or a BatchNormAct2d (or subclass with its forward, e.g. TimmBatchNormAct2d)."""
+    return type(m) is nn.BatchNorm2d or (isinstance(m, BatchNormAct2d) and not isinstance(m, SyncBatchNormAct2d)
+                                         and type(m).forward is BatchNormAct2d.forward)
 
 
 def _refuse_conv_mode(model: nn.Module) -> None:
@@ -79,16 +112,16 @@ def _swap(model: nn.Module, fn) -> nn.Module:
 
 
 def to_sync_bn(model: nn.Module, process_group=None) -> nn.Module:
-    """Replace, in place, every `BatchNormAct2d` (its `act` kept) and every plain `nn.BatchNorm2d` (act=None)
-    in `model` — stem, fused blocks and downsample shortcuts included — by a `SyncBatchNormAct2d` over
-    `process_group` (None: the default group) sharing its Parameters and buffers; returns the model (a new
-    object only when `model` itself is such a BatchNorm). Existing SyncBatchNormAct2d layers, BatchNorm
-    subclasses and other norms are left alone. Apply it to a `convert`ed model before wrapping it in
+    """Replace, in place, every `BatchNormAct2d` (its `act` kept; also subclasses that keep its forward, such as
+    `TimmBatchNormAct2d`) and every plain `nn.BatchNorm2d` (act=None) in `model` — stem, fused blocks and
+    downsample shortcuts included — by a `SyncBatchNormAct2d` over `process_group` (None: the default group)
+    sharing its Parameters and buffers; returns the model (a new object only when `model` itself is such a
+    BatchNorm). Existing SyncBatchNormAct2d layers, other BatchNorm subclasses and other norms are left alone. Apply it to a `convert`ed model before wrapping it in
     DistributedDataParallel (conv-mode blocks are refused: their statistics come from the conv kernels)."""
     _refuse_conv_mode(model)
 
     def fn(m):
-        if type(m) not in _bn_types():
+        if not _syncable(m):
             return m
         return SyncBatchNormAct2d.from_bn(m, act=getattr(m, "act", None), process_group=process_group)
 
@@ -96,13 +129,12 @@ def to_sync_bn(model: nn.Module, process_group=None) -> nn.Module:
 
 
 def from_sync_bn(model: nn.Module) -> nn.Module:
-    """The inverse of `to_sync_bn`, in place: every `SyncBatchNormAct2d` becomes a `BatchNormAct2d` with the
-    same act, or a plain `nn.BatchNorm2d` where act is None, sharing its tensors; returns the model (a new
-    object only when `model` itself is a SyncBatchNormAct2d). For stock synchronised BatchNorm afterwards, run
+    """The inverse of `to_sync_bn`, in place: every `SyncBatchNormAct2d` becomes the layer it was made from (the
+    same class: nn.BatchNorm2d, BatchNormAct2d or its subclass, with the same act), sharing its tensors;
+    returns the model (a new object only when `model` itself is a SyncBatchNormAct2d). A SyncBatchNormAct2d
+    built directly becomes a BatchNormAct2d, or an nn.BatchNorm2d when its act is None. For stock synchronised BatchNorm afterwards, run
     `torch.nn.SyncBatchNorm.convert_sync_batchnorm` on the `unconvert`ed model."""
     def fn(m):
-        if not isinstance(m, SyncBatchNormAct2d):
-            return m
-        return m.to_bn() if m.act is None else BatchNormAct2d.from_bn(m, act=m.act)
+        return m.to_unsynced() if isinstance(m, SyncBatchNormAct2d) else m
 
     return _swap(model, fn)

@@ -34,7 +34,12 @@ from helpers import mixed_resnet, randomise_bns  # noqa: E402
 WORLD = 2
 C, H, W = 5, 3, 4
 # (rtol, atol) against stock float64 on the same rounded inputs; atol scales with the reference's magnitude
-TOL = {torch.float64: (1e-10, 1e-10), torch.float32: (1e-5, 2e-5)}
+TOL = {torch.float64: (1e-10, 1e-10), torch.float32: (1e-5, 2e-5), torch.bfloat16: (1e-2, 2e-2)}
+
+
+def _param_dtype(dtype):
+    """Module dtype for activations of `dtype`: low-precision activations come from autocast, BN stays fp32."""
+    return torch.float32 if dtype == torch.bfloat16 else dtype
 
 
 # ------------------------------------------------------------------------------------------ rank-side helpers
@@ -134,8 +139,8 @@ def _check_layer(rank, dtype, channels_last, sizes, residual=True, act="relu", m
     """A SyncBatchNormAct2d on this rank's rows of each batch == nn.BatchNorm2d (+ residual, ReLU) on the whole
     batch: outputs and input gradients of these rows, weight/bias gradients summed over ranks, running
     statistics and num_batches_tracked; two training steps."""
-    ref = _stock_bn(momentum, affine, track, 7)
-    sync = _synced_copy(ref, dtype, act)
+    ref = _stock_bn(momentum, affine, track, 7).to(_param_dtype(dtype)).double()  # same rounded values
+    sync = _synced_copy(ref, _param_dtype(dtype), act)
     gain = torch.rand(C, dtype=torch.float64) + 0.5 if residual_gain else None
     rows, n = _rows(sizes, rank), sum(sizes)
     for step in range(steps):
@@ -178,8 +183,9 @@ def _check_layer(rank, dtype, channels_last, sizes, residual=True, act="relu", m
 def _check_dual(rank, dtype, channels_last, sizes, process_group=None, steps=2):
     """relu(bn(x) + bn_r(r)) through dual_bn_act_modules with two SyncBatchNormAct2d == stock on the whole
     batch, as `_check_layer`."""
-    ref, ref_r = _stock_bn(0.1, True, True, 3), _stock_bn(None, True, True, 4)
-    bn, bn_r = _synced_copy(ref, dtype, "relu", process_group), _synced_copy(ref_r, dtype, None, process_group)
+    pdt = _param_dtype(dtype)
+    ref, ref_r = (_stock_bn(m, True, True, seed).to(pdt).double() for m, seed in ((0.1, 3), (None, 4)))
+    bn, bn_r = _synced_copy(ref, pdt, "relu", process_group), _synced_copy(ref_r, pdt, None, process_group)
     rows, n = _rows(sizes, rank), sum(sizes)
     for step in range(steps):
         x = (torch.randn(n, C, H, W, dtype=torch.float64) * 1.5 - 0.5).to(dtype)
@@ -213,6 +219,13 @@ def check_layer_float64(rank):
 def check_layer_float32(rank):
     for channels_last in (False, True):
         _check_layer(rank, torch.float32, channels_last, sizes=[2, 3])
+
+
+def check_layer_bfloat16(rank):
+    """bfloat16 activations (as from autocast) with a float32 module, both memory formats, and the dual tail."""
+    for channels_last in (False, True):
+        _check_layer(rank, torch.bfloat16, channels_last, sizes=[2, 3], steps=1)
+    _check_dual(rank, torch.bfloat16, True, sizes=[3, 2], steps=1)
 
 
 def check_layer_residual_gain(rank):

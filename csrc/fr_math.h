@@ -46,12 +46,16 @@ FR_HD float pre_activation(float x, float mean, float scale, float shift, bool h
 // ReLU that lets NaN through, like torch.relu.
 FR_HD float relu_f(float z) { return z < 0.f ? 0.f : z; }
 
-// g = dy * relu'(z): the gradient reaching the BN output(s) and the residual.
-FR_HD float masked_grad(float dy, float z, bool relu) { return (!relu || z > 0.f) ? dy : 0.f; }
+// g = dy * relu'(z): the gradient reaching the BN output(s) and the residual. As torch.relu's backward
+// (threshold_backward: 0 where z <= 0), a NaN z passes the gradient.
+FR_HD float masked_grad(float dy, float z, bool relu) { return (relu && z <= 0.f) ? 0.f : dy; }
 
-// BN input gradient as an affine function of g and the centred input: dx = k_g*g + k_x*(x - mean) + k_c.
+// BN input gradient as an affine function of g and the centred input: dx = k_g*g + k_x*(x - mean) + k_c. The
+// centred term is exactly 0 where k_x == 0 (eval mode): stock's eval gradient has no such term, so an inf or
+// NaN x must not turn it into 0 * inf = NaN.
 FR_HD float bn_input_grad(float g, float x, float mean, float k_g, float k_x, float k_c) {
-  return (g * k_g + (x - mean) * k_x) + k_c;
+  const float centred = k_x == 0.f ? 0.f : (x - mean) * k_x;
+  return (g * k_g + centred) + k_c;
 }
 
 // Per-channel backward coefficients from the reduced sums (mirrors fusedres.ops._common.grad_coefficients;

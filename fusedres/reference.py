@@ -53,7 +53,8 @@ def _pre_activation(x, mean, scale, shift, residual, xb, mean_b, scale_b, shift_
 
 def _masked_grad(dy, z, relu):
     g = dy.to(z.dtype)
-    return torch.where(z > 0, g, torch.zeros_like(g)) if relu else g
+    # torch.relu's backward (threshold_backward): 0 where z <= 0, the gradient elsewhere — NaN included
+    return torch.where(z <= 0, torch.zeros_like(g), g) if relu else g
 
 
 def batch_stats(x: torch.Tensor):
@@ -80,15 +81,22 @@ def backward_reduce(dy, x, mean, scale, shift, residual, xb, mean_b, scale_b, sh
     return sum_g, sum_g_xc, sum_g_xbc, grad_residual
 
 
+def _centred_term(x, mean, k_x):
+    """k_x * (x - mean), and exactly 0 where k_x == 0 (eval mode, scale_shift_act): stock's eval-mode input
+    gradient has no such term, so an inf or NaN x must not turn it into 0 * inf = NaN."""
+    k = _channel(k_x)
+    return torch.where(k == 0, torch.zeros_like(x), (x - _channel(mean)) * k)
+
+
 def backward_apply(dy, x, mean, scale, shift, residual, xb, mean_b, scale_b, shift_b, relu,
                    k_g, k_x, k_c, k_g_b, k_x_b, k_c_b):
     """dx = k_g * g + k_x * (x - mean) + k_c per channel (and the same for xb with its own coefficients)."""
     z = _pre_activation(x, mean, scale, shift, residual, xb, mean_b, scale_b, shift_b)
     g = _masked_grad(dy, z, relu)
-    dx = (g * _channel(k_g) + (x.to(g.dtype) - _channel(mean)) * _channel(k_x) + _channel(k_c)).to(x.dtype)
+    dx = (g * _channel(k_g) + _centred_term(x.to(g.dtype), mean, k_x) + _channel(k_c)).to(x.dtype)
     dxb = None
     if xb is not None:
-        dxb = (g * _channel(k_g_b) + (xb.to(g.dtype) - _channel(mean_b)) * _channel(k_x_b)
+        dxb = (g * _channel(k_g_b) + _centred_term(xb.to(g.dtype), mean_b, k_x_b)
                + _channel(k_c_b)).to(xb.dtype)
     return dx, dxb
 

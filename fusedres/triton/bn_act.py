@@ -168,7 +168,7 @@ def _apply_kernel(
     z = _pre_activation(x, r, xb, c, mean_ptr, scale_ptr, shift_ptr, mean_b_ptr, scale_b_ptr, shift_b_ptr, mask,
                         RES_MODE, ACC)
     if RELU:
-        z = tl.maximum(z, 0.0)
+        z = tl.where(z < 0, 0.0, z)  # lets NaN through, like torch.relu (tl.maximum would turn NaN into 0)
     tl.store(y_ptr + offs, z.to(y_ptr.dtype.element_ty), mask=mask)
 
 
@@ -200,7 +200,7 @@ def _bwd_reduce_kernel(
             r = tl.load(r_ptr + offs, mask=mask & (RES_MODE == 1), other=0.0)
             z = _pre_activation(x, r, xb, c_offs[None, :], mean_ptr, scale_ptr, shift_ptr, mean_b_ptr, scale_b_ptr,
                                 shift_b_ptr, mask, RES_MODE, ACC)
-            g = tl.where(z > 0, g, 0.0)
+            g = tl.where(z <= 0, 0.0, g)  # torch.relu's backward: NaN z passes the gradient
         if WRITE_DRES:
             tl.store(dres_ptr + offs, g.to(dres_ptr.dtype.element_ty), mask=mask)
         sum_g += tl.sum(g, axis=0)
@@ -212,6 +212,13 @@ def _bwd_reduce_kernel(
     tl.store(sum_gx_ptr + out, sum_gx, mask=c_mask)
     if RES_MODE == 2:
         tl.store(sum_gxb_ptr + out, sum_gxb, mask=c_mask)
+
+
+@triton.jit
+def _centred_term(x, mean, kx, ACC: tl.constexpr):
+    """kx * (x - mean), exactly 0 where kx == 0 (eval mode): an inf or NaN x must not give 0 * inf = NaN where
+    stock's eval-mode gradient has no such term."""
+    return tl.where(kx == 0.0, 0.0, (x.to(ACC) - mean) * kx)
 
 
 @triton.jit
@@ -233,15 +240,16 @@ def _bwd_apply_kernel(
         r = tl.load(r_ptr + offs, mask=mask & (RES_MODE == 1), other=0.0)
         z = _pre_activation(x, r, xb, c, mean_ptr, scale_ptr, shift_ptr, mean_b_ptr, scale_b_ptr, shift_b_ptr,
                             mask, RES_MODE, ACC)
-        g = tl.where(z > 0, g, 0.0)
+        g = tl.where(z <= 0, 0.0, g)
     dx = g * tl.load(kg_ptr + c, mask=mask, other=0.0) \
-        + (x.to(ACC) - tl.load(mean_ptr + c, mask=mask, other=0.0)) * tl.load(kx_ptr + c, mask=mask, other=0.0) \
+        + _centred_term(x, tl.load(mean_ptr + c, mask=mask, other=0.0), tl.load(kx_ptr + c, mask=mask, other=0.0),
+                        ACC) \
         + tl.load(kc_ptr + c, mask=mask, other=0.0)
     tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
     if RES_MODE == 2:
         dxb = g * tl.load(kgb_ptr + c, mask=mask, other=0.0) \
-            + (xb.to(ACC) - tl.load(mean_b_ptr + c, mask=mask, other=0.0)) \
-            * tl.load(kxb_ptr + c, mask=mask, other=0.0) \
+            + _centred_term(xb, tl.load(mean_b_ptr + c, mask=mask, other=0.0),
+                            tl.load(kxb_ptr + c, mask=mask, other=0.0), ACC) \
             + tl.load(kcb_ptr + c, mask=mask, other=0.0)
         tl.store(dxb_ptr + offs, dxb.to(dxb_ptr.dtype.element_ty), mask=mask)
 

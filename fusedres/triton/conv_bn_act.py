@@ -15,7 +15,8 @@ rows writes its own partial (sum and sum of squared deviations from the group's 
 merges the [M / STAT_ROWS, C_out] partials in float64 with the exact parallel-variance formula
 (`_stats_merge_kernel`, fixed order, no atomics). Configs are
 kept per GPU generation in `CONFIGS` (autotuned per GEMM shape and fused options on first use; set
-FUSEDRES_CONV_AUTOTUNE=0 to skip tuning and use `heuristic_config`); under the interpreter one small fixed
+FUSEDRES_CONV_AUTOTUNE=0 to skip tuning and use `heuristic_config`; `torch.use_deterministic_algorithms(True)`
+does the same, so results are bitwise reproducible across processes); under the interpreter one small fixed
 config is used.
 """
 from __future__ import annotations
@@ -128,7 +129,7 @@ def _conv_kernel(
             b_in = tl.load(in_shift_ptr + g * CIN_G + ck, mask=k_mask, other=0.0)
             af = a.to(tl.float32) * s_in[None, :] + b_in[None, :]
             if IN_RELU:
-                af = tl.maximum(af, 0.0)
+                af = tl.where(af < 0, 0.0, af)  # NaN passes, like torch.relu (tl.maximum would give 0)
             # zero padding (and masked tails) after the prologue: contribute exactly 0
             a = tl.where(a_mask, af, 0.0).to(x_ptr.dtype.element_ty)
         w_offs = co[None, :] * (KH * KW * CIN_G) + (tap * CIN_G + ck)[:, None]
@@ -169,7 +170,7 @@ def _conv_kernel(
                 + tl.load(res_shift_ptr + co, mask=n_mask, other=0.0)[None, :]
         z = z + r
     if RELU:
-        z = tl.maximum(z, 0.0)
+        z = tl.where(z < 0, 0.0, z)  # NaN passes, like torch.relu
     tl.store(y_ptr + y_offs, z.to(y_ptr.dtype.element_ty), mask=out_mask)
 
 
@@ -223,6 +224,18 @@ def _tuned_kernel(device):
     if major not in _TUNED:
         _TUNED[major] = triton.autotune(configs=configs, key=_KEY)(_conv_kernel)
     return _TUNED[major]
+
+
+def config_choice(device) -> str:
+    """How the launcher picks the kernel config: "interpret" (CPU, the interpreter's fixed config),
+    "heuristic" (`heuristic_config`: FUSEDRES_CONV_AUTOTUNE=0, or deterministic mode — the config fixes the
+    fp32 summation order of y and of the statistics, so it must not depend on which config won a timing race
+    in this process), else "autotune"."""
+    if torch.device(device).type == "cpu":
+        return "interpret"
+    if os.environ.get("FUSEDRES_CONV_AUTOTUNE", "1") == "0" or torch.are_deterministic_algorithms_enabled():
+        return "heuristic"
+    return "autotune"
 
 
 # ------------------------------------------------------------------------------------------------ launcher
@@ -285,9 +298,10 @@ def conv_bn_act(x, weight, in_scale, in_shift, in_relu, out_scale, out_shift, re
     def grid(meta):
         return (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(cout_g, meta["BLOCK_N"]), groups)
 
-    if interp:
+    how = config_choice(x.device)
+    if how == "interpret":
         _conv_kernel[grid(INTERPRET_CONFIG)](*args, **flags, **INTERPRET_CONFIG)
-    elif os.environ.get("FUSEDRES_CONV_AUTOTUNE", "1") == "0":
+    elif how == "heuristic":
         cfg = heuristic_config(cin_g, cout_g)
         with torch.cuda.device(x.device):
             _conv_kernel[grid(cfg)](*args, **flags, **cfg)

@@ -10,7 +10,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from fusedres.bench.common import DTYPES, LEVELS, MEMORY_FORMATS, MODELS, Config, ensure_interpreter
+from fusedres.bench.common import (DTYPES, EXTRA_MODELS, LEVELS, MEMORY_FORMATS, MODELS, Config,
+                                   ensure_interpreter)
 
 LEVEL_CHOICES = ("auto", "demo", "all") + LEVELS
 
@@ -53,8 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--level", type=_csv("level", LEVEL_CHOICES), default=("auto",),
                    help="comma list of kernels, blocks, models, demo, all, auto (default auto: all three timed "
                         "levels with CUDA, the demo without)")
-    p.add_argument("--models", type=_csv("model", MODELS + ("all",)), default=None,
-                   help=f"models level: comma list of {', '.join(MODELS)} or all (default all; --quick: resnet50)")
+    p.add_argument("--models", type=_csv("model", MODELS + EXTRA_MODELS + ("all",)), default=None,
+                   help=f"models level: comma list of {', '.join(MODELS + EXTRA_MODELS)} or all (default all = "
+                        f"the torchvision ones; --quick: resnet50)")
     p.add_argument("--batch", type=_positive, default=None, help="batch size of every timed level (default 128)")
     p.add_argument("--dtype", type=_csv("dtype", tuple(DTYPES)), default=None,
                    help="dtypes of the fused and compiled candidates (default bf16); model baselines always "

@@ -9,6 +9,9 @@ Candidates for one model and mode, measured interleaved in one group:
     eager+cudagraphs, fusedres[<backend>]+cudagraphs  with --cuda-graphs
 compile and fusedres candidates run in each --dtype (default bf16; fp32 runs contiguous, others channels_last).
 train = forward, cross-entropy, backward, SGD step (GradScaler for fp16); infer = eval forward.
+Models: torchvision's ResNets, and with --models the pre-activation preact_resnet164 / preact_resnet1001
+(fusedres.preact, 32x32 inputs). Every row carries the call's peak memory; `peak_mem_ratio` (results.py) puts
+it against eager's in the same group, so the ResNet-1001 train rows show the memory fusion saves.
 """
 from __future__ import annotations
 
@@ -18,8 +21,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from fusedres.bench.common import (DTYPES, MEMORY_FORMATS, Config, amp, compile_suffix, convert_model,
-                                   force_backend, fused_impl, keep_impl, with_backend)
+from fusedres.bench.common import (CIFAR_MODELS, DTYPES, MEMORY_FORMATS, Config, amp, compile_suffix,
+                                   convert_model, force_backend, fused_impl, keep_impl, with_backend)
 from fusedres.bench.results import make_row
 from fusedres.bench.timing import measure
 
@@ -70,9 +73,19 @@ def plan(cfg: Config, mode: str, backends_for) -> list[Candidate]:
 
 
 def build_model(name: str, num_classes: int = 1000) -> torch.nn.Module:
+    """The stock model: torchvision's, or for the pre-activation names fusedres.preact's unconverted network."""
+    if name.startswith("preact_resnet"):
+        from fusedres import models
+
+        return getattr(models, name)(num_classes=num_classes, fused=False)
     import torchvision
 
     return torchvision.models.get_model(name, weights=None, num_classes=num_classes)
+
+
+def image_size_for(name: str, cfg: Config) -> int:
+    """CIFAR models run at their own 32x32; every other model at cfg.image_size."""
+    return CIFAR_MODELS.get(name, cfg.image_size)
 
 
 def _graphed_infer(fwd, x, dtype, device):
@@ -94,8 +107,12 @@ def _graphed_infer(fwd, x, dtype, device):
     return replay
 
 
-def candidate(base: torch.nn.Module, cand: Candidate, mode: str, batch: int, cfg: Config, device):
-    """A builder for one candidate: its own model copy, optimizer and inputs."""
+def candidate(base: torch.nn.Module, cand: Candidate, mode: str, batch: int, cfg: Config, device,
+              image_size: int | None = None):
+    """A builder for one candidate: its own model copy, optimizer and inputs (image_size x image_size,
+    default cfg.image_size)."""
+    size = image_size or cfg.image_size
+
     def build():
         dtype = DTYPES[cand.dtype]
         memory_format = MEMORY_FORMATS[cand.memory_format]
@@ -103,7 +120,7 @@ def candidate(base: torch.nn.Module, cand: Candidate, mode: str, batch: int, cfg
         if cand.backend is not None:
             model = convert_model(model)
         model.train(mode == "train")
-        x = torch.randn(batch, 3, cfg.image_size, cfg.image_size, device=device).contiguous(
+        x = torch.randn(batch, 3, size, size, device=device).contiguous(
             memory_format=memory_format)
         fwd = model if cand.compile_mode is None else torch.compile(model, mode=cand.compile_mode)
         if mode == "infer":
@@ -158,7 +175,8 @@ def run(cfg: Config, device, timer, bar=None, on_group=None) -> list[dict]:
         if base_name != name:
             base, base_name = build_model(name, cfg.num_classes), name
         cands = plan(cfg, mode, backends_for)
-        results = measure({c.impl + "@" + c.dtype: candidate(base, c, mode, cfg.batch, cfg, device)
+        size = image_size_for(name, cfg)
+        results = measure({c.impl + "@" + c.dtype: candidate(base, c, mode, cfg.batch, cfg, device, size)
                            for c in cands}, timer, repeats=cfg.repeats, warmup=cfg.warmup,
                           target_ms=cfg.target_ms, max_iters=cfg.max_iters, memory=True)
         for c in cands:

@@ -16,7 +16,7 @@ META_KEYS = ("device", "driver", "torch", "triton", "cuda", "commit", "date")
 ROW_KEYS = ("level", "name", "mode", "impl", "dtype", "memory_format", "batch",
             "ms", "img_per_s", "gbps", "peak_mem_bytes")
 OPTIONAL_KEYS = ("ms_min", "ms_max", "repeats", "iters", "shape", "bytes", "copy_gbps", "pct_of_copy",
-                 "speedup", "error")
+                 "speedup", "peak_mem_ratio", "error")
 MODES = ("train", "infer", "fwd", "bwd")
 # Per level, which impls every other row of its group is compared with: speedup[key] = baseline ms / ms.
 BASELINES = {
@@ -63,7 +63,21 @@ def add_speedups(rows: list[dict], baselines: dict = BASELINES) -> list[dict]:
             for row in members:
                 if row.get("ms") and row["impl"] not in NO_SPEEDUP:
                     row.setdefault("speedup", {})[key] = base["ms"] / row["ms"]
+        add_memory_ratios(members)
     return rows
+
+
+def add_memory_ratios(members: list[dict]) -> None:
+    """row['peak_mem_ratio'] = {'eager': row peak / eager's peak} within one models or blocks group (below 1 =
+    less memory than eager; e.g. the ResNet-1001 train rows)."""
+    if members[0]["level"] not in ("models", "blocks"):
+        return
+    base = next((r for r in members if r["impl"] == "eager" and r.get("peak_mem_bytes")), None)
+    if base is None:
+        return
+    for row in members:
+        if row.get("peak_mem_bytes") is not None:
+            row.setdefault("peak_mem_ratio", {})["eager"] = row["peak_mem_bytes"] / base["peak_mem_bytes"]
 
 
 def document(meta: dict, rows: list[dict]) -> dict:
@@ -195,7 +209,8 @@ _COLUMNS = {
                ("img/s", lambda r: fmt_num(r.get("img_per_s"), 4), "r"),
                ("vs eager", lambda r: fmt_ratio((r.get("speedup") or {}).get("eager")), "r"),
                ("vs compile", lambda r: fmt_ratio((r.get("speedup") or {}).get("compile")), "r"),
-               ("peak MiB", lambda r: fmt_mib(r.get("peak_mem_bytes")), "r")],
+               ("peak MiB", lambda r: fmt_mib(r.get("peak_mem_bytes")), "r"),
+               ("mem vs eager", lambda r: fmt_ratio((r.get("peak_mem_ratio") or {}).get("eager")), "r")],
 }
 
 
@@ -224,7 +239,8 @@ def format_tables(rows: list[dict], meta: dict | None = None) -> str:
              "blocks": "fwd = training-mode forward, train = forward + backward, infer = eval forward.",
              "models": "train = one SGD step (forward, loss, backward, optimizer), infer = eval forward; "
                        "speedups against eager and torch.compile of the same dtype; peak MiB = memory a call "
-                       "adds above the resident model and optimizer state."}
+                       "adds above the resident model and optimizer state; mem vs eager = peak MiB / eager's "
+                       "(same dtype)."}
     for level in ("kernels", "blocks", "models"):
         if any(r["level"] == level for r in rows):
             parts.append(f"### {level}\n\n{notes[level]}\n\n{level_table(rows, level)}")

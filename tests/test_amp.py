@@ -1,0 +1,92 @@
+"""Mixed precision: under torch.autocast (fp16, bf16) a converted ResNet gets and returns the dtypes stock does,
+keeps its BatchNorm statistics in float32, is at least as close to a float64 run as stock is, and trains
+with GradScaler."""
+import copy
+
+import pytest
+import torch
+
+import fusedres
+from helpers import mixed_resnet
+
+AMP_DTYPES = [torch.bfloat16, torch.float16]
+
+
+def _models(device):
+    """A tiny torchvision ResNet with both block kinds and both shortcut kinds; 32x32 inputs keep every feature
+    map at least 2x2 (torch 2.14.1's CPU bf16 conv weight-gradient gave sporadic garbage, ~1e17, on 1x1 maps
+    in stock and fused models alike)."""
+    stock = mixed_resnet().to(device)
+    return stock, fusedres.convert(copy.deepcopy(stock)), copy.deepcopy(stock).double()
+
+
+def _dtype_trace(model, names):
+    """Output dtype of each named submodule during the next forward."""
+    seen, handles = {}, []
+    for name in names:
+        mod = model.get_submodule(name)
+        handles.append(mod.register_forward_hook(lambda m, i, o, name=name: seen.__setitem__(name, o.dtype)))
+    return seen, handles
+
+
+@pytest.mark.parametrize("dtype", AMP_DTYPES)
+def test_autocast_dtypes_and_accuracy(device, dtype):
+    stock, fused, ref = _models(device)
+    names = ["conv1", "maxpool", "layer1", "layer2.0", "layer3", "layer4", "avgpool", "fc"]
+    x = torch.randn(8, 3, 32, 32, device=device)
+    traces = []
+    for model in (stock, fused):
+        seen, handles = _dtype_trace(model, names)
+        with torch.autocast(device, dtype=dtype):
+            out = model(x)
+        for h in handles:
+            h.remove()
+        traces.append((seen, out))
+    (seen_s, ys), (seen_f, yf) = traces
+    assert seen_f == seen_s and yf.dtype == ys.dtype, (seen_f, seen_s)
+    assert seen_f["layer1"] == dtype  # the fused block ran in the autocast dtype, like stock
+    for (name, b), c in zip(fused.named_buffers(), stock.buffers()):
+        assert b.dtype == c.dtype, name  # running statistics stay float32
+        if b.is_floating_point():
+            assert b.dtype == torch.float32
+    # the stem BN saw the very same conv output in both: its statistics agree to float32 rounding
+    torch.testing.assert_close(fused.bn1.running_mean, stock.bn1.running_mean, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(fused.bn1.running_var, stock.bn1.running_var, rtol=1e-5, atol=1e-6)
+    yd = ref(x.double())
+    err_s = (ys.double() - yd).abs().max().item()
+    err_f = (yf.double() - yd).abs().max().item()
+    # fused BN + add + ReLU rounds once instead of three times: no worse than stock's own mixed-precision error
+    assert err_f <= 1.5 * err_s + 1e-3, (err_f, err_s)
+
+
+@pytest.mark.parametrize("dtype", AMP_DTYPES)
+def test_grad_scaler_training(device, dtype):
+    """Three autocast + GradScaler SGD steps: same loss-scale decisions as stock; gradients (first step) and
+    parameters (after the last) no further from a float64 run than stock's are."""
+    stock, fused, ref = _models(device)
+    opts = [torch.optim.SGD(m.parameters(), lr=0.01) for m in (stock, fused, ref)]
+    scalers = [torch.amp.GradScaler(device, init_scale=2.0 ** 10) for _ in range(2)]
+    for step in range(3):
+        x = torch.randn(8, 3, 32, 32, device=device)
+        target = torch.randint(0, 5, (8,), device=device)
+        for model, opt, scaler in zip((stock, fused), opts, scalers):
+            opt.zero_grad()
+            with torch.autocast(device, dtype=dtype):
+                loss = torch.nn.functional.cross_entropy(model(x), target)
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+        opts[2].zero_grad()
+        torch.nn.functional.cross_entropy(ref(x.double()), target).backward()
+        if step == 0:  # first step: all three start from the same weights
+            scale = scalers[0].get_scale()
+            for (name, p), q, r in zip(fused.named_parameters(), stock.parameters(), ref.parameters()):
+                err_f = (p.grad.double() / scale - r.grad).abs().max().item()
+                err_s = (q.grad.double() / scale - r.grad).abs().max().item()
+                assert err_f <= 2 * err_s + 2e-3 * r.grad.abs().max().item() + 1e-6, (name, err_f, err_s)
+        opts[2].step()
+    assert scalers[1].get_scale() == scalers[0].get_scale()
+    for (name, p), q, r in zip(fused.named_parameters(), stock.parameters(), ref.parameters()):
+        assert p.dtype == torch.float32 and torch.isfinite(p).all(), name
+        err_f, err_s = (p.double() - r).abs().max().item(), (q.double() - r).abs().max().item()
+        assert err_f <= 2 * err_s + 1e-3 * r.abs().max().item(), (name, err_f, err_s)

@@ -7,7 +7,6 @@ What `convert` changes (everything else is left alone):
   blocks with other norms (FrozenBatchNorm2d, SyncBatchNorm, GroupNorm) or an overridden forward stay stock;
 * the stem of a torchvision `ResNet` (stock `forward`): `bn1` becomes `BatchNormAct2d(act="relu")` and
   `relu` becomes `nn.Identity`, so `conv1 -> bn1 -> relu` runs as conv + one fused op.
-
 * timm (optional; never imported by fusedres): `timm.models.resnet.BasicBlock` / `Bottleneck` become
   `fusedres.nn.timm_blocks.TimmBasicBlock` / `TimmBottleneck` when they have plain BatchNorm2d norms, ReLU
   activations and no drop-block / anti-aliasing / attention / drop-path module (else they stay stock); a
@@ -27,7 +26,8 @@ from __future__ import annotations
 from torch import nn
 
 from fusedres.nn.batchnorm_act import BatchNormAct2d
-from fusedres.nn.blocks import BasicBlock, Bottleneck, _FusedBlock
+from fusedres.nn.blocks import SKIP_KINDS, SKIP_SIDES, BasicBlock, Bottleneck, _FusedBlock
+from fusedres.nn.sync_batchnorm import from_sync_bn, to_sync_bn
 from fusedres.nn.preact_blocks import PREACT_BLOCKS, _FusedPreAct, fuse_preact_head, unfuse_preact_head
 from fusedres.nn.timm_blocks import (TIMM_BLOCKS, TimmBatchNormAct2d, _TimmFusedBlock, fuse_timm_stem,
                                      unfuse_timm_stem)
@@ -82,7 +82,9 @@ def _swap_children(model: nn.Module, fn) -> None:
             _swap_children(child, fn)
 
 
-def convert(model: nn.Module, inplace: bool = True, mode: str = "bn") -> nn.Module:
+def convert(model: nn.Module, inplace: bool = True, mode: str = "bn", *, sync_bn: bool = False,
+            process_group=None, skip_weight: str | None = None, skip_on: str = "branch",
+            skip_init: float = 1.0) -> nn.Module:
     """Replace torchvision ResNet blocks (and a torchvision ResNet's stem BN + ReLU) in `model` by fused ones
     that share their Parameters and buffers; returns the converted model (a new object only when `model`
     itself is a block). `inplace=False` converts a deep copy and leaves `model` untouched.
@@ -91,27 +93,57 @@ def convert(model: nn.Module, inplace: bool = True, mode: str = "bn") -> nn.Modu
     mode="bn" (default): fused BatchNorm + add + ReLU elementwise ops after stock convolutions.
     mode="conv": additionally run each block as single-pass convolutions (`fusedres.nn.conv_blocks`): convs
     emit BN statistics, the next conv applies BN + ReLU in its input prologue, the tail is one bn_act pass.
-    Same modules, tensors and state_dict keys; `unconvert` undoes either mode."""
+    Same modules, tensors and state_dict keys; `unconvert` undoes either mode.
+
+    skip_weight="scalar" | "channel": give every fused torchvision-style block a learned skip weight
+    (`_FusedBlock.add_skip_weight`), on the residual branch (skip_on="branch": relu(a * BN(F(x)) + x); with
+    skip_init=0 each block starts as the identity, ReZero/SkipInit style) or on the shortcut
+    (skip_on="shortcut": relu(BN(F(x)) + b * x)). It adds one Parameter per block (state_dict key
+    `<block>.skip_weight`) and is folded into the block tail's fused pass.
+
+    sync_bn=True (mode="bn" only): every BatchNorm becomes a `fusedres.nn.SyncBatchNormAct2d` computing batch
+    statistics over `process_group` (None: the default group) with one all_reduce per layer forward and one
+    per layer backward, like torch.nn.SyncBatchNorm but still fused (`fusedres.nn.to_sync_bn`)."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"fusedres.convert: model must be a torch.nn.Module, got {type(model).__name__}")
     if mode not in ("bn", "conv"):
         raise ValueError(f"fusedres.convert: unknown mode {mode!r}; choose 'bn' or 'conv'")
+    if sync_bn and mode == "conv":
+        raise ValueError("fusedres.convert: sync_bn=True needs mode='bn': in conv mode the convolutions compute "
+                         "the BatchNorm statistics of one process only")
+    if skip_weight is not None and (skip_weight not in SKIP_KINDS or skip_on not in SKIP_SIDES):
+        raise ValueError(f"fusedres.convert: skip_weight must be None or one of {SKIP_KINDS} and skip_on one of "
+                         f"{SKIP_SIDES}; got skip_weight={skip_weight!r}, skip_on={skip_on!r}")
     if not inplace:
         import copy
 
         model = copy.deepcopy(model)
     root = _convert_module(model)
-    if mode == "conv":
-        root = _to_conv_mode(root)
-    if root is not model:
-        return root
+    if root is not model:  # model was a single block
+        if skip_weight is not None:
+            _add_skip_weights(root, skip_weight, skip_on, skip_init)
+        root = _to_conv_mode(root) if mode == "conv" else root
+        return to_sync_bn(root, process_group) if sync_bn else root
     _swap_children(model, _convert_module)
+    if skip_weight is not None:
+        _add_skip_weights(model, skip_weight, skip_on, skip_init)
     if mode == "conv":
         _swap_children(model, _to_conv_mode)
     if _is_stock_resnet(model) and type(model.bn1) is nn.BatchNorm2d and type(model.relu) is nn.ReLU:
         model.bn1 = BatchNormAct2d.from_bn(model.bn1, act="relu")
         model.relu = nn.Identity()
-    return model
+    return to_sync_bn(model, process_group) if sync_bn else model
+
+
+def _add_skip_weights(model: nn.Module, kind: str, on: str, init: float) -> None:
+    """A skip weight on every fused block that has none yet (so converting twice changes nothing)."""
+    blocks = [m for m in model.modules() if isinstance(m, _FusedBlock)]
+    if not blocks:
+        raise ValueError("fusedres.convert: skip_weight was requested but the model has no fused torchvision-style "
+                         "block (BasicBlock / Bottleneck) to put it on")
+    for block in blocks:
+        if getattr(block, "skip_weight", None) is None:
+            block.add_skip_weight(kind, on, init)
 
 
 def _to_conv_mode(m: nn.Module) -> nn.Module:
@@ -131,6 +163,7 @@ def unconvert(model: nn.Module, inplace: bool = True) -> nn.Module:
         import copy
 
         model = copy.deepcopy(model)
+    model = from_sync_bn(model)
     root = _unconvert_module(model)
     if root is not model:
         return root

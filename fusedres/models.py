@@ -7,6 +7,9 @@ state_dict keys are torchvision's: `model.load_state_dict(torchvision_state_dict
 `preact_resnet1001`, `preact_resnet18/34/50/101/152`) build the plain-PyTorch `fusedres.preact` networks and
 convert them unless `fused=False`.
 
+`skip_weight=`, `skip_on=`, `skip_init=` go to `fusedres.convert` (learned skip weights); every other keyword
+goes to torchvision.
+
 Pretrained `weights` are refused rather than downloaded: these constructors never touch the network. Load
 weights yourself, e.g. `model.load_state_dict(torch.load(path))`, or build
 `torchvision.models.resnet50(weights=...)` and pass it to `fusedres.convert`.
@@ -33,7 +36,8 @@ def _build(name: str, weights, progress: bool, kwargs: dict) -> nn.Module:
             f"fusedres.convert(torchvision.models.{name}(weights=...)).")
     import torchvision.models as tvm
 
-    return convert(getattr(tvm, name)(weights=None, progress=progress, **kwargs))
+    skip = {k: kwargs.pop(k) for k in ("skip_weight", "skip_on", "skip_init") if k in kwargs}
+    return convert(getattr(tvm, name)(weights=None, progress=progress, **kwargs), **skip)
 
 
 def resnet18(*, weights: Any = None, progress: bool = True, **kwargs: Any) -> nn.Module:
@@ -69,6 +73,7 @@ def wide_resnet50_2(*, weights: Any = None, progress: bool = True, **kwargs: Any
 def resnext50_32x4d(*, weights: Any = None, progress: bool = True, **kwargs: Any) -> nn.Module:
     """ResNeXt-50 32x4d (torchvision.models.resnext50_32x4d), fused (grouped conv2); weights must be None."""
     return _build("resnext50_32x4d", weights, progress, kwargs)
+
 
 # Pre-activation ResNets ("Identity Mappings in Deep Residual Networks"): the stock networks are the plain-PyTorch
 # `fusedres.preact.PreActResNet`; fused=True converts them (every BN -> ReLU pair one fused op), fused=False

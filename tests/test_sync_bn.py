@@ -280,7 +280,7 @@ def check_one_all_reduce_per_layer(rank):
         y.sum().backward()
         assert counter.calls == 2, f"dual_bn_act forward + backward: {counter.calls} all_reduce calls"
 
-    model = to_sync_bn(fusedres.convert(mixed_resnet()))
+    model = fusedres.convert(mixed_resnet(), sync_bn=True)
     # 13 BatchNorms: stem 1, BasicBlock 2, BasicBlock + downsample 3, Bottleneck + downsample 4, Bottleneck 3;
     # the two downsampling tails run their two BNs in one dual op -> 11 fused layers
     assert sum(isinstance(m, SyncBatchNormAct2d) for m in model.modules()) == 13
@@ -335,7 +335,7 @@ def _check_ddp(rank, build, size, channels_last, backend=None, steps=2):
     each batch == the stock model trained on the whole batches in one process: every parameter and buffer."""
     torch.manual_seed(5)
     stock = randomise_bns(build().double(), running_stats=True)
-    fused = to_sync_bn(fusedres.convert(copy.deepcopy(stock)))
+    fused = fusedres.convert(copy.deepcopy(stock), sync_bn=True)
     assert not any(type(m) is nn.BatchNorm2d for m in fused.modules())
     if channels_last:
         fused = fused.to(memory_format=torch.channels_last)
@@ -512,11 +512,27 @@ def test_to_sync_bn_before_convert():
     bns = _bns(model)
     assert all(type(bn) is SyncBatchNormAct2d for bn in bns.values())
     assert bns["layer3.0.bn3"].act == "relu" and bns["layer3.0.downsample.1"].act is None
-    stock = fusedres.unconvert(model)
-    assert all(type(bn) is SyncBatchNormAct2d and bn.act is None for bn in _bns(stock).values())
+    stock = fusedres.unconvert(model)  # back to stock classes throughout, synced layers included
+    assert all(type(bn) is nn.BatchNorm2d for bn in _bns(stock).values())
 
 
 def test_to_sync_bn_refuses_conv_mode():
     model = fusedres.convert(mixed_resnet(), mode="conv")
     with pytest.raises(TypeError, match="mode='bn'"):
         to_sync_bn(model)
+
+
+def test_convert_sync_bn_wiring():
+    """convert(sync_bn=True) puts a SyncBatchNormAct2d wherever a BatchNorm was (state_dict keys unchanged);
+    unconvert gives back the stock classes with the same tensors; conv mode is refused up front."""
+    stock = mixed_resnet()
+    keys = list(stock.state_dict())
+    model = fusedres.convert(copy.deepcopy(stock), sync_bn=True)
+    bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert bns and all(isinstance(m, SyncBatchNormAct2d) for m in bns)
+    assert list(model.state_dict()) == keys
+    back = fusedres.unconvert(model)
+    assert [type(m) for m in back.modules()] == [type(m) for m in stock.modules()]
+    assert all(a.data_ptr() == b.data_ptr() for a, b in zip(back.state_dict().values(), model.state_dict().values()))
+    with pytest.raises(ValueError, match="sync_bn=True needs mode='bn'"):
+        fusedres.convert(copy.deepcopy(stock), mode="conv", sync_bn=True)

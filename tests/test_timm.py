@@ -149,6 +149,8 @@ def test_block_conversion_shares_modules():
     assert type(fused) is TimmBottleneck and fused.conv2 is block.conv2 and fused.act2 is block.act2
     assert fused.bn1.weight is block.bn1.weight and fused.bn3.running_var is block.bn3.running_var
     assert fused.se is None and fused.drop_path is None and fused.downsample is None and fused.dilation == 1
+    fused.zero_init_last()  # timm's init hook still works on the fused block
+    assert not block.bn3.weight.any()
     back = unconvert(fused)
     assert type(back) is tr.Bottleneck and type(back.bn1) is nn.BatchNorm2d and back.conv1 is block.conv1
     bn_act = TimmBNAct(6, act_kwargs=dict(inplace=False))

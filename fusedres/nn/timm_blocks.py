@@ -86,6 +86,12 @@ class _TimmFusedBlock(nn.Module):
         _copy_state(self, old, self._norms, to_fused=False)
         return old
 
+    def zero_init_last(self) -> None:
+        """timm's hook (called by `ResNet.init_weights(zero_init_last=True)`): zero the last BN's weight."""
+        bn = getattr(self, self._norms[-1])
+        if bn.weight is not None:
+            nn.init.zeros_(bn.weight)
+
     def _fused_tail(self, x: Tensor, out: Tensor, bn: BatchNormAct2d) -> Tensor:
         return fused_tail(bn, out, x, self.downsample, True)
 

@@ -302,3 +302,29 @@ def test_converted_model_compiles_fullgraph(device):
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-3, atol=1e-4, msg=name)
     for (name, b), c in zip(fused.named_buffers(), stock.buffers()):
         torch.testing.assert_close(b, c, rtol=1e-5, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("mode", ["bn", "conv"])
+def test_checkpoints_whole_model_and_state_dict(tmp_path, mode):
+    """torch.save / torch.load of a converted model (whole module, weights_only=False) gives the same classes
+    and outputs; its state_dict file loads (weights_only=True) into a stock torchvision model and back; and
+    unconvert of the loaded model is stock torchvision with identical weights."""
+    from helpers import mixed_resnet
+
+    stock = mixed_resnet(randomise_running_stats=True).eval()
+    fused = convert(copy.deepcopy(stock), mode=mode).eval()
+    x = torch.randn(2, 3, 16, 16)
+    torch.save(fused, tmp_path / "model.pt")
+    torch.save(fused.state_dict(), tmp_path / "state.pt")
+    loaded = torch.load(tmp_path / "model.pt", weights_only=False)
+    assert [type(m) for m in loaded.modules()] == [type(m) for m in fused.modules()]
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), fused(x), rtol=0, atol=0)
+        fresh = mixed_resnet()
+        fresh.load_state_dict(torch.load(tmp_path / "state.pt", weights_only=True))
+        torch.testing.assert_close(fresh.eval()(x), stock(x), rtol=0, atol=0)
+        back = unconvert(loaded)
+        assert [type(m) for m in back.modules()] == [type(m) for m in stock.modules()]
+        for (k, v), w in zip(back.state_dict().items(), stock.state_dict().values()):
+            assert torch.equal(v, w), k
+        torch.testing.assert_close(back(x), stock(x), rtol=0, atol=0)

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The one script to run on a lent GPU machine, in a single call, from the repository root:
 #   bash scripts/gpu.sh                      all steps, logs and results under $OUT (default ./gpu-out)
-#   STEPS="build bench" bash scripts/gpu.sh  only some steps (build tests memcheck racecheck bench)
+#   STEPS="build bench" bash scripts/gpu.sh  only some steps (build tests memcheck racecheck bench preact)
 # Steps (each runs even when an earlier one fails; a summary closes the run):
 #   build      pip install --no-build-isolation --no-deps -e .  with the machine's own Python (no venv, no
 #              network); warnings are errors; the build time is in build.log
@@ -9,6 +9,7 @@
 #   memcheck   compute-sanitizer --tool memcheck over tests/test_cuda_backend.py (quick shapes)
 #   racecheck  compute-sanitizer --tool racecheck over its reductions
 #   bench      python -m fusedres.bench --level $BENCH_LEVEL --out $OUT/bench (when fusedres/bench exists)
+#   preact     the ResNet-1001 memory row: stock vs fused pre-activation ResNet-1001 training step (fp32, bf16)
 # The device tool stops a command after 10 minutes: the steps share GPU_BUDGET_S (default 570 s), each capped
 # by its own limit and by what is left; a step with under 20 s left is skipped and says so.
 # What comes back: summary.txt (versions, device, one line per step), <step>.log for each step run, and
@@ -20,7 +21,7 @@ OUT="${OUT:-$PWD/gpu-out}"
 MORE="$OUT/more"  # packed into results.tar.gz at the end
 mkdir -p "$MORE"
 PY="${PYTHON:-python3}"
-STEPS="${STEPS:-build tests memcheck racecheck bench}"
+STEPS="${STEPS:-build tests memcheck racecheck bench preact}"
 BENCH_LEVEL="${BENCH_LEVEL:-all}"
 DEADLINE=$((SECONDS + ${GPU_BUDGET_S:-570}))
 export FUSEDRES_WERROR="${FUSEDRES_WERROR:-1}"
@@ -102,6 +103,12 @@ if wanted bench; then
   else
     note bench "skipped: no fusedres/bench"
   fi
+fi
+
+if wanted preact; then
+  mkdir -p "$MORE/bench"
+  step preact 300 "$PY" -m fusedres.bench --level models --models preact_resnet1001 --modes train \
+    --impl 'eager,fusedres[*]' --dtype fp32,bf16 --out "$MORE/bench"
 fi
 
 echo

@@ -36,9 +36,9 @@ from torch import Tensor
 
 from fusedres import backends
 from fusedres._layout import acc_dtype
-from fusedres.ops._common import (cast_param_grad, channel_count, check_bn, check_channels, check_like, densify,
+from fusedres.ops._common import (cast_param_grad, channel_count, check_bn, check_like, densify,
                                   grad_coefficients, scale_shift, update_running_stats)
-from fusedres.ops.bn_act import _residual_args, bn_act
+from fusedres.ops.bn_act import _check as check_bn_act_args, _residual_args, bn_act
 from fusedres.ops.dual_bn_act import dual_bn_act
 
 
@@ -192,13 +192,9 @@ def sync_bn_act(x: Tensor, running_mean: Optional[Tensor], running_var: Optional
     if not training:
         return bn_act(x, running_mean, running_var, weight, bias, False, momentum, eps, residual, relu,
                       residual_weight)
-    check_bn(x, "x", weight, bias, running_mean, running_var)
-    if residual is not None:
-        check_like(residual, x, "residual")
-    if residual_weight is not None:
-        if residual is None:
-            raise ValueError("fusedres: residual_weight was given without a residual")
-        check_channels(residual_weight, x, "residual_weight")
+    # the batch-size rule is checked on the global count, inside the Function
+    check_bn_act_args(x, weight, bias, residual, running_mean, running_var, training=False,
+                      residual_weight=residual_weight)
     y, mean, var, count = _SyncBnAct.apply(x, weight, bias, residual, eps, relu, residual_weight, process_group)
     update_running_stats(running_mean, running_var, mean, var, count, momentum)
     return y

@@ -40,16 +40,21 @@ def assert_close(actual, expected, tol, what=""):
     torch.testing.assert_close(a, e, rtol=tol, atol=tol * scale, msg=lambda m: f"{what}: {m}")
 
 
-def train_and_compare(stock, fused, *, tol, steps=2, shape=(4, 3, 32, 32), num_classes=5, dtype=torch.float64):
+def train_and_compare(stock, fused, *, tol, steps=2, shape=(4, 3, 32, 32), num_classes=5, dtype=torch.float64,
+                      device="cpu", memory_format=torch.contiguous_format, lr=0.05):
     """`steps` momentum-SGD steps on both from the same state; outputs, every gradient (the input's too) at each
     step, every buffer after, then eval-mode outputs, all within `tol` (elementwise, relative to the max)."""
-    opt_s = torch.optim.SGD(stock.parameters(), lr=0.05, momentum=0.9)
-    opt_f = torch.optim.SGD(fused.parameters(), lr=0.05, momentum=0.9)
+    opt_s = torch.optim.SGD(stock.parameters(), lr=lr, momentum=0.9)
+    opt_f = torch.optim.SGD(fused.parameters(), lr=lr, momentum=0.9)
     stock.train()
     fused.train()
+
+    def batch():
+        return torch.randn(shape, dtype=dtype, device=device).contiguous(memory_format=memory_format)
+
     for step in range(steps):
-        x = torch.randn(shape, dtype=dtype)
-        target = torch.randint(0, num_classes, (shape[0],))
+        x = batch()
+        target = torch.randint(0, num_classes, (shape[0],), device=device)
         xs, xf = x.clone().requires_grad_(), x.clone().requires_grad_()
         out_s, out_f = stock(xs), fused(xf)
         assert_close(out_f, out_s, tol, f"train output, step {step}")
@@ -64,13 +69,13 @@ def train_and_compare(stock, fused, *, tol, steps=2, shape=(4, 3, 32, 32), num_c
         opt_f.zero_grad()
     for (name, bf), (_, bs) in zip(fused.named_buffers(), stock.named_buffers()):
         if name.endswith("num_batches_tracked"):
-            assert bf.item() == bs.item(), name
+            assert bf.item() == bs.item() == steps, name
         else:
             assert_close(bf, bs, tol, name)
     stock.eval()
     fused.eval()
     with torch.no_grad():
-        x = torch.randn(shape, dtype=dtype)
+        x = batch()
         assert_close(fused(x), stock(x), tol, "eval output")
 
 

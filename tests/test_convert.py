@@ -14,16 +14,9 @@ import fusedres
 from fusedres import convert, unconvert
 from fusedres.nn import BasicBlock, BatchNormAct2d, Bottleneck
 from helpers import tiny_resnet
+from model_compare import assert_close, train_and_compare
 
 CL = torch.channels_last
-
-
-def assert_close(actual, expected, tol, what=""):
-    """|actual - expected| <= tol * (|expected| + max|expected|), elementwise."""
-    assert actual.shape == expected.shape and actual.dtype == expected.dtype, what
-    a, e = actual.detach().double(), expected.detach().double()
-    scale = max(e.abs().max().item(), 1e-30)
-    torch.testing.assert_close(a, e, rtol=tol, atol=tol * scale, msg=lambda m: f"{what}: {m}")
 
 
 def _randomize_bn(model):
@@ -45,38 +38,6 @@ def _norm_error(actual, expected):
     return ((actual.double() - expected.double()).norm() / expected.double().norm()).item()
 
 
-def _train_and_compare(stock, fused, device, *, dtype, memory_format, tol, steps=3, batch=4, size=32):
-    """`steps` momentum-SGD steps on both from the same init; compare the outputs and every parameter's
-    gradient at each step, every buffer at the end, then the eval-mode outputs."""
-    opt_s = torch.optim.SGD(stock.parameters(), lr=0.02, momentum=0.9)
-    opt_f = torch.optim.SGD(fused.parameters(), lr=0.02, momentum=0.9)
-    stock.train()
-    fused.train()
-    for step in range(steps):
-        x = torch.randn(batch, 3, size, size, device=device, dtype=dtype).contiguous(memory_format=memory_format)
-        target = torch.randint(0, 10, (batch,), device=device)
-        out_s, out_f = stock(x), fused(x)
-        assert_close(out_f, out_s, tol, f"train output, step {step}")
-        F.cross_entropy(out_s, target).backward()
-        F.cross_entropy(out_f, target).backward()
-        for (name, pf), (_, ps) in zip(fused.named_parameters(), stock.named_parameters()):
-            assert_close(pf.grad, ps.grad, tol, f"grad {name}, step {step}")
-        opt_s.step()
-        opt_f.step()
-        opt_s.zero_grad()
-        opt_f.zero_grad()
-    for (name, bf), (_, bs) in zip(fused.named_buffers(), stock.named_buffers()):
-        if name.endswith("num_batches_tracked"):
-            assert bf.item() == bs.item() == steps, name
-        else:
-            assert_close(bf, bs, tol, name)
-    stock.eval()
-    fused.eval()
-    with torch.no_grad():
-        x = torch.randn(batch, 3, size, size, device=device, dtype=dtype).contiguous(memory_format=memory_format)
-        assert_close(fused(x), stock(x), tol, "eval output")
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("name,memory_format,steps,tol", [("resnet18", CL, 3, 1e-7),
                                                           ("resnet50", torch.contiguous_format, 1, 1e-6)],
@@ -95,8 +56,8 @@ def test_converted_model_trains_like_stock_float64(name, memory_format, steps, t
     stock = _stock(name, device, torch.float64, memory_format)
     fused = convert(copy.deepcopy(stock))
     assert type(fused.layer1[0]) is (BasicBlock if name == "resnet18" else Bottleneck)
-    _train_and_compare(stock, fused, device, dtype=torch.float64, memory_format=memory_format, tol=tol,
-                       steps=steps)
+    train_and_compare(stock, fused, tol=tol, steps=steps, num_classes=10, dtype=torch.float64, device=device,
+                      memory_format=memory_format, lr=0.02)
 
 
 @pytest.mark.slow

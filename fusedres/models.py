@@ -76,58 +76,59 @@ def resnext50_32x4d(*, weights: Any = None, progress: bool = True, **kwargs: Any
 
 
 # Pre-activation ResNets ("Identity Mappings in Deep Residual Networks"): the stock networks are the plain-PyTorch
-# `fusedres.preact.PreActResNet`; fused=True converts them (every BN -> ReLU pair one fused op), fused=False
-# returns the stock network. `fusedres.convert` / `unconvert` map between the two; state_dict keys are the same.
+# `fusedres.preact.PreActResNet`; fused=True converts them (every BN -> ReLU pair one fused op; mode="conv":
+# conv-mode units, `fusedres.nn.preact_conv`, each BN + ReLU in the next conv's prologue), fused=False returns the
+# stock network. `fusedres.convert` / `unconvert` map between the two; state_dict keys are the same.
 
-def _preact(model: nn.Module, fused: bool) -> nn.Module:
-    return convert(model) if fused else model
+def _preact(model: nn.Module, fused: bool, mode: str = "bn") -> nn.Module:
+    return convert(model, mode=mode) if fused else model
 
 
-def preact_resnet_cifar(depth: int, num_classes: int = 10, fused: bool = True) -> nn.Module:
+def preact_resnet_cifar(depth: int, num_classes: int = 10, fused: bool = True, *, mode: str = "bn") -> nn.Module:
     """CIFAR pre-activation bottleneck ResNet of depth 9n + 2 (3x3 stem, stages of 16/32/64 bottleneck widths)."""
     from fusedres.preact import preact_resnet_cifar as build
 
-    return _preact(build(depth, num_classes), fused)
+    return _preact(build(depth, num_classes), fused, mode)
 
 
-def preact_resnet164(num_classes: int = 10, fused: bool = True) -> nn.Module:
+def preact_resnet164(num_classes: int = 10, fused: bool = True, *, mode: str = "bn") -> nn.Module:
     """ResNet-164 of "Identity Mappings" (CIFAR, 18 bottleneck units per stage, 1.7M parameters)."""
-    return preact_resnet_cifar(164, num_classes, fused)
+    return preact_resnet_cifar(164, num_classes, fused, mode=mode)
 
 
-def preact_resnet1001(num_classes: int = 10, fused: bool = True) -> nn.Module:
+def preact_resnet1001(num_classes: int = 10, fused: bool = True, *, mode: str = "bn") -> nn.Module:
     """ResNet-1001 of "Identity Mappings" (CIFAR, 111 bottleneck units per stage, 10.3M parameters)."""
-    return preact_resnet_cifar(1001, num_classes, fused)
+    return preact_resnet_cifar(1001, num_classes, fused, mode=mode)
 
 
-def _preact_imagenet(bottleneck: bool, layers, num_classes: int, fused: bool) -> nn.Module:
+def _preact_imagenet(bottleneck: bool, layers, num_classes: int, fused: bool, mode: str) -> nn.Module:
     from fusedres.preact import PreActBasicBlock, PreActBottleneck, PreActResNet
 
     block = PreActBottleneck if bottleneck else PreActBasicBlock
     return _preact(PreActResNet(block, layers, [64, 128, 256, 512], num_classes, stem="imagenet", stem_width=64),
-                   fused)
+                   fused, mode)
 
 
-def preact_resnet18(num_classes: int = 1000, fused: bool = True) -> nn.Module:
+def preact_resnet18(num_classes: int = 1000, fused: bool = True, *, mode: str = "bn") -> nn.Module:
     """ImageNet pre-activation ResNet-18 (basic units, torchvision's widths and depths)."""
-    return _preact_imagenet(False, [2, 2, 2, 2], num_classes, fused)
+    return _preact_imagenet(False, [2, 2, 2, 2], num_classes, fused, mode)
 
 
-def preact_resnet34(num_classes: int = 1000, fused: bool = True) -> nn.Module:
+def preact_resnet34(num_classes: int = 1000, fused: bool = True, *, mode: str = "bn") -> nn.Module:
     """ImageNet pre-activation ResNet-34 (basic units)."""
-    return _preact_imagenet(False, [3, 4, 6, 3], num_classes, fused)
+    return _preact_imagenet(False, [3, 4, 6, 3], num_classes, fused, mode)
 
 
-def preact_resnet50(num_classes: int = 1000, fused: bool = True) -> nn.Module:
+def preact_resnet50(num_classes: int = 1000, fused: bool = True, *, mode: str = "bn") -> nn.Module:
     """ImageNet pre-activation ResNet-50 (bottleneck units, stride on the 3x3 conv)."""
-    return _preact_imagenet(True, [3, 4, 6, 3], num_classes, fused)
+    return _preact_imagenet(True, [3, 4, 6, 3], num_classes, fused, mode)
 
 
-def preact_resnet101(num_classes: int = 1000, fused: bool = True) -> nn.Module:
+def preact_resnet101(num_classes: int = 1000, fused: bool = True, *, mode: str = "bn") -> nn.Module:
     """ImageNet pre-activation ResNet-101 (bottleneck units)."""
-    return _preact_imagenet(True, [3, 4, 23, 3], num_classes, fused)
+    return _preact_imagenet(True, [3, 4, 23, 3], num_classes, fused, mode)
 
 
-def preact_resnet152(num_classes: int = 1000, fused: bool = True) -> nn.Module:
+def preact_resnet152(num_classes: int = 1000, fused: bool = True, *, mode: str = "bn") -> nn.Module:
     """ImageNet pre-activation ResNet-152 (bottleneck units)."""
-    return _preact_imagenet(True, [3, 8, 36, 3], num_classes, fused)
+    return _preact_imagenet(True, [3, 8, 36, 3], num_classes, fused, mode)

@@ -129,7 +129,8 @@ def test_custom_units_left_alone():
 def test_constructors():
     for name in ("preact_resnet164", "preact_resnet1001"):
         params = inspect.signature(getattr(models, name)).parameters
-        assert list(params) == ["num_classes", "fused"] and params["fused"].default is True
+        assert list(params) == ["num_classes", "fused", "mode"] and params["fused"].default is True
+        assert params["mode"].default == "bn" and params["mode"].kind is inspect.Parameter.KEYWORD_ONLY
     with torch.device("meta"):
         m = models.preact_resnet50(num_classes=7)
         s = models.preact_resnet18(fused=False)

@@ -147,3 +147,6 @@ class ConvBottleneck(_ConvTrainMixin, Bottleneck):
 
 
 CONV_BLOCKS = {BasicBlock: ConvBasicBlock, Bottleneck: ConvBottleneck}
+
+# The conv-mode pre-activation units (built on the helpers above) add themselves to CONV_BLOCKS on import.
+import fusedres.nn.preact_conv  # noqa: E402,F401

@@ -60,3 +60,42 @@ def test_models_level_runs_preact_on_cpu(monkeypatch):
     assert {(r["impl"], r["dtype"]) for r in rows} >= {("eager", "fp32"), ("fusedres[reference]", "fp32")}
     assert all(r.get("error") is None for r in rows), [r.get("error") for r in rows]
     assert sizes and set(sizes) == {32}
+
+
+def test_conv_mode_candidates_planned_for_preact():
+    """fusedres[triton]+conv / fusedres[reference]+conv (convert(mode="conv")) are planned for the pre-activation
+    models, for a torchvision model only when --impl names a +conv impl, and the reference one is excluded by
+    default like every reference candidate."""
+    cfg = Config(dtypes=("bf16",))
+    both = lambda d, f: ["triton", "reference"]  # noqa: E731
+    impls = [c.impl for c in models.plan(cfg, "train", both, conv=models.conv_mode_for("preact_resnet1001", cfg))]
+    assert "fusedres[triton]+conv" in impls and "fusedres[reference]+conv" not in impls
+    assert not models.conv_mode_for("resnet50", cfg)
+    asked = Config(dtypes=("bf16",), impls=("eager", "fusedres[triton]+conv"))
+    assert models.conv_mode_for("resnet50", asked)
+    assert {c.impl for c in models.plan(asked, "train", both, conv=True)} == {"eager", "fusedres[triton]+conv"}
+    assert all(c.conv_mode == c.impl.endswith("+conv") for c in models.plan(cfg, "train", both, conv=True))
+
+
+def test_models_level_runs_preact_conv_mode_on_cpu(monkeypatch):
+    """A conv-mode candidate end to end on the CPU (reference backend, a depth-11 stand-in): its model is built
+    with convert(mode="conv") and the train and infer rows carry no error."""
+    from fusedres.nn.preact_conv import ConvPreActBottleneck
+
+    monkeypatch.setattr(models, "build_model", lambda name, num_classes=1000: preact.preact_resnet_cifar(11, 10))
+    built = []
+    real_convert = models.convert_model
+
+    def spy(model, convert=None):
+        out = real_convert(model, convert)
+        built.append(type(out.layer1[0]))
+        return out
+
+    monkeypatch.setattr(models, "convert_model", spy)
+    cfg = Config(batch=2, dtypes=("fp32",), repeats=1, warmup=1, target_ms=0.1, max_iters=1,
+                 models=("preact_resnet164",), model_modes=("train", "infer"), num_classes=10,
+                 impls=("eager", "fusedres[reference]+conv"))
+    rows = models.run(cfg, torch.device("cpu"), WallTimer())
+    assert {(r["impl"], r["mode"]) for r in rows} == {(i, m) for i in cfg.impls for m in cfg.model_modes}
+    assert all(r.get("error") is None for r in rows), [r.get("error") for r in rows]
+    assert built and set(built) == {ConvPreActBottleneck}

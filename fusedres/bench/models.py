@@ -6,28 +6,36 @@ Candidates for one model and mode, measured interleaved in one group:
     compile / compile[max-autotune]                   torch.compile: default for train, max-autotune for infer
     fusedres[<backend>]                               fusedres.convert(model), per backend accepting the input
     fusedres[<backend>]+compile[...]                  the converted model under torch.compile
+    fusedres[<backend>]+conv                          fusedres.convert(model, mode="conv") (triton / reference:
+                                                      the backends of the conv_bn_act kernel); planned for the
+                                                      pre-activation models, for others when --impl names it
     eager+cudagraphs, fusedres[<backend>]+cudagraphs  with --cuda-graphs
 compile and fusedres candidates run in each --dtype (default bf16; fp32 runs contiguous, others channels_last).
 train = forward, cross-entropy, backward, SGD step (GradScaler for fp16); infer = eval forward.
 Models: torchvision's ResNets, and with --models the pre-activation preact_resnet164 / preact_resnet1001
 (fusedres.preact, 32x32 inputs). Every row carries the call's peak memory; `peak_mem_ratio` (results.py) puts
-it against eager's in the same group, so the ResNet-1001 train rows show the memory fusion saves.
+it against eager's in the same group, so the ResNet-1001 train rows show the memory fusion saves (conv mode:
+each BN + ReLU in the next conv's prologue, about half the saved activations).
 """
 from __future__ import annotations
 
 import copy
+import functools
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from fusedres.bench.common import (CIFAR_MODELS, DTYPES, MEMORY_FORMATS, Config, amp, compile_suffix,
-                                   convert_model, force_backend, fused_impl, keep_impl, with_backend)
+                                   convert_model, force_backend, fused_impl, get_convert, keep_impl,
+                                   with_backend)
 from fusedres.bench.results import make_row
 from fusedres.bench.timing import measure
 
 LEVEL = "models"
 BASELINE_DTYPES = ("fp32", "bf16", "fp16")
+CONV_SUFFIX = "+conv"  # convert(mode="conv"): the Triton conv_bn_act (or its reference) runs every block conv
+CONV_BACKENDS = ("triton", "reference")
 
 
 @dataclass(frozen=True)
@@ -38,6 +46,7 @@ class Candidate:
     backend: str | None = None
     compile_mode: str | None = None
     graphs: bool = False
+    conv_mode: bool = False
 
 
 def layout_for(dtype: str) -> str:
@@ -48,8 +57,15 @@ def compile_mode_for(mode: str, quick: bool) -> str:
     return "max-autotune" if mode == "infer" and not quick else "default"
 
 
-def plan(cfg: Config, mode: str, backends_for) -> list[Candidate]:
-    """The candidates of one (model, mode) group; backends_for(dtype, memory_format) lists fusedres backends."""
+def conv_mode_for(name: str, cfg: Config) -> bool:
+    """Whether a group plans conv-mode candidates: the pre-activation models (their memory row), and any model
+    when an --impl pattern names a '+conv' impl (a whole torchvision ResNet autotunes every conv shape)."""
+    return name in CIFAR_MODELS or any(CONV_SUFFIX in p for p in cfg.impls)
+
+
+def plan(cfg: Config, mode: str, backends_for, conv: bool = False) -> list[Candidate]:
+    """The candidates of one (model, mode) group; backends_for(dtype, memory_format) lists fusedres backends;
+    `conv` adds fusedres[<backend>]+conv (convert(mode="conv")) for the conv kernel's backends."""
     cmode = compile_mode_for(mode, cfg.quick)
     out = [Candidate("eager", d, layout_for(d)) for d in BASELINE_DTYPES]
     for d in cfg.dtypes:
@@ -64,6 +80,8 @@ def plan(cfg: Config, mode: str, backends_for) -> list[Candidate]:
             out.append(Candidate(fused_impl(b, cmode), d, fmt, backend=b, compile_mode=cmode))
             if cfg.cuda_graphs:
                 out.append(Candidate(fused_impl(b, graphs=True), d, fmt, backend=b, graphs=True))
+            if conv and b in CONV_BACKENDS:
+                out.append(Candidate(fused_impl(b) + CONV_SUFFIX, d, fmt, backend=b, conv_mode=True))
     seen, kept = set(), []
     for c in out:
         if (c.impl, c.dtype) not in seen and keep_impl(c.impl, LEVEL, cfg.impls):
@@ -118,7 +136,7 @@ def candidate(base: torch.nn.Module, cand: Candidate, mode: str, batch: int, cfg
         memory_format = MEMORY_FORMATS[cand.memory_format]
         model = copy.deepcopy(base).to(device=device, memory_format=memory_format)
         if cand.backend is not None:
-            model = convert_model(model)
+            model = convert_model(model, functools.partial(get_convert(), mode="conv") if cand.conv_mode else None)
         model.train(mode == "train")
         x = torch.randn(batch, 3, size, size, device=device).contiguous(
             memory_format=memory_format)
@@ -174,7 +192,7 @@ def run(cfg: Config, device, timer, bar=None, on_group=None) -> list[dict]:
             bar.set_description(f"{name} {mode}")
         if base_name != name:
             base, base_name = build_model(name, cfg.num_classes), name
-        cands = plan(cfg, mode, backends_for)
+        cands = plan(cfg, mode, backends_for, conv=conv_mode_for(name, cfg))
         size = image_size_for(name, cfg)
         results = measure({c.impl + "@" + c.dtype: candidate(base, c, mode, cfg.batch, cfg, device, size)
                            for c in cands}, timer, repeats=cfg.repeats, warmup=cfg.warmup,

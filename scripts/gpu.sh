@@ -9,7 +9,7 @@
 #   memcheck   compute-sanitizer --tool memcheck over tests/test_cuda_backend.py (quick shapes)
 #   racecheck  compute-sanitizer --tool racecheck over its reductions
 #   bench      python -m fusedres.bench --level $BENCH_LEVEL --out $OUT/bench (when fusedres/bench exists)
-#   preact     the ResNet-1001 memory row: stock vs fused pre-activation ResNet-1001 training step (fp32, bf16)
+#   preact     the ResNet-1001 memory row: stock vs fused (bn and conv mode) pre-activation ResNet-1001 training step
 # The device tool stops a command after 10 minutes: the steps share GPU_BUDGET_S (default 570 s), each capped
 # by its own limit and by what is left; a step with under 20 s left is skipped and says so.
 # What comes back: summary.txt (versions, device, one line per step), <step>.log for each step run, and
@@ -108,7 +108,7 @@ fi
 if wanted preact; then
   mkdir -p "$MORE/bench"
   step preact 300 "$PY" -m fusedres.bench --level models --models preact_resnet1001 --modes train \
-    --impl 'eager,fusedres[*]' --dtype fp32,bf16 --out "$MORE/bench"
+    --impl 'eager,fusedres[*],fusedres[triton]+conv' --dtype fp32,bf16 --out "$MORE/bench"
 fi
 
 echo

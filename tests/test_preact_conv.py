@@ -45,6 +45,19 @@ def test_trains_like_stock_float64(kind):
     train_and_compare(stock, model, tol=1e-9, shape=SHAPE)
 
 
+@pytest.mark.slow
+def test_resnet164_conv_mode_matches_stock():
+    """The real ResNet-164 (54 conv-mode units, 163 BN + ReLU in prologues and the head) on a 2x3x8x8 input,
+    float64: one momentum-SGD step and an eval forward within 1e-9 of stock. The reference backend on CPU (the
+    float64 conv is the reference on every backend; the Triton interpreter would run the statistics slowly)."""
+    torch.manual_seed(0)
+    stock = randomise(models.preact_resnet164(fused=False)).double()
+    model = convert(copy.deepcopy(stock), mode="conv")
+    assert len(_conv_units(model)) == 54
+    with fusedres.use_backend("reference" if not torch.cuda.is_available() else None):
+        train_and_compare(stock, model, tol=1e-9, steps=1, shape=SHAPE, num_classes=10)
+
+
 def test_float32_error_like_stock():
     """float32 through the Triton conv (interpreter on CPU) against a float64 reference: each conv-mode error
     within 4x stock float32's or under 1e-4 (norm-wise: output, input gradient, worst parameter gradient,

@@ -130,3 +130,19 @@ def save_load(model):
     torch.save(model, buf)
     buf.seek(0)
     return torch.load(buf, weights_only=False)
+
+
+def saved_bytes(model, x):
+    """Bytes of the unique storages autograd saves for backward in one training forward (the model's own
+    tensors and the input excluded)."""
+    own = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers(), x]}
+    saved = {}
+
+    def pack(t):
+        if t.untyped_storage().data_ptr() not in own:
+            saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(x)
+    return sum(saved.values())

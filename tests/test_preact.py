@@ -10,7 +10,7 @@ from torch import nn
 import fusedres
 from fusedres import convert, models, preact, unconvert
 from fusedres.nn import BatchNormAct2d, PreActBasicBlock, PreActBottleneck
-from model_compare import (assert_float32_like_stock, float32_errors, randomise, save_load, structure,
+from model_compare import (assert_float32_like_stock, float32_errors, randomise, save_load, saved_bytes, structure,
                            tensor_ptrs, train_and_compare)
 
 
@@ -153,18 +153,6 @@ def test_saved_activation_bytes_like_stock():
     fused = convert(copy.deepcopy(stock))
     x = torch.randn(2, 3, 16, 16)
     final = stock.fc.in_features * 2 * 4 * 4 * 4  # N x C x H x W float32 after the last stage (16 / 4 = 4)
-    assert _saved_bytes(stock, x) - _saved_bytes(fused, x) == final
+    assert saved_bytes(stock, x) - saved_bytes(fused, x) == final
 
 
-def _saved_bytes(model, x):
-    own = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers(), x]}
-    saved = {}
-
-    def pack(t):
-        if t.untyped_storage().data_ptr() not in own:
-            saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        model(x)
-    return sum(saved.values())

@@ -15,8 +15,8 @@ from fusedres import convert, models, preact, unconvert
 from fusedres.nn import BatchNormAct2d, PreActBottleneck
 from fusedres.nn.preact_conv import ConvPreActBasicBlock, ConvPreActBottleneck
 from fusedres.ops.batch_stats import batch_stats
-from model_compare import (assert_float32_like_stock, float32_errors, randomise, structure, tensor_ptrs,
-                           train_and_compare)
+from model_compare import (assert_float32_like_stock, float32_errors, randomise, saved_bytes, structure,
+                           tensor_ptrs, train_and_compare)
 
 SHAPE = (2, 3, 8, 8)
 
@@ -183,22 +183,6 @@ def test_unit_compiles_fullgraph_in_training():
     assert int(unit.bn3.num_batches_tracked) == 1
 
 
-def _saved_bytes(model, x):
-    """Bytes of the unique storages autograd saves for backward in one training forward (the model's own
-    tensors and the input excluded)."""
-    own = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers(), x]}
-    saved = {}
-
-    def pack(t):
-        if t.untyped_storage().data_ptr() not in own:
-            saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        model(x)
-    return sum(saved.values())
-
-
 def test_resnet164_saves_about_half_the_activations():
     """The memory claim on the real ResNet-164, float32, 2x3x32x32. Stock and bn mode save x, relu(bn1(x)), c1,
     relu(bn2(c1)), c2, relu(bn3(c2)) per unit (12 x planes channels); conv mode saves x, c1 and c2 (6 x planes):
@@ -211,6 +195,6 @@ def test_resnet164_saves_about_half_the_activations():
     conv = convert(copy.deepcopy(stock), mode="conv")
     x = torch.randn(2, 3, 32, 32)
     with fusedres.use_backend("reference"):
-        saved = {name: _saved_bytes(m, x) for name, m in (("stock", stock), ("conv", conv))}
+        saved = {name: saved_bytes(m, x) for name, m in (("stock", stock), ("conv", conv))}
     # bn mode saves exactly one activation fewer than stock (tests/test_preact.py), so this is ~0.54 of it too
     assert 0.5 * saved["stock"] < saved["conv"] < 0.55 * saved["stock"], saved

@@ -258,6 +258,16 @@ def _backward(ctx, gy, gmean, gvar):
 conv_bn_act_op.register_autograd(_backward, setup_context=_save)
 
 
+def _autocast(x, residual):
+    """Under torch.autocast the convolution runs in the autocast dtype, as F.conv2d does there: float32
+    activations (and residual) are cast; weights are cast by the kernels, per-channel vectors stay float32."""
+    if not isinstance(x, Tensor) or not torch.is_autocast_enabled(x.device.type) or x.dtype != torch.float32:
+        return x, residual
+    dtype = torch.get_autocast_dtype(x.device.type)
+    cast = lambda t: t.to(dtype) if isinstance(t, Tensor) and t.dtype == torch.float32 else t  # noqa: E731
+    return cast(x), cast(residual)
+
+
 def conv_bn_act(x: Tensor, weight: Tensor, *, stride=1, padding=0, dilation=1, groups: int = 1,
                 in_scale: Optional[Tensor] = None, in_shift: Optional[Tensor] = None, in_relu: bool = False,
                 out_scale: Optional[Tensor] = None, out_shift: Optional[Tensor] = None,
@@ -269,6 +279,7 @@ def conv_bn_act(x: Tensor, weight: Tensor, *, stride=1, padding=0, dilation=1, g
     exact float32 products."""
     if allow_tf32 is None:
         allow_tf32 = bool(torch.backends.cudnn.allow_tf32)
+    x, residual = _autocast(x, residual)
     for v, name in ((in_relu, "in_relu"), (relu, "relu"), (stats, "stats"), (allow_tf32, "allow_tf32")):
         check_flag(v, name)
     stride, padding, dilation = _pair(stride, "stride"), _pair(padding, "padding"), _pair(dilation, "dilation")

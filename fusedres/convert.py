@@ -26,7 +26,7 @@ from __future__ import annotations
 from torch import nn
 
 from fusedres.nn.batchnorm_act import BatchNormAct2d
-from fusedres.nn.blocks import SKIP_KINDS, SKIP_SIDES, BasicBlock, Bottleneck, _FusedBlock
+from fusedres.nn.blocks import SKIP_KINDS, SKIP_SIDES, BasicBlock, Bottleneck, SkipWeightMixin, _FusedBlock
 from fusedres.nn.sync_batchnorm import from_sync_bn, to_sync_bn
 from fusedres.nn.preact_blocks import PREACT_BLOCKS, _FusedPreAct, fuse_preact_head, unfuse_preact_head
 from fusedres.nn.timm_blocks import (TIMM_BLOCKS, TimmBatchNormAct2d, _TimmFusedBlock, fuse_timm_stem,
@@ -95,8 +95,8 @@ def convert(model: nn.Module, inplace: bool = True, mode: str = "bn", *, sync_bn
     emit BN statistics, the next conv applies BN + ReLU in its input prologue, the tail is one bn_act pass.
     Same modules, tensors and state_dict keys; `unconvert` undoes either mode.
 
-    skip_weight="scalar" | "channel": give every fused torchvision-style block a learned skip weight
-    (`_FusedBlock.add_skip_weight`), on the residual branch (skip_on="branch": relu(a * BN(F(x)) + x); with
+    skip_weight="scalar" | "channel": give every fused post-activation block (torchvision or timm) a learned
+    skip weight (`add_skip_weight`), on the residual branch (skip_on="branch": relu(a * BN(F(x)) + x); with
     skip_init=0 each block starts as the identity, ReZero/SkipInit style) or on the shortcut
     (skip_on="shortcut": relu(BN(F(x)) + b * x)). It adds one Parameter per block (state_dict key
     `<block>.skip_weight`) and is folded into the block tail's fused pass.
@@ -137,10 +137,10 @@ def convert(model: nn.Module, inplace: bool = True, mode: str = "bn", *, sync_bn
 
 def _add_skip_weights(model: nn.Module, kind: str, on: str, init: float) -> None:
     """A skip weight on every fused block that has none yet (so converting twice changes nothing)."""
-    blocks = [m for m in model.modules() if isinstance(m, _FusedBlock)]
+    blocks = [m for m in model.modules() if isinstance(m, SkipWeightMixin)]
     if not blocks:
-        raise ValueError("fusedres.convert: skip_weight was requested but the model has no fused torchvision-style "
-                         "block (BasicBlock / Bottleneck) to put it on")
+        raise ValueError("fusedres.convert: skip_weight was requested but the model has no fused post-activation "
+                         "block (torchvision or timm BasicBlock / Bottleneck) to put it on")
     for block in blocks:
         if getattr(block, "skip_weight", None) is None:
             block.add_skip_weight(kind, on, init)

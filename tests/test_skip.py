@@ -200,7 +200,7 @@ def test_skip_weight_conversion_rules():
         fusedres.convert(tv.resnet18(), skip_weight="vector")
     with pytest.raises(ValueError, match="skip_on one of"):
         fusedres.convert(tv.resnet18(), skip_weight="scalar", skip_on="both")
-    with pytest.raises(ValueError, match="no fused torchvision-style block"):
+    with pytest.raises(ValueError, match="no fused post-activation block"):
         fusedres.convert(nn.Sequential(nn.Conv2d(3, 3, 1)), skip_weight="scalar")
     with pytest.raises(ValueError, match="already has a skip weight"):
         fused.layer1[0].add_skip_weight()
@@ -222,3 +222,48 @@ def test_skip_weight_checkpoint_roundtrip(tmp_path):
     again = fusedres.models.resnet18(num_classes=3, skip_weight="scalar", skip_on="shortcut").eval()
     again.load_state_dict(model.state_dict())
     torch.testing.assert_close(again(x), model(x))
+
+
+@pytest.mark.parametrize("on", ["branch", "shortcut"])
+@pytest.mark.parametrize("block", ["basic", "bottleneck_avgdown"])
+def test_skip_weight_timm_block(on_test_device, block, on):
+    """timm's fused blocks take the same skip weights: against timm's block + the weight in plain PyTorch,
+    float64, one training step then eval."""
+    timm_resnet = pytest.importorskip("timm.models.resnet")
+    if block == "basic":
+        stock = timm_resnet.BasicBlock(6, 6)
+    else:
+        ds = nn.Sequential(nn.AvgPool2d(2, 2, ceil_mode=True, count_include_pad=False),
+                           nn.Conv2d(4, 8, 1, bias=False), nn.BatchNorm2d(8))
+        stock = timm_resnet.Bottleneck(4, 2, stride=2, downsample=ds)
+    stock = randomise_bns(stock.double())
+    fused = fusedres.convert(copy.deepcopy(stock), skip_weight="channel", skip_on=on)
+    with torch.no_grad():
+        fused.skip_weight.copy_(torch.randn_like(fused.skip_weight))
+    ref_w = fused.skip_weight.detach().clone().requires_grad_()
+
+    def reference(b, x):
+        out = torch.relu(b.bn1(b.conv1(x)))
+        if hasattr(b, "conv3"):
+            out = b.bn3(b.conv3(torch.relu(b.bn2(b.conv2(out)))))
+        else:
+            out = b.bn2(b.conv2(out))
+        identity = x if b.downsample is None else b.downsample(x)
+        wv = ref_w.view(1, -1, 1, 1)
+        return torch.relu(out * wv + identity if on == "branch" else out + identity * wv)
+
+    for training in (True, False):
+        stock.train(training)
+        fused.train(training)
+        x = torch.randn(2, stock.conv1.in_channels, 6, 6, dtype=torch.float64)
+        xs, xf = x.clone().requires_grad_(), x.clone().requires_grad_()
+        ys, yf = reference(stock, xs), fused(xf)
+        dy = torch.randn_like(ys)
+        ys.backward(dy)
+        yf.backward(dy)
+        torch.testing.assert_close(yf, ys, rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(xf.grad, xs.grad, rtol=1e-9, atol=1e-10)
+        torch.testing.assert_close(fused.skip_weight.grad, ref_w.grad, rtol=1e-9, atol=1e-10)
+        fused.skip_weight.grad = ref_w.grad = None
+    with pytest.raises(ValueError, match="skip weight.*cannot be unconverted"):
+        fusedres.unconvert(fused)

@@ -80,14 +80,9 @@ def _fused_norm(norm_layer, channels: int, act: Optional[str]) -> BatchNormAct2d
     return _with_act(bn, act)
 
 
-class _FusedBlock(nn.Module):
-    expansion: int = 1
-    _torchvision_name: str = ""
-    _norms: tuple = ()
-
-    def _tail(self, x: Tensor, out: Tensor, bn: BatchNormAct2d) -> Tensor:
-        """act(bn(out) + shortcut(x)), fused as far as the shortcut allows; a skip weight rides along."""
-        return fused_tail(bn, out, x, self.downsample, bn.act == "relu", *self.skip_gains())
+class SkipWeightMixin:
+    """Optional learned skip weight of a post-activation block whose tail is `act(bn_last(out) + shortcut)`
+    (torchvision-style and timm fused blocks); `_norms[-1]` names the last BN."""
 
     def skip_gains(self) -> tuple[Optional[Tensor], Optional[Tensor]]:
         """(gain on the residual branch, gain on the shortcut): the learned skip weight on its side, else None."""
@@ -96,7 +91,7 @@ class _FusedBlock(nn.Module):
             return None, None
         return (w, None) if self.skip_on == "branch" else (None, w)
 
-    def add_skip_weight(self, kind: str = "scalar", on: str = "branch", init: float = 1.0) -> "_FusedBlock":
+    def add_skip_weight(self, kind: str = "scalar", on: str = "branch", init: float = 1.0) -> "SkipWeightMixin":
         """Give the block a learned skip weight: `relu(a * BN(F(x)) + shortcut)` (on="branch"; ReZero/SkipInit
         style with init=0) or `relu(BN(F(x)) + b * shortcut)` (on="shortcut"), with one value (kind="scalar")
         or one per output channel (kind="channel"), registered as the Parameter `skip_weight`. It is folded
@@ -115,6 +110,21 @@ class _FusedBlock(nn.Module):
                                                    device=None if ref is None else ref.device))
         self.skip_on = on
         return self
+
+    def _refuse_unconvert(self, stock_name: str) -> None:
+        if getattr(self, "skip_weight", None) is not None:
+            raise ValueError(f"fusedres: this {type(self).__name__} has a learned skip weight, which {stock_name} "
+                             f"has no place for; it cannot be unconverted")
+
+
+class _FusedBlock(SkipWeightMixin, nn.Module):
+    expansion: int = 1
+    _torchvision_name: str = ""
+    _norms: tuple = ()
+
+    def _tail(self, x: Tensor, out: Tensor, bn: BatchNormAct2d) -> Tensor:
+        """act(bn(out) + shortcut(x)), fused as far as the shortcut allows; a skip weight rides along."""
+        return fused_tail(bn, out, x, self.downsample, bn.act == "relu", *self.skip_gains())
 
     @classmethod
     def can_convert(cls, block: nn.Module) -> bool:
@@ -143,9 +153,7 @@ class _FusedBlock(nn.Module):
         """The torchvision block running this block's modules and tensors (BatchNormAct2d -> BatchNorm2d)."""
         from torchvision.models import resnet
 
-        if getattr(self, "skip_weight", None) is not None:
-            raise ValueError(f"fusedres: this {type(self).__name__} has a learned skip weight, which torchvision's "
-                             f"{self._torchvision_name} has no place for; it cannot be unconverted")
+        self._refuse_unconvert(f"torchvision's {self._torchvision_name}")
         tv_cls = getattr(resnet, self._torchvision_name)
         old = tv_cls.__new__(tv_cls)
         nn.Module.__init__(old)

@@ -24,7 +24,7 @@ import sys
 from torch import Tensor, nn
 
 from fusedres.nn.batchnorm_act import BatchNormAct2d, _share_state
-from fusedres.nn.blocks import _is_plain_bn, fused_tail
+from fusedres.nn.blocks import SkipWeightMixin, _is_plain_bn, fused_tail
 
 
 def _timm_attr(module: str, name: str):
@@ -42,7 +42,7 @@ def _is_fusable_bn(m) -> bool:
     return _is_plain_bn(m) and getattr(m, "act", None) is None
 
 
-class _TimmFusedBlock(nn.Module):
+class _TimmFusedBlock(SkipWeightMixin, nn.Module):
     _timm_name: str = ""
     _norms: tuple = ()           # BatchNorms, each followed by a ReLU in timm's forward
     _acts: tuple = ()            # those ReLU modules (kept, unused)
@@ -78,6 +78,7 @@ class _TimmFusedBlock(nn.Module):
 
     def to_timm(self) -> nn.Module:
         """timm's block running this block's modules and tensors (BatchNormAct2d -> BatchNorm2d)."""
+        self._refuse_unconvert(f"timm's {self._timm_name}")
         import timm.models.resnet  # noqa: F401  (the class must exist to rebuild it)
 
         timm_cls = self._timm_class()
@@ -93,7 +94,7 @@ class _TimmFusedBlock(nn.Module):
             nn.init.zeros_(bn.weight)
 
     def _fused_tail(self, x: Tensor, out: Tensor, bn: BatchNormAct2d) -> Tensor:
-        return fused_tail(bn, out, x, self.downsample, True)
+        return fused_tail(bn, out, x, self.downsample, True, *self.skip_gains())
 
 
 def _copy_state(src: nn.Module, dst: nn.Module, norms, to_fused: bool) -> None:

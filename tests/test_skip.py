@@ -91,9 +91,10 @@ def test_residual_weight_needs_residual_and_c_values(device):
 
 # ---------------------------------------------------------------- blocks with learned skip weights
 def _stock_forward_with_skip(b, x, w, on):
-    """torchvision's block forward with the skip weight applied in plain PyTorch (the reference)."""
+    """A post-activation block's forward (torchvision's or timm's attribute names) with the skip weight applied
+    in plain PyTorch (the reference)."""
     out = torch.relu(b.bn1(b.conv1(x)))
-    if isinstance(b, tv.Bottleneck):
+    if hasattr(b, "conv3"):
         out = torch.relu(b.bn2(b.conv2(out)))
         out = b.bn3(b.conv3(out))
     else:
@@ -112,6 +113,32 @@ def _block(kind):
     return tv.Bottleneck(4, 2, downsample=nn.Sequential(nn.Conv2d(4, 8, 1, bias=False), nn.BatchNorm2d(8)))
 
 
+def _check_skip_steps(stock, fused, on, trainings):
+    """For each step (training or eval): output, input and every parameter gradient (the skip weight's
+    included) and the buffers of `fused` against `stock` + the weight in plain PyTorch, float64."""
+    ref_w = fused.skip_weight.detach().clone().requires_grad_()
+    for training in trainings:
+        stock.train(training)
+        fused.train(training)
+        x = torch.randn(2, stock.conv1.in_channels, 6, 6, dtype=torch.float64)
+        xs, xf = x.clone().requires_grad_(), x.clone().requires_grad_()
+        ys = _stock_forward_with_skip(stock, xs, ref_w, on)
+        yf = fused(xf)
+        dy = torch.randn_like(ys)
+        ys.backward(dy)
+        yf.backward(dy)
+        torch.testing.assert_close(yf, ys, rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(xf.grad, xs.grad, rtol=1e-9, atol=1e-10)
+        ref_params = dict(stock.named_parameters(), skip_weight=ref_w)
+        assert sorted(ref_params) == sorted(n for n, _ in fused.named_parameters())
+        for name, p in fused.named_parameters():
+            torch.testing.assert_close(p.grad, ref_params[name].grad, rtol=1e-9, atol=1e-10, msg=name)
+        for (name, b), c in zip(fused.named_buffers(), stock.buffers()):
+            torch.testing.assert_close(b, c, rtol=1e-12, atol=1e-12, msg=name)
+        for p in [*fused.parameters(), *stock.parameters(), ref_w]:
+            p.grad = None
+
+
 @pytest.mark.parametrize("mode", ["bn", "conv"])
 @pytest.mark.parametrize("on", ["branch", "shortcut"])
 @pytest.mark.parametrize("kind", ["scalar", "channel"])
@@ -125,29 +152,7 @@ def test_skip_weight_block_matches_reference(on_test_device, block, kind, on, mo
     fused = fusedres.convert(copy.deepcopy(stock), mode=mode, skip_weight=kind, skip_on=on, skip_init=0.5)
     with torch.no_grad():
         fused.skip_weight.copy_(torch.randn_like(fused.skip_weight))
-    ref_w = fused.skip_weight.detach().clone().requires_grad_()
-    cin = stock.conv1.in_channels
-    for training in (True, True, False):
-        stock.train(training)
-        fused.train(training)
-        x = torch.randn(2, cin, 6, 6, dtype=torch.float64)
-        xs, xf = x.clone().requires_grad_(), x.clone().requires_grad_()
-        ys = _stock_forward_with_skip(stock, xs, ref_w, on)
-        yf = fused(xf)
-        dy = torch.randn_like(ys)
-        ys.backward(dy)
-        yf.backward(dy)
-        torch.testing.assert_close(yf, ys, rtol=1e-10, atol=1e-10)
-        torch.testing.assert_close(xf.grad, xs.grad, rtol=1e-9, atol=1e-10)
-        torch.testing.assert_close(fused.skip_weight.grad, ref_w.grad, rtol=1e-9, atol=1e-10)
-        ref_params = dict(stock.named_parameters(), skip_weight=ref_w)
-        assert sorted(ref_params) == sorted(n for n, _ in fused.named_parameters())
-        for name, p in fused.named_parameters():
-            torch.testing.assert_close(p.grad, ref_params[name].grad, rtol=1e-9, atol=1e-10, msg=name)
-        for (name, b), c in zip(fused.named_buffers(), stock.buffers()):
-            torch.testing.assert_close(b, c, rtol=1e-12, atol=1e-12, msg=name)
-        for p in [*fused.parameters(), *stock.parameters(), ref_w]:
-            p.grad = None
+    _check_skip_steps(stock, fused, on, (True, True, False))
 
 
 def test_skip_weight_float32_channels_last(on_test_device):
@@ -181,7 +186,8 @@ def test_zero_init_residual_honoured(on_test_device):
     conversion: the fused model equals stock and an identity block returns relu(x)."""
     stock = tv.resnet18(num_classes=3, zero_init_residual=True)
     fused = fusedres.convert(copy.deepcopy(stock))
-    assert all(float(m.bn2.weight.detach().abs().max()) == 0.0 for m in fused.modules() if isinstance(m, fusedres.nn.BasicBlock))
+    blocks = [m for m in fused.modules() if isinstance(m, fusedres.nn.BasicBlock)]
+    assert blocks and all(float(m.bn2.weight.detach().abs().max()) == 0.0 for m in blocks)
     x = torch.randn(2, 64, 4, 4)
     torch.testing.assert_close(fused.layer1[0](x), torch.relu(x))
     xi = torch.randn(2, 3, 8, 8)
@@ -240,30 +246,6 @@ def test_skip_weight_timm_block(on_test_device, block, on):
     fused = fusedres.convert(copy.deepcopy(stock), skip_weight="channel", skip_on=on)
     with torch.no_grad():
         fused.skip_weight.copy_(torch.randn_like(fused.skip_weight))
-    ref_w = fused.skip_weight.detach().clone().requires_grad_()
-
-    def reference(b, x):
-        out = torch.relu(b.bn1(b.conv1(x)))
-        if hasattr(b, "conv3"):
-            out = b.bn3(b.conv3(torch.relu(b.bn2(b.conv2(out)))))
-        else:
-            out = b.bn2(b.conv2(out))
-        identity = x if b.downsample is None else b.downsample(x)
-        wv = ref_w.view(1, -1, 1, 1)
-        return torch.relu(out * wv + identity if on == "branch" else out + identity * wv)
-
-    for training in (True, False):
-        stock.train(training)
-        fused.train(training)
-        x = torch.randn(2, stock.conv1.in_channels, 6, 6, dtype=torch.float64)
-        xs, xf = x.clone().requires_grad_(), x.clone().requires_grad_()
-        ys, yf = reference(stock, xs), fused(xf)
-        dy = torch.randn_like(ys)
-        ys.backward(dy)
-        yf.backward(dy)
-        torch.testing.assert_close(yf, ys, rtol=1e-10, atol=1e-10)
-        torch.testing.assert_close(xf.grad, xs.grad, rtol=1e-9, atol=1e-10)
-        torch.testing.assert_close(fused.skip_weight.grad, ref_w.grad, rtol=1e-9, atol=1e-10)
-        fused.skip_weight.grad = ref_w.grad = None
+    _check_skip_steps(stock, fused, on, (True, False))
     with pytest.raises(ValueError, match="skip weight.*cannot be unconverted"):
         fusedres.unconvert(fused)

@@ -11,7 +11,6 @@ import pytest
 import torch
 from torch import nn
 
-import fusedres
 from fusedres import convert, unconvert
 from fusedres.nn import BatchNormAct2d, TimmBasicBlock, TimmBatchNormAct2d, TimmBottleneck
 from model_compare import (assert_float32_like_stock, float32_errors, randomise, save_load, structure,

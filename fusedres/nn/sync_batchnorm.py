@@ -116,8 +116,9 @@ def to_sync_bn(model: nn.Module, process_group=None) -> nn.Module:
     `TimmBatchNormAct2d`) and every plain `nn.BatchNorm2d` (act=None) in `model` — stem, fused blocks and
     downsample shortcuts included — by a `SyncBatchNormAct2d` over `process_group` (None: the default group)
     sharing its Parameters and buffers; returns the model (a new object only when `model` itself is such a
-    BatchNorm). Existing SyncBatchNormAct2d layers, other BatchNorm subclasses and other norms are left alone. Apply it to a `convert`ed model before wrapping it in
-    DistributedDataParallel (conv-mode blocks are refused: their statistics come from the conv kernels)."""
+    BatchNorm). Existing SyncBatchNormAct2d layers, other BatchNorm subclasses and other norms are left alone.
+    Apply it to a `convert`ed model before wrapping it in DistributedDataParallel (conv-mode blocks are refused:
+    their statistics come from the conv kernels). `fusedres.convert(model, sync_bn=True)` does both steps."""
     _refuse_conv_mode(model)
 
     def fn(m):
@@ -132,8 +133,9 @@ def from_sync_bn(model: nn.Module) -> nn.Module:
     """The inverse of `to_sync_bn`, in place: every `SyncBatchNormAct2d` becomes the layer it was made from (the
     same class: nn.BatchNorm2d, BatchNormAct2d or its subclass, with the same act), sharing its tensors;
     returns the model (a new object only when `model` itself is a SyncBatchNormAct2d). A SyncBatchNormAct2d
-    built directly becomes a BatchNormAct2d, or an nn.BatchNorm2d when its act is None. For stock synchronised BatchNorm afterwards, run
-    `torch.nn.SyncBatchNorm.convert_sync_batchnorm` on the `unconvert`ed model."""
+    built directly becomes a BatchNormAct2d, or an nn.BatchNorm2d when its act is None. For stock synchronised
+    BatchNorm afterwards, run `torch.nn.SyncBatchNorm.convert_sync_batchnorm` on the `unconvert`ed model
+    (`fusedres.unconvert` calls this function first)."""
     def fn(m):
         return m.to_unsynced() if isinstance(m, SyncBatchNormAct2d) else m
 

@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # The one script to run on a lent GPU machine, in a single call, from the repository root:
 #   bash scripts/gpu.sh                      all steps, logs and results under $OUT (default ./gpu-out)
-#   STEPS="build bench" bash scripts/gpu.sh  only some steps (build tests memcheck racecheck bench preact)
+#   STEPS="build bench" bash scripts/gpu.sh  only some steps (build kernels tests memcheck racecheck bench preact)
 # Steps (each runs even when an earlier one fails; a summary closes the run):
 #   build      pip install --no-build-isolation --no-deps -e .  with the machine's own Python (no venv, no
 #              network); warnings are errors; the build time is in build.log
-#   tests      python -m pytest tests -q (the whole suite, on the GPU)
+#   kernels    the op / kernel tests first (CUDA backend, bn_act, dual_bn_act, scale_shift_act, conv_bn_act),
+#              so a short budget still covers the code that only a GPU can check
+#   tests      python -m pytest tests -q on the GPU: the rest of the suite (all of it when kernels is not run)
 #   memcheck   compute-sanitizer --tool memcheck over tests/test_cuda_backend.py (quick shapes)
 #   racecheck  compute-sanitizer --tool racecheck over its reductions
 #   bench      python -m fusedres.bench --level $BENCH_LEVEL --out $OUT/bench (when fusedres/bench exists)
@@ -21,7 +23,9 @@ OUT="${OUT:-$PWD/gpu-out}"
 MORE="$OUT/more"  # packed into results.tar.gz at the end
 mkdir -p "$MORE"
 PY="${PYTHON:-python3}"
-STEPS="${STEPS:-build tests memcheck racecheck bench preact}"
+STEPS="${STEPS:-build kernels tests memcheck racecheck bench preact}"
+KERNEL_TESTS=(tests/test_cuda_backend.py tests/test_bn_act.py tests/test_dual_bn_act.py tests/test_scale_shift_act.py
+              tests/test_conv_bn_act.py)
 BENCH_LEVEL="${BENCH_LEVEL:-all}"
 DEADLINE=$((SECONDS + ${GPU_BUDGET_S:-570}))
 export FUSEDRES_WERROR="${FUSEDRES_WERROR:-1}"
@@ -73,8 +77,15 @@ if wanted build; then
 r = c.not_supported_reasons(x); print(\"CUDA backend accepts a CUDA tensor:\", not r, r); assert not r'"
 fi
 
+if wanted kernels; then
+  step kernels 240 "$PY" -m pytest "${KERNEL_TESTS[@]}" -q -ra --junitxml="$MORE/kernels.xml"
+fi
 if wanted tests; then
-  step tests 360 "$PY" -m pytest tests -q -ra --junitxml="$MORE/tests.xml"
+  ignore=()
+  if wanted kernels; then
+    for f in "${KERNEL_TESTS[@]}"; do ignore+=("--ignore=$f"); done
+  fi
+  step tests 360 "$PY" -m pytest tests "${ignore[@]}" -q -ra --junitxml="$MORE/tests.xml"
 fi
 
 if wanted memcheck || wanted racecheck; then

@@ -20,13 +20,13 @@ statistics. Blocks whose convs have a bias or non-zero padding modes run the par
 """
 from __future__ import annotations
 
-import torch
 from torch import Tensor, nn
 
-from fusedres.nn.batchnorm_act import _per_channel, _uses_batch_stats, batch_norm_args
+from fusedres.nn.batchnorm_act import _per_channel, _uses_batch_stats, batch_norm_args, gained_affine
 from fusedres.nn.blocks import BasicBlock, Bottleneck, _is_conv_bn
 from fusedres._layout import acc_dtype
 from fusedres.ops._common import check_batch_size, scale_shift, update_running_stats
+from fusedres.ops.bn_act import residual_args
 from fusedres.ops.conv_bn_act import conv_bn_act
 from fusedres.ops.scale_shift_act import scale_shift_act
 
@@ -42,10 +42,10 @@ def _conv(conv: nn.Conv2d, x: Tensor, prologue, stats: bool):
                        groups=conv.groups, in_scale=s, in_shift=t, in_relu=prologue is not None, stats=stats)
 
 
-def _bn_stats(bn: nn.BatchNorm2d, out):
-    """(mean, scale, shift) with BN(c) = (c - mean) * scale + shift: from the batch statistics in
+def _bn_stats(bn: nn.BatchNorm2d, out, gain=None):
+    """(mean, scale, shift) with gain * BN(c) = (c - mean) * scale + shift: from the batch statistics in
     out = (c, mean, var) (training; running statistics updated as nn.BatchNorm2d does) or from the running
-    statistics (eval). The batch statistics stay differentiable."""
+    statistics (eval). The batch statistics stay differentiable; `gain` is an optional learned skip weight."""
     c = out[0]
     if _uses_batch_stats(bn):  # as nn.BatchNorm2d, before num_batches_tracked is touched
         check_batch_size(c, "the conv output")
@@ -57,7 +57,7 @@ def _bn_stats(bn: nn.BatchNorm2d, out):
                              c.shape[0] * c.shape[2] * c.shape[3], args["momentum"])
     else:
         mean, var = args["running_mean"].to(acc), args["running_var"].to(acc)
-    _, scale, shift = scale_shift(mean, var, bn.weight, bn.bias, bn.eps)
+    _, scale, shift = scale_shift(mean, var, *gained_affine(bn, gain), bn.eps)
     return mean, scale, shift
 
 
@@ -90,30 +90,19 @@ class _ConvTrainMixin:
             return self._tail(x, _conv(last_conv, out, prologue, stats=False), last_bn)
         # the last conv emits its statistics too; the tail is one scale_shift_act pass over its output
         res = _conv(last_conv, out, prologue, stats=True)
-        mean, scale, shift = _bn_stats(last_bn, res)
+        gain, res_gain = self.skip_gains()  # learned skip weights fold into the tail's per-channel vectors
+        mean, scale, shift = _bn_stats(last_bn, res, gain)
         c = res[0]
         relu = getattr(last_bn, "act", "relu") == "relu"
-        gain, res_gain = self.skip_gains()
-        if gain is not None:  # a learned skip weight on the branch scales the last BN's output
-            gain = _per_channel(gain, c.shape[1]).to(scale.dtype)
-            scale, shift = scale * gain, shift * gain
         ds = self.downsample
         if _is_conv_bn(ds) and _plain_conv(ds[0]) and _uses_batch_stats(ds[1]):
             res_b = _conv(ds[0], x, None, stats=True)
-            mean_b, scale_b, shift_b = _bn_stats(ds[1], res_b)
-            if res_gain is not None:
-                res_gain = _per_channel(res_gain, c.shape[1]).to(scale_b.dtype)
-                scale_b, shift_b = scale_b * res_gain, shift_b * res_gain
+            mean_b, scale_b, shift_b = _bn_stats(ds[1], res_b, res_gain)
             return scale_shift_act(c, mean, scale, shift, xb=res_b[0].to(c.dtype), mean_b=mean_b, scale_b=scale_b,
                                    shift_b=shift_b, relu=relu)
         residual = (x if ds is None else ds(x)).to(c.dtype)
-        if res_gain is None:
-            return scale_shift_act(c, mean, scale, shift, residual=residual, relu=relu)
-        # a learned shortcut weight b: b * residual is the second-input term (residual - 0) * b + 0
-        res_gain = _per_channel(res_gain, c.shape[1]).to(scale.dtype)
-        zero = torch.zeros_like(res_gain)
-        return scale_shift_act(c, mean, scale, shift, xb=residual, mean_b=zero, scale_b=res_gain, shift_b=zero,
-                               relu=relu)
+        res_weight = None if res_gain is None else _per_channel(res_gain, c.shape[1])
+        return scale_shift_act(c, mean, scale, shift, *residual_args(c, residual, res_weight), relu=relu)
 
     @classmethod
     def from_fused(cls, block: nn.Module) -> nn.Module:

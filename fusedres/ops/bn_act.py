@@ -39,7 +39,7 @@ def _check(x, weight, bias, residual, mean=None, var=None, training=True, residu
         check_batch_size(x)
 
 
-def _residual_args(x, residual, residual_weight):
+def residual_args(x, residual, residual_weight):
     """(residual, xb, mean_b, scale_b, shift_b) for the backend primitives: a weighted residual w * r is the
     second-input term (r - 0) * w + 0."""
     if residual_weight is None:
@@ -57,7 +57,7 @@ def bn_act_train(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], re
     backend = backends.select(x)
     mean, var = backend.batch_stats(x)
     _, scale, shift = scale_shift(mean, var, weight, bias, eps)
-    y = backend.apply(x, mean, scale, shift, *_residual_args(x, residual, residual_weight), relu)
+    y = backend.apply(x, mean, scale, shift, *residual_args(x, residual, residual_weight), relu)
     return y, mean, var
 
 
@@ -76,7 +76,7 @@ def bn_act_eval(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], res
     acc = acc_dtype(x.dtype)
     mean = running_mean.to(acc)
     _, scale, shift = scale_shift(mean, running_var.to(acc), weight, bias, eps)
-    return backends.select(x).apply(x, mean, scale, shift, *_residual_args(x, residual, residual_weight), relu)
+    return backends.select(x).apply(x, mean, scale, shift, *residual_args(x, residual, residual_weight), relu)
 
 
 @bn_act_eval.register_fake
@@ -96,7 +96,7 @@ def bn_act_backward(grad_y: Tensor, x: Tensor, weight: Optional[Tensor], bias: O
     acc = acc_dtype(x.dtype)
     mean, var = mean.to(acc), var.to(acc)
     invstd, scale, shift = scale_shift(mean, var, weight, bias, eps)
-    res_args = _residual_args(x, residual, residual_weight)
+    res_args = residual_args(x, residual, residual_weight)
     weighted = residual_weight is not None
     sum_g, sum_g_xc, sum_g_r, d_res = backend.backward_reduce(grad_y, x, mean, scale, shift, *res_args, relu,
                                                               grad_residual and not weighted)

@@ -38,7 +38,7 @@ from fusedres import backends
 from fusedres._layout import acc_dtype
 from fusedres.ops._common import (cast_param_grad, channel_count, check_bn, check_like, densify,
                                   grad_coefficients, scale_shift, update_running_stats)
-from fusedres.ops.bn_act import _check as check_bn_act_args, _residual_args, bn_act
+from fusedres.ops.bn_act import _check as check_bn_act_args, residual_args, bn_act
 from fusedres.ops.dual_bn_act import dual_bn_act
 
 
@@ -89,7 +89,7 @@ class _SyncBnAct(torch.autograd.Function):
         if xd.numel() == 0:
             y = torch.empty_like(xd)
         else:
-            y = backend.apply(xd, mean, scale, shift, *_residual_args(xd, residual_d, residual_weight), relu)
+            y = backend.apply(xd, mean, scale, shift, *residual_args(xd, residual_d, residual_weight), relu)
         ctx.mark_non_differentiable(mean, var, count)
         keep_residual = relu or residual_weight is not None
         ctx.save_for_backward(x, weight, bias, residual if keep_residual else None, mean, var, count,
@@ -107,7 +107,7 @@ class _SyncBnAct(torch.autograd.Function):
         x, grad_y, residual = densify(x, grad_y, residual)
         backend = backends.select(x)
         invstd, scale, shift = scale_shift(mean, var, weight, bias, ctx.eps)
-        res_args = _residual_args(x, residual, residual_weight)
+        res_args = residual_args(x, residual, residual_weight)
         if x.numel() == 0:
             sum_g = sum_g_xc = sum_g_r = torch.zeros_like(mean)
             d_res = torch.empty_like(x) if want_res else None

@@ -27,6 +27,7 @@ from torch import nn
 
 from fusedres.nn.batchnorm_act import BatchNormAct2d
 from fusedres.nn.blocks import SKIP_KINDS, SKIP_SIDES, BasicBlock, Bottleneck, SkipWeightMixin, _FusedBlock
+from fusedres.nn._tree import swap_children
 from fusedres.nn.sync_batchnorm import from_sync_bn, to_sync_bn
 from fusedres.nn.preact_blocks import PREACT_BLOCKS, _FusedPreAct, fuse_preact_head, unfuse_preact_head
 from fusedres.nn.timm_blocks import (TIMM_BLOCKS, TimmBatchNormAct2d, _TimmFusedBlock, fuse_timm_stem,
@@ -73,15 +74,6 @@ def _unconvert_module(m: nn.Module) -> nn.Module:
     return m
 
 
-def _swap_children(model: nn.Module, fn) -> None:
-    for name, child in list(model.named_children()):
-        new = fn(child)
-        if new is not child:
-            setattr(model, name, new)
-        else:
-            _swap_children(child, fn)
-
-
 def convert(model: nn.Module, inplace: bool = True, mode: str = "bn", *, sync_bn: bool = False,
             process_group=None, skip_weight: str | None = None, skip_on: str = "branch",
             skip_init: float = 1.0) -> nn.Module:
@@ -124,11 +116,11 @@ def convert(model: nn.Module, inplace: bool = True, mode: str = "bn", *, sync_bn
             _add_skip_weights(root, skip_weight, skip_on, skip_init)
         root = _to_conv_mode(root) if mode == "conv" else root
         return to_sync_bn(root, process_group) if sync_bn else root
-    _swap_children(model, _convert_module)
+    swap_children(model, _convert_module)
     if skip_weight is not None:
         _add_skip_weights(model, skip_weight, skip_on, skip_init)
     if mode == "conv":
-        _swap_children(model, _to_conv_mode)
+        swap_children(model, _to_conv_mode)
     if _is_stock_resnet(model) and type(model.bn1) is nn.BatchNorm2d and type(model.relu) is nn.ReLU:
         model.bn1 = BatchNormAct2d.from_bn(model.bn1, act="relu")
         model.relu = nn.Identity()
@@ -167,7 +159,7 @@ def unconvert(model: nn.Module, inplace: bool = True) -> nn.Module:
     root = _unconvert_module(model)
     if root is not model:
         return root
-    _swap_children(model, _unconvert_module)
+    swap_children(model, _unconvert_module)
     if (_is_stock_resnet(model) and isinstance(model.bn1, BatchNormAct2d) and model.bn1.act == "relu"
             and type(model.relu) is nn.Identity):
         model.bn1 = model.bn1.to_bn()

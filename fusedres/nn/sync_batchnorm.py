@@ -20,6 +20,7 @@ from typing import Optional
 import torch.distributed as dist
 from torch import nn
 
+from fusedres.nn._tree import swap_children
 from fusedres.nn.batchnorm_act import BatchNormAct2d
 
 
@@ -104,10 +105,7 @@ def _swap(model: nn.Module, fn) -> nn.Module:
     new = fn(model)
     if new is not model:
         return new
-    for name, child in list(model.named_children()):
-        new_child = _swap(child, fn)
-        if new_child is not child:
-            setattr(model, name, new_child)
+    swap_children(model, fn)
     return model
 
 

@@ -25,9 +25,8 @@ from __future__ import annotations
 
 from torch import nn
 
-from fusedres.nn.batchnorm_act import BatchNormAct2d
 from fusedres.nn.blocks import SKIP_KINDS, SKIP_SIDES, BasicBlock, Bottleneck, SkipWeightMixin, _FusedBlock
-from fusedres.nn._tree import swap_children
+from fusedres.nn._tree import fuse_bn_relu, swap_children, unfuse_bn_relu
 from fusedres.nn.sync_batchnorm import from_sync_bn, to_sync_bn
 from fusedres.nn.preact_blocks import PREACT_BLOCKS, _FusedPreAct, fuse_preact_head, unfuse_preact_head
 from fusedres.nn.timm_blocks import (TIMM_BLOCKS, TimmBatchNormAct2d, _TimmFusedBlock, fuse_timm_stem,
@@ -121,9 +120,8 @@ def convert(model: nn.Module, inplace: bool = True, mode: str = "bn", *, sync_bn
         _add_skip_weights(model, skip_weight, skip_on, skip_init)
     if mode == "conv":
         swap_children(model, _to_conv_mode)
-    if _is_stock_resnet(model) and type(model.bn1) is nn.BatchNorm2d and type(model.relu) is nn.ReLU:
-        model.bn1 = BatchNormAct2d.from_bn(model.bn1, act="relu")
-        model.relu = nn.Identity()
+    if _is_stock_resnet(model):
+        fuse_bn_relu(model, "bn1", "relu")
     return to_sync_bn(model, process_group) if sync_bn else model
 
 
@@ -160,8 +158,6 @@ def unconvert(model: nn.Module, inplace: bool = True) -> nn.Module:
     if root is not model:
         return root
     swap_children(model, _unconvert_module)
-    if (_is_stock_resnet(model) and isinstance(model.bn1, BatchNormAct2d) and model.bn1.act == "relu"
-            and type(model.relu) is nn.Identity):
-        model.bn1 = model.bn1.to_bn()
-        model.relu = nn.ReLU(inplace=True)
+    if _is_stock_resnet(model):
+        unfuse_bn_relu(model, "bn1", "relu")
     return model

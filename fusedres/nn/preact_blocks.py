@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
+from fusedres.nn._tree import fuse_bn_relu, unfuse_bn_relu
 from fusedres.nn.batchnorm_act import BatchNormAct2d
 from fusedres.nn.blocks import _is_plain_bn
 
@@ -112,13 +113,10 @@ def is_stock_preact_resnet(model: nn.Module) -> bool:
 
 def fuse_preact_head(model: nn.Module) -> None:
     """The final BN -> ReLU of a stock PreActResNet as one BatchNormAct2d (relu -> nn.Identity). Idempotent."""
-    if is_stock_preact_resnet(model) and type(model.bn) is nn.BatchNorm2d and type(model.relu) is nn.ReLU:
-        model.bn = BatchNormAct2d.from_bn(model.bn, act="relu")
-        model.relu = nn.Identity()
+    if is_stock_preact_resnet(model):
+        fuse_bn_relu(model, "bn", "relu")
 
 
 def unfuse_preact_head(model: nn.Module) -> None:
-    if (is_stock_preact_resnet(model) and type(model.bn) is BatchNormAct2d and model.bn.act == "relu"
-            and type(model.relu) is nn.Identity):
-        model.bn = model.bn.to_bn()
-        model.relu = nn.ReLU(inplace=True)
+    if is_stock_preact_resnet(model):
+        unfuse_bn_relu(model, "bn", "relu")

@@ -23,6 +23,7 @@ import sys
 
 from torch import Tensor, nn
 
+from fusedres.nn._tree import fuse_bn_relu, unfuse_bn_relu
 from fusedres.nn.batchnorm_act import BatchNormAct2d, _share_state
 from fusedres.nn.blocks import SkipWeightMixin, _is_plain_bn, fused_tail
 
@@ -205,10 +206,7 @@ def fuse_timm_stem(model: nn.Module) -> None:
     if not is_stock_timm_resnet(model):
         return
     for parent, bn_name, act_name in _stem_pairs(model):
-        bn, act = getattr(parent, bn_name), getattr(parent, act_name)
-        if type(bn) is nn.BatchNorm2d and type(act) is nn.ReLU:
-            setattr(parent, bn_name, BatchNormAct2d.from_bn(bn, act="relu"))
-            setattr(parent, act_name, nn.Identity())
+        fuse_bn_relu(parent, bn_name, act_name)
 
 
 def unfuse_timm_stem(model: nn.Module) -> None:
@@ -216,7 +214,4 @@ def unfuse_timm_stem(model: nn.Module) -> None:
     if not is_stock_timm_resnet(model):
         return
     for parent, bn_name, act_name in _stem_pairs(model):
-        bn, act = getattr(parent, bn_name), getattr(parent, act_name)
-        if type(bn) is BatchNormAct2d and bn.act == "relu" and type(act) is nn.Identity:
-            setattr(parent, bn_name, bn.to_bn())
-            setattr(parent, act_name, nn.ReLU(inplace=True))
+        unfuse_bn_relu(parent, bn_name, act_name)

@@ -1,8 +1,8 @@
 """Level `blocks`: single torchvision ResNet blocks, stock vs `fusedres.convert`-ed, eager and compiled.
 
 Modes: fwd = training-mode forward (autograd recording), train = forward + backward (grads of input and
-parameters), and on request (--modes infer) infer = eval forward under inference_mode. Low-precision dtypes run the AMP recipe (fp32
-parameters, autocast).
+parameters), and on request (--modes infer) infer = eval forward under inference_mode. Low-precision dtypes
+run the AMP recipe (fp32 parameters, autocast).
 """
 from __future__ import annotations
 

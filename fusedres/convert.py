@@ -23,8 +23,11 @@ the stem BN and ReLU) are not carried over; hooks on the conv layers and everyth
 """
 from __future__ import annotations
 
+import copy
+
 from torch import nn
 
+from fusedres import _report
 from fusedres.nn.blocks import SKIP_KINDS, SKIP_SIDES, BasicBlock, Bottleneck, SkipWeightMixin, _FusedBlock
 from fusedres.nn._tree import fuse_bn_relu, swap_children, unfuse_bn_relu
 from fusedres.nn.sync_batchnorm import from_sync_bn, to_sync_bn
@@ -75,7 +78,7 @@ def _unconvert_module(m: nn.Module) -> nn.Module:
 
 def convert(model: nn.Module, inplace: bool = True, mode: str = "bn", *, sync_bn: bool = False,
             process_group=None, skip_weight: str | None = None, skip_on: str = "branch",
-            skip_init: float = 1.0) -> nn.Module:
+            skip_init: float = 1.0, strict: bool = False) -> nn.Module:
     """Replace torchvision ResNet blocks (and a torchvision ResNet's stem BN + ReLU) in `model` by fused ones
     that share their Parameters and buffers; returns the converted model (a new object only when `model`
     itself is a block). `inplace=False` converts a deep copy and leaves `model` untouched.
@@ -94,7 +97,25 @@ def convert(model: nn.Module, inplace: bool = True, mode: str = "bn", *, sync_bn
 
     sync_bn=True (mode="bn" only): every BatchNorm becomes a `fusedres.nn.SyncBatchNormAct2d` computing batch
     statistics over `process_group` (None: the default group) with one all_reduce per layer forward and one
-    per layer backward, like torch.nn.SyncBatchNorm but still fused (`fusedres.nn.to_sync_bn`)."""
+    per layer backward, like torch.nn.SyncBatchNorm but still fused (`fusedres.nn.to_sync_bn`).
+
+    Logs one line at INFO on the "fusedres" logger (fused blocks, stems, BN layers; block-like modules left stock,
+    grouped by reason; `fusedres.explain` returns it as data) and warns when nothing in the model runs fused.
+    strict=True raises ValueError when a module that looks like a ResNet block was left stock (the convertible
+    ones are converted by then)."""
+    model = _convert(model, inplace, mode, sync_bn, process_group, skip_weight, skip_on, skip_init)
+    report = _report.census_convert(model)
+    _report.announce(report, None if report.changed else
+                     "Nothing in this model was converted: convert knows torchvision, timm and fusedres.preact "
+                     "ResNet blocks and stems (see fusedres.explain(model)).")
+    if strict and report.left:
+        raise ValueError("fusedres.convert(strict=True): modules that look like ResNet blocks were left stock: "
+                         + "; ".join(f"{reason}: {', '.join(n or '<model>' for n in names)}"
+                                     for reason, names in report.left.items()))
+    return model
+
+
+def _convert(model, inplace, mode, sync_bn, process_group, skip_weight, skip_on, skip_init) -> nn.Module:
     if not isinstance(model, nn.Module):
         raise TypeError(f"fusedres.convert: model must be a torch.nn.Module, got {type(model).__name__}")
     if mode not in ("bn", "conv"):
@@ -106,8 +127,6 @@ def convert(model: nn.Module, inplace: bool = True, mode: str = "bn", *, sync_bn
         raise ValueError(f"fusedres.convert: skip_weight must be None or one of {SKIP_KINDS} and skip_on one of "
                          f"{SKIP_SIDES}; got skip_weight={skip_weight!r}, skip_on={skip_on!r}")
     if not inplace:
-        import copy
-
         model = copy.deepcopy(model)
     root = _convert_module(model)
     if root is not model:  # model was a single block
@@ -146,12 +165,19 @@ def _to_conv_mode(m: nn.Module) -> nn.Module:
 def unconvert(model: nn.Module, inplace: bool = True) -> nn.Module:
     """The inverse of `convert`: fused blocks back to torchvision's classes and a converted ResNet stem back
     to `bn1: BatchNorm2d`, `relu: ReLU(inplace=True)`, sharing every tensor. Other BatchNormAct2d layers are
-    left as they are."""
+    left as they are. Logs what it restored and what stayed fused (and why) at INFO; warns when fusedres modules
+    remain and nothing was restored (folded models, learned skip weights)."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"fusedres.unconvert: model must be a torch.nn.Module, got {type(model).__name__}")
-    if not inplace:
-        import copy
+    before = _report.census_convert(model)
+    model = _unconvert(model, inplace)
+    report = _report.unconvert_report(before, model)
+    _report.announce(report, "Nothing was restored to stock." if report.left and not report.changed else None)
+    return model
 
+
+def _unconvert(model: nn.Module, inplace: bool) -> nn.Module:
+    if not inplace:
         model = copy.deepcopy(model)
     model = from_sync_bn(model)
     root = _unconvert_module(model)
@@ -161,3 +187,27 @@ def unconvert(model: nn.Module, inplace: bool = True) -> nn.Module:
     if _is_stock_resnet(model):
         unfuse_bn_relu(model, "bn1", "relu")
     return model
+
+
+def explain(model: nn.Module, action: str = "convert", **kwargs) -> "_report.Report":
+    """What `fusedres.<action>(model, **kwargs)` does ("convert", "fold" or "unconvert"), as a `Report`: the same
+    counts and reasons those functions log. Runs the action on a deep copy; `model` is not changed."""
+    actions = {"convert": lambda m: _convert(m, False, kwargs.get("mode", "bn"), kwargs.get("sync_bn", False),
+                                             kwargs.get("process_group"), kwargs.get("skip_weight"),
+                                             kwargs.get("skip_on", "branch"), kwargs.get("skip_init", 1.0)),
+               "fold": None, "unconvert": lambda m: _unconvert(m, False)}
+    if action not in actions:
+        raise ValueError(f"fusedres.explain: unknown action {action!r}; choose convert, fold or unconvert")
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"fusedres.explain: model must be a torch.nn.Module, got {type(model).__name__}")
+    unknown = set(kwargs) - ({"mode", "sync_bn", "process_group", "skip_weight", "skip_on", "skip_init"}
+                             if action == "convert" else set())
+    if unknown:
+        raise TypeError(f"fusedres.explain: unexpected keyword(s) {sorted(unknown)} for action {action!r}")
+    if action == "fold":
+        from fusedres.fold import _fold
+
+        return _report.census_fold(_fold(model, False))
+    if action == "unconvert":
+        return _report.unconvert_report(_report.census_convert(model), actions["unconvert"](model))
+    return _report.census_convert(actions["convert"](model))

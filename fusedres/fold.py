@@ -93,7 +93,20 @@ def _fold_stem(model: nn.Module) -> None:
 
 def fold(model: nn.Module, inplace: bool = False) -> nn.Module:
     """The inference-folded model (see the module docstring); a deep copy unless `inplace`. The model must be
-    in eval mode. Folding a folded model recomputes its folded constants from its current tensors."""
+    in eval mode. Folding a folded model recomputes its folded constants from its current tensors.
+    Logs one line at INFO (folded blocks, stems, BN layers; blocks left unfolded and why) and warns when
+    nothing was folded."""
+    from fusedres import _report
+
+    model = _fold(model, inplace)
+    report = _report.census_fold(model)
+    _report.announce(report, None if report.changed else
+                     "Nothing was folded: fold handles torchvision-style ResNet blocks and stems "
+                     "(see fusedres.explain(model, 'fold')).")
+    return model
+
+
+def _fold(model: nn.Module, inplace: bool) -> nn.Module:
     if not isinstance(model, nn.Module):
         raise TypeError(f"fusedres.fold: model must be a torch.nn.Module, got {type(model).__name__}")
     if model.training:

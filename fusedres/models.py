@@ -8,11 +8,10 @@ state_dict keys are torchvision's: `model.load_state_dict(torchvision_state_dict
 convert them unless `fused=False`.
 
 `skip_weight=`, `skip_on=`, `skip_init=` go to `fusedres.convert` (learned skip weights); every other keyword
-goes to torchvision.
-
-Pretrained `weights` are refused rather than downloaded: these constructors never touch the network. Load
-weights yourself, e.g. `model.load_state_dict(torch.load(path))`, or build
-`torchvision.models.resnet50(weights=...)` and pass it to `fusedres.convert`.
+goes to torchvision: `weights=` (a torchvision weights enum such as `ResNet50_Weights.IMAGENET1K_V2`, its name
+as a string, or None), `progress=` and the deprecated `pretrained=` are handled by torchvision's own loading
+code (download into the torch hub cache, hash check, `num_classes` from the weights), and the loaded model is
+converted afterwards.
 """
 from __future__ import annotations
 
@@ -28,50 +27,54 @@ __all__ = ["resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "wide_r
 
 
 def _build(name: str, weights, progress: bool, kwargs: dict) -> nn.Module:
-    if weights is not None:
-        raise ValueError(
-            f"fusedres.models.{name}: weights={weights!r} is not supported; these constructors never download. "
-            f"Build the model with weights=None and load a state_dict (torchvision checkpoints load "
-            f"unchanged), or convert a pretrained torchvision model: "
-            f"fusedres.convert(torchvision.models.{name}(weights=...)).")
     import torchvision.models as tvm
 
     skip = {k: kwargs.pop(k) for k in ("skip_weight", "skip_on", "skip_init") if k in kwargs}
-    return convert(getattr(tvm, name)(weights=None, progress=progress, **kwargs), **skip)
+    if isinstance(weights, str):
+        enum = tvm.get_model_weights(name)
+        try:
+            enum.verify(weights)
+        except KeyError:
+            raise ValueError(f"fusedres.models.{name}: unknown weights {weights!r}; choose from "
+                             f"{', '.join(['DEFAULT'] + [w.name for w in enum])} (or a {enum.__name__} member)"
+                             ) from None
+    if "pretrained" in kwargs and weights is None:  # torchvision's legacy interface maps it to weights
+        return convert(getattr(tvm, name)(progress=progress, **kwargs), **skip)
+    return convert(getattr(tvm, name)(weights=weights, progress=progress, **kwargs), **skip)
 
 
 def resnet18(*, weights: Any = None, progress: bool = True, **kwargs: Any) -> nn.Module:
-    """ResNet-18 (torchvision.models.resnet18) with fused BasicBlocks and stem; weights must be None."""
+    """ResNet-18 (torchvision.models.resnet18) with fused BasicBlocks and stem."""
     return _build("resnet18", weights, progress, kwargs)
 
 
 def resnet34(*, weights: Any = None, progress: bool = True, **kwargs: Any) -> nn.Module:
-    """ResNet-34 (torchvision.models.resnet34) with fused BasicBlocks and stem; weights must be None."""
+    """ResNet-34 (torchvision.models.resnet34) with fused BasicBlocks and stem."""
     return _build("resnet34", weights, progress, kwargs)
 
 
 def resnet50(*, weights: Any = None, progress: bool = True, **kwargs: Any) -> nn.Module:
-    """ResNet-50 v1.5 (torchvision.models.resnet50) with fused Bottlenecks and stem; weights must be None."""
+    """ResNet-50 v1.5 (torchvision.models.resnet50) with fused Bottlenecks and stem."""
     return _build("resnet50", weights, progress, kwargs)
 
 
 def resnet101(*, weights: Any = None, progress: bool = True, **kwargs: Any) -> nn.Module:
-    """ResNet-101 (torchvision.models.resnet101) with fused Bottlenecks and stem; weights must be None."""
+    """ResNet-101 (torchvision.models.resnet101) with fused Bottlenecks and stem."""
     return _build("resnet101", weights, progress, kwargs)
 
 
 def resnet152(*, weights: Any = None, progress: bool = True, **kwargs: Any) -> nn.Module:
-    """ResNet-152 (torchvision.models.resnet152) with fused Bottlenecks and stem; weights must be None."""
+    """ResNet-152 (torchvision.models.resnet152) with fused Bottlenecks and stem."""
     return _build("resnet152", weights, progress, kwargs)
 
 
 def wide_resnet50_2(*, weights: Any = None, progress: bool = True, **kwargs: Any) -> nn.Module:
-    """Wide ResNet-50-2 (torchvision.models.wide_resnet50_2), fused; weights must be None."""
+    """Wide ResNet-50-2 (torchvision.models.wide_resnet50_2), fused."""
     return _build("wide_resnet50_2", weights, progress, kwargs)
 
 
 def resnext50_32x4d(*, weights: Any = None, progress: bool = True, **kwargs: Any) -> nn.Module:
-    """ResNeXt-50 32x4d (torchvision.models.resnext50_32x4d), fused (grouped conv2); weights must be None."""
+    """ResNeXt-50 32x4d (torchvision.models.resnext50_32x4d), fused (grouped conv2)."""
     return _build("resnext50_32x4d", weights, progress, kwargs)
 
 

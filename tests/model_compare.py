@@ -40,6 +40,22 @@ def assert_close(actual, expected, tol, what=""):
     torch.testing.assert_close(a, e, rtol=tol, atol=tol * scale, msg=lambda m: f"{what}: {m}")
 
 
+def error_bound(stock_err, dtype, factor=2.0):
+    """The most a fused result may differ from float64: `factor` x stock's own error, plus a few units of
+    rounding of `dtype` for the case where stock happens to be (nearly) exact."""
+    return factor * stock_err + 8 * torch.finfo(dtype).eps
+
+
+def assert_like_stock(fused, stock, ref, what="", factor=2.0):
+    """Norm-wise relative error of `fused` against the float64 `ref` within `error_bound` of stock's; the message
+    gives both errors and the bound."""
+    assert fused.shape == stock.shape == ref.shape, (what, fused.shape, stock.shape, ref.shape)
+    err_f, err_s = rel_error(fused, ref), rel_error(stock, ref)
+    bound = error_bound(err_s, stock.dtype, factor)
+    assert err_f <= bound, (f"{what}: fused error against float64 {err_f:.3e} > bound {bound:.3e} "
+                            f"({factor:g}x stock's {err_s:.3e} + 8 eps)")
+
+
 def train_and_compare(stock, fused, *, tol, steps=2, shape=(4, 3, 32, 32), num_classes=5, dtype=torch.float64,
                       device="cpu", memory_format=torch.contiguous_format, lr=0.05):
     """`steps` momentum-SGD steps on both from the same state; outputs, every gradient (the input's too) at each
@@ -114,7 +130,9 @@ def float32_errors(stock32, fused32, shape=(4, 3, 32, 32)):
 def assert_float32_like_stock(errors, factor=3.0, floor=1e-4):
     """The fused fp32 model's error against float64 is within `factor` x stock fp32's, or under `floor`."""
     for key, (stock_err, fused_err) in errors.items():
-        assert fused_err <= max(factor * stock_err, floor), (key, errors)
+        bound = max(factor * stock_err, floor)
+        assert fused_err <= bound, (f"{key}: fused fp32 error against float64 {fused_err:.3e} > bound {bound:.3e} "
+                                    f"(max({factor:g}x stock's {stock_err:.3e}, {floor:g})); all: {errors}")
 
 
 def structure(model):

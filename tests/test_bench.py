@@ -348,7 +348,7 @@ def test_demo_verdict_rules():
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the demo is the no-GPU main job")
 def test_main_without_gpu_runs_the_demo_end_to_end(tmp_path, capsys):
-    rc = cli.main(["--level", "all", "--demo-size", "4,3,32,32", "--out", str(tmp_path)])
+    rc = cli.main(["--level", "auto", "--demo-size", "4,3,32,32", "--out", str(tmp_path)])
     out = capsys.readouterr().out
     assert rc == 0, out
     assert "backends: triton, reference" in out and "interpreter" in out

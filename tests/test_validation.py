@@ -249,8 +249,8 @@ CASES = [
     ("fold_not_module", plain(lambda d: fusedres.fold({})), TYPE, r"fold: model must be a torch\.nn\.Module"),
     ("fold_training_model", plain(lambda d: fusedres.fold(nn.Sequential(nn.Conv2d(1, 1, 1)).train())), VALUE,
      r"put the model in eval mode first"),
-    ("models_weights", plain(lambda d: fusedres.models.resnet18(weights="IMAGENET1K_V1")), VALUE,
-     r"weights='IMAGENET1K_V1' is not supported"),
+    ("models_weights", plain(lambda d: fusedres.models.resnet18(weights="IMAGENET1K_V3")), VALUE,
+     r"unknown weights 'IMAGENET1K_V3'; choose from DEFAULT, IMAGENET1K_V1"),
     # ---------------------------------------------------------------- backends
     ("use_backend_unknown", plain(lambda d: fusedres.use_backend("cudnn").__enter__()), VALUE,
      r"unknown fusedres backend 'cudnn'; choose one of \('cuda', 'triton', 'reference'\)"),

@@ -1,19 +1,26 @@
 """`fusedres-bench` / `python -m fusedres.bench`: argument parsing and the run from levels to files.
 
-With CUDA: the requested levels are timed and written as JSON, CSV, markdown and PNG. Without CUDA: the
-correctness demo runs instead (fusedres.bench.demo) and the timed levels are reported as skipped, because
-a time measured on a CPU through the Triton interpreter says nothing about the kernels.
+With CUDA: the requested levels are timed and written as JSON, CSV, markdown and PNG. Without CUDA, `auto`
+(the default) runs the correctness demo instead (fusedres.bench.demo), because a time measured on a CPU through
+the Triton interpreter says nothing about the kernels; a timed level asked for by name is refused.
+
+Arguments are parsed before torch is imported (this module imports only the standard library and
+fusedres.bench.vocab at load time), so --help and argument errors come back at once.
 """
 from __future__ import annotations
 
 import argparse
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from fusedres.bench.common import (DTYPES, EXTRA_MODELS, LEVELS, MEMORY_FORMATS, MODELS, Config,
-                                   ensure_interpreter)
+from fusedres.bench.vocab import CPU_LEVELS, DTYPE_NAMES, EXTRA_MODELS, LEVELS, MEMORY_FORMAT_NAMES, MODELS
 
-LEVEL_CHOICES = ("auto", "demo", "all") + LEVELS
+if TYPE_CHECKING:
+    from fusedres.bench.common import Config
+
+# Timed levels (LEVELS) need CUDA; CPU_LEVELS run anywhere. A new level goes into one of the two tuples.
+LEVEL_CHOICES = ("auto", "all") + CPU_LEVELS + LEVELS
 
 
 def _csv(kind, choices=None):
@@ -52,16 +59,17 @@ def build_parser() -> argparse.ArgumentParser:
         description="Benchmark fusedres against stock PyTorch (kernels, blocks, whole ResNets) on a CUDA GPU; "
                     "without one, check that the fused ResNet matches stock through the Triton interpreter.")
     p.add_argument("--level", type=_csv("level", LEVEL_CHOICES), default=("auto",),
-                   help="comma list of kernels, blocks, models, demo, all, auto (default auto: all three timed "
-                        "levels with CUDA, the demo without)")
+                   help=f"comma list of {', '.join(LEVEL_CHOICES)} (default auto: the timed levels "
+                        f"{', '.join(LEVELS)} with CUDA, the demo without; all: every timed level; a timed level "
+                        f"asked for on a machine without CUDA is an error)")
     p.add_argument("--models", type=_csv("model", MODELS + EXTRA_MODELS + ("all",)), default=None,
                    help=f"models level: comma list of {', '.join(MODELS + EXTRA_MODELS)} or all (default all = "
                         f"the torchvision ones; --quick: resnet50)")
     p.add_argument("--batch", type=_positive, default=None, help="batch size of every timed level (default 128)")
-    p.add_argument("--dtype", type=_csv("dtype", tuple(DTYPES)), default=None,
+    p.add_argument("--dtype", type=_csv("dtype", DTYPE_NAMES), default=None,
                    help="dtypes of the fused and compiled candidates (default bf16); model baselines always "
                         "include eager fp32, bf16 and fp16")
-    p.add_argument("--memory-format", type=_csv("memory format", tuple(MEMORY_FORMATS) + ("both",)),
+    p.add_argument("--memory-format", type=_csv("memory format", MEMORY_FORMAT_NAMES + ("both",)),
                    default=None, help="kernels and blocks: channels_last (default), contiguous or both")
     p.add_argument("--modes", type=_csv("mode", ("fwd", "bwd", "train", "infer")), default=None,
                    help="keep only these modes (kernels: fwd, bwd, infer; blocks: fwd, train, infer; models: "
@@ -77,7 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fewer kernel shapes, resnet50 only, 3 repeats, default-mode compile for inference")
     p.add_argument("--cuda-graphs", action="store_true", help="models: add CUDA-graph candidates")
     p.add_argument("--out", type=Path, default=None,
-                   help="directory for JSON, CSV, markdown and PNG results (default benchmarks/results)")
+                   help="timed levels: directory for the JSON, CSV, markdown and PNG results (default "
+                        "benchmarks/results); the demo writes a JSON only when --out is given")
     p.add_argument("--compare", type=Path, default=None, metavar="OLD.json",
                    help="print the change of every row against an earlier result")
     p.add_argument("--against", type=Path, default=None, metavar="NEW.json",
@@ -85,10 +94,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fail-threshold", type=float, default=None, metavar="PCT",
                    help="with --compare: exit 1 when a row got slower by more than PCT percent or now fails")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
-    p.add_argument("--demo-model", default="resnet18", choices=MODELS, help="demo: model (default resnet18)")
+    p.add_argument("--demo-model", default="resnet18", choices=MODELS, metavar="MODEL",
+                   help=f"demo: model, one of {', '.join(MODELS)} (default resnet18)")
     p.add_argument("--demo-size", type=_size, default=(2, 3, 64, 64), metavar="N,3,H,W",
                    help="demo: input size (default 2,3,64,64)")
     return p
+
+
+def flag_table() -> str:
+    """The markdown table of every flag, generated from the parser (the README's copy is tested against it)."""
+    rows = ["| flag | meaning |", "|---|---|"]
+    for action in build_parser()._actions:
+        if not action.option_strings or action.help == argparse.SUPPRESS:
+            continue
+        flag = action.option_strings[-1]
+        if action.nargs != 0:
+            flag += " " + (action.metavar or action.dest.upper())
+        rows.append(f"| `{flag}` | {(action.help or '').replace('|', chr(92) + '|')} |")
+    return "\n".join(rows) + "\n"
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -110,7 +133,9 @@ def resolve_levels(requested, cuda: bool) -> list[str]:
     return out
 
 
-def make_config(args) -> Config:
+def make_config(args) -> "Config":
+    from fusedres.bench.common import MEMORY_FORMATS, Config
+
     fmts = args.memory_format or ("channels_last",)
     if "both" in fmts:
         fmts = tuple(MEMORY_FORMATS)
@@ -160,7 +185,7 @@ def headline(rows: list[dict]) -> list[str]:
     return lines
 
 
-def run_timed(args, levels: list[str], log=print, cfg: Config | None = None, device=None,
+def run_timed(args, levels: list[str], log=print, cfg: "Config | None" = None, device=None,
               timer_factory=None) -> int:
     """Time `levels`, write <stem>.json/.csv/.md/.png under --out, print tables and the --compare report.
 
@@ -267,14 +292,31 @@ def run_demo_job(args, requested_timed: list[str], cuda: bool, log=print) -> int
     return 0 if result["ok"] else 1
 
 
+def refuse_timed(requested, cuda: bool) -> str | None:
+    """The one-line reason to stop when timed levels were asked for by name on a machine without CUDA."""
+    named = [lv for lv in requested if lv in LEVELS or lv == "all"]
+    if cuda or not named:
+        return None
+    return (f"fusedres-bench: --level {','.join(named)} is timed on a CUDA GPU and this machine has none "
+            f"(torch.cuda.is_available() is False); without a GPU run `python -m fusedres.bench --level demo` "
+            f"(the default, auto, does the same): it checks the fused ResNet against stock through the Triton "
+            f"interpreter.")
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.against is not None:
         return compare_files(args.compare, args.against, args.fail_threshold)
+    from fusedres.bench.common import ensure_interpreter
+
     ensure_interpreter()
     import torch
 
     cuda = torch.cuda.is_available()
+    reason = refuse_timed(args.level, cuda)
+    if reason:
+        print(reason, file=sys.stderr)
+        return 2
     levels = resolve_levels(args.level, cuda)
     timed = [lv for lv in levels if lv in LEVELS]
     rc = 0

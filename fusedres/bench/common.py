@@ -9,15 +9,10 @@ from dataclasses import dataclass, field
 
 import torch
 
+from fusedres.bench.vocab import CIFAR_MODELS, EXTRA_MODELS, LEVELS, MODELS  # noqa: F401  (re-exported)
+
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 MEMORY_FORMATS = {"channels_last": torch.channels_last, "contiguous": torch.contiguous_format}
-LEVELS = ("kernels", "blocks", "models")
-MODELS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "wide_resnet50_2", "resnext50_32x4d")
-# Named with --models only (not in the default run): the CIFAR pre-activation ResNets of "Identity Mappings"
-# (fusedres.preact; stock = unconverted, fused = fusedres.convert), run at CIFAR's 32x32 whatever image_size is.
-# ResNet-1001 is the memory row: 1001 layers of activations at batch 128.
-EXTRA_MODELS = ("preact_resnet164", "preact_resnet1001")
-CIFAR_MODELS = {"preact_resnet164": 32, "preact_resnet1001": 32}
 # The reference backend is the fallback, not a contender: whole blocks and models only run it when asked.
 DEFAULT_EXCLUDE = {"kernels": (), "blocks": ("fusedres[reference]*",), "models": ("fusedres[reference]*",)}
 

@@ -58,33 +58,33 @@ def build_parser() -> argparse.ArgumentParser:
         prog="fusedres-bench",
         description="Benchmark fusedres against stock PyTorch (kernels, blocks, whole ResNets) on a CUDA GPU; "
                     "without one, check that the fused ResNet matches stock through the Triton interpreter.")
-    p.add_argument("--level", type=_csv("level", LEVEL_CHOICES), default=("auto",),
+    p.add_argument("--level", type=_csv("level", LEVEL_CHOICES), default=("auto",), metavar="LEVELS",
                    help=f"comma list of {', '.join(LEVEL_CHOICES)} (default auto: the timed levels "
                         f"{', '.join(LEVELS)} with CUDA, the demo without; all: every timed level; a timed level "
                         f"asked for on a machine without CUDA is an error)")
-    p.add_argument("--models", type=_csv("model", MODELS + EXTRA_MODELS + ("all",)), default=None,
+    p.add_argument("--models", type=_csv("model", MODELS + EXTRA_MODELS + ("all",)), default=None, metavar="NAMES",
                    help=f"models level: comma list of {', '.join(MODELS + EXTRA_MODELS)} or all (default all = "
                         f"the torchvision ones; --quick: resnet50)")
-    p.add_argument("--batch", type=_positive, default=None, help="batch size of every timed level (default 128)")
-    p.add_argument("--dtype", type=_csv("dtype", DTYPE_NAMES), default=None,
+    p.add_argument("--batch", type=_positive, default=None, metavar="N", help="batch size of every timed level (default 128)")
+    p.add_argument("--dtype", type=_csv("dtype", DTYPE_NAMES), default=None, metavar="DTYPES",
                    help="dtypes of the fused and compiled candidates (default bf16); model baselines always "
                         "include eager fp32, bf16 and fp16")
     p.add_argument("--memory-format", type=_csv("memory format", MEMORY_FORMAT_NAMES + ("both",)),
-                   default=None, help="kernels and blocks: channels_last (default), contiguous or both")
-    p.add_argument("--modes", type=_csv("mode", ("fwd", "bwd", "train", "infer")), default=None,
+                   default=None, metavar="FORMAT", help="kernels and blocks: channels_last (default), contiguous or both")
+    p.add_argument("--modes", type=_csv("mode", ("fwd", "bwd", "train", "infer")), default=None, metavar="MODES",
                    help="keep only these modes (kernels: fwd, bwd, infer; blocks: fwd, train, infer; models: "
                         "train, infer); default: kernels fwd,bwd,infer, blocks fwd,train, models train,infer")
-    p.add_argument("--impl", type=_csv("impl pattern"), default=(),
+    p.add_argument("--impl", type=_csv("impl pattern"), default=(), metavar="PATTERNS",
                    help="keep only impls matching these patterns (* and ? are wildcards, brackets literal), "
                         "e.g. 'eager,fusedres[triton]*' "
                         "(default: all, except fusedres[reference] in blocks and models)")
-    p.add_argument("--repeats", type=_positive, default=None, help="interleaved samples per candidate "
+    p.add_argument("--repeats", type=_positive, default=None, metavar="N", help="interleaved samples per candidate "
                                                                     "(default 10, --quick 3)")
-    p.add_argument("--warmup", type=_positive, default=3, help="untimed calls per candidate before timing")
+    p.add_argument("--warmup", type=_positive, default=3, metavar="N", help="untimed calls per candidate before timing")
     p.add_argument("--quick", action="store_true",
                    help="fewer kernel shapes, resnet50 only, 3 repeats, default-mode compile for inference")
     p.add_argument("--cuda-graphs", action="store_true", help="models: add CUDA-graph candidates")
-    p.add_argument("--out", type=Path, default=None,
+    p.add_argument("--out", type=Path, default=None, metavar="DIR",
                    help="timed levels: directory for the JSON, CSV, markdown and PNG results (default "
                         "benchmarks/results); the demo writes a JSON only when --out is given")
     p.add_argument("--compare", type=Path, default=None, metavar="OLD.json",

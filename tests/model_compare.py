@@ -56,6 +56,27 @@ def assert_like_stock(fused, stock, ref, what="", factor=2.0):
                             f"({factor:g}x stock's {err_s:.3e} + 8 eps)")
 
 
+def flat(named):
+    """One vector of many (name, tensor) pairs, in name order (so a fused model and its stock twin line up):
+    their joint norm-wise error is a stable quantity where a single small gradient's error, in a tiny
+    ill-conditioned network, fluctuates from seed to seed."""
+    return torch.cat([t.detach().reshape(-1).double() for _, t in sorted(named, key=lambda item: item[0])])
+
+
+def assert_runs_like_stock(stock, fused, run, factor=2.0, what=""):
+    """`run(model, dtype) -> {name: tensor}` on `stock`, on `fused` (both in `dtype`, the dtype of stock's first
+    parameter) and on a float64 copy of stock made first: each fused result within `error_bound` of stock's own
+    error against float64. Returns {name: (stock error, fused error)} for callers that report them."""
+    dtype = next(stock.parameters()).dtype
+    ref = copy.deepcopy(stock).double()
+    r, s, f = run(ref, torch.float64), run(stock, dtype), run(fused, dtype)
+    errors = {}
+    for name in r:
+        assert_like_stock(f[name], s[name], r[name], f"{what}{name}", factor)
+        errors[name] = (rel_error(s[name], r[name]), rel_error(f[name], r[name]))
+    return errors
+
+
 def train_and_compare(stock, fused, *, tol, steps=2, shape=(4, 3, 32, 32), num_classes=5, dtype=torch.float64,
                       device="cpu", memory_format=torch.contiguous_format, lr=0.05):
     """`steps` momentum-SGD steps on both from the same state; outputs, every gradient (the input's too) at each

@@ -14,6 +14,7 @@ import fusedres
 from fusedres import models
 from fusedres.nn import BasicBlock, BatchNormAct2d, Bottleneck
 from helpers import tiny_resnet
+from model_compare import assert_runs_like_stock
 
 NAMES = ["resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "wide_resnet50_2", "resnext50_32x4d"]
 
@@ -55,9 +56,9 @@ def test_load_torchvision_state_dict_both_ways(name):
     assert all(torch.equal(a, b) for a, b in zip(back.state_dict().values(), stock.state_dict().values()))
     stock.eval()
     fused.eval()
-    x = torch.randn(1, 3, 32, 32)
+    x = torch.randn(1, 3, 32, 32, dtype=torch.float64)
     with torch.no_grad():
-        torch.testing.assert_close(fused(x), stock(x), rtol=1e-4, atol=1e-4 * stock(x).abs().max().item())
+        assert_runs_like_stock(stock, fused, lambda model, dtype: {"eval output": model(x.to(dtype))})
 
 
 def test_constructor_kwargs_and_weights():
@@ -96,12 +97,13 @@ def test_convergence_matches_stock(device):
     GPU the automatically selected backend runs.
 
     Tolerances. float64: the loss curves agree within 1e-9 at every step (measured: equal to the last
-    printed digit), so any semantic difference (a running statistic, gradient, momentum) shows. float32:
-    the curves agree to ~1e-7 until, some tens of steps in, a rounding-level difference moves an activation
-    across a ReLU kink, which changes that step's gradient, and the trajectories separate like two SGD runs
+    printed digit), so any semantic difference (a running statistic, gradient, momentum) shows. float32: the
+    curves agree with float64's to ~1e-7 until, some tens of steps in, a rounding-level difference moves an
+    activation across a ReLU kink, which changes that step's gradient, and the trajectories separate like two SGD runs
     with different seeds would, slowly: measured, single-batch losses then differ by up to 5e-2 and the means
-    over 10-step windows by up to 5e-3 (losses fall from 1.4 to 0.02). So fp32 must agree within 1e-4 over
-    the first 20 steps, 10-step means within 1e-2 throughout, and the loss must fall by 4x."""
+    over 10-step windows by up to 5e-3 (losses fall from 1.4 to 0.02). So over the first 20 steps the fp32 fused
+    losses must be within 2x stock fp32's own error against the float64 run; after that, 10-step means within
+    1e-2 throughout (two runs of one SGD, not rounding), and the loss must fall by 4x."""
     torch.manual_seed(0)
     stock = tiny_resnet().to(device)
     init = copy.deepcopy(stock)
@@ -120,8 +122,9 @@ def test_convergence_matches_stock(device):
     stock_losses = _losses(stock, data, 100, 16)
     with fusedres.use_backend(backend):
         fused_losses = _losses(fused, data, 100, 16)
-    diff = (fused_losses - stock_losses).abs()
+    err_f, err_s = (fused_losses - stock64)[:20].abs().max(), (stock_losses - stock64)[:20].abs().max()
+    bound = 2 * err_s + 8 * torch.finfo(torch.float32).eps * stock64[:20].abs().max()
+    assert err_f <= bound, f"first 20 fp32 losses: fused error against float64 {err_f:.3e} > {bound:.3e} (2x stock's)"
     windows_f, windows_s = fused_losses.view(10, 10).mean(1), stock_losses.view(10, 10).mean(1)
-    assert diff[:20].max() < 1e-4, diff
     assert (windows_f - windows_s).abs().max() < 1e-2, (windows_f, windows_s)
     assert fused_losses[-10:].mean() < stock_losses[:5].mean() / 4, fused_losses

@@ -11,6 +11,7 @@ from torchvision.models import resnet as tv
 
 import fusedres
 from fusedres.reference import bn_act_reference
+from model_compare import assert_like_stock, assert_runs_like_stock
 from helpers import (DTYPES, activation, assert_close, backend_names, channel_params, double_leaf, leaf,
                      randomise_bns)
 
@@ -161,9 +162,11 @@ def test_skip_weight_float32_channels_last(on_test_device):
     fused = fusedres.convert(copy.deepcopy(stock), skip_weight="channel", skip_on="shortcut")
     with torch.no_grad():
         fused.skip_weight.uniform_(0.5, 1.5)
-    x = torch.randn(2, 4, 5, 5).contiguous(memory_format=torch.channels_last)
-    ref = _stock_forward_with_skip(stock, x, fused.skip_weight.detach(), "shortcut")
-    torch.testing.assert_close(fused(x), ref, rtol=1e-4, atol=1e-5)
+    x = torch.randn(2, 4, 5, 5, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
+    w = fused.skip_weight.detach()
+    truth = _stock_forward_with_skip(copy.deepcopy(stock).double(), x, w.double(), "shortcut")
+    plain = _stock_forward_with_skip(stock, x.float(), w, "shortcut")
+    assert_like_stock(fused(x.float()), plain, truth, "skip-weight bottleneck output")
 
 
 def test_skip_init_zero_starts_as_identity(on_test_device):
@@ -190,8 +193,8 @@ def test_zero_init_residual_honoured(on_test_device):
     assert blocks and all(float(m.bn2.weight.detach().abs().max()) == 0.0 for m in blocks)
     x = torch.randn(2, 64, 4, 4)
     torch.testing.assert_close(fused.layer1[0](x), torch.relu(x))
-    xi = torch.randn(2, 3, 8, 8)
-    torch.testing.assert_close(fused(xi), stock(xi), rtol=1e-4, atol=1e-5)
+    xi = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    assert_runs_like_stock(stock, fused, lambda model, dtype: {"output": model(xi.to(dtype))})
 
 
 def test_skip_weight_conversion_rules():

@@ -65,12 +65,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--models", type=_csv("model", MODELS + EXTRA_MODELS + ("all",)), default=None, metavar="NAMES",
                    help=f"models level: comma list of {', '.join(MODELS + EXTRA_MODELS)} or all (default all = "
                         f"the torchvision ones; --quick: resnet50)")
-    p.add_argument("--batch", type=_positive, default=None, metavar="N", help="batch size of every timed level (default 128)")
+    p.add_argument("--batch", type=_positive, default=None, metavar="N",
+                   help="batch size of every timed level (default 128)")
     p.add_argument("--dtype", type=_csv("dtype", DTYPE_NAMES), default=None, metavar="DTYPES",
                    help="dtypes of the fused and compiled candidates (default bf16); model baselines always "
                         "include eager fp32, bf16 and fp16")
     p.add_argument("--memory-format", type=_csv("memory format", MEMORY_FORMAT_NAMES + ("both",)),
-                   default=None, metavar="FORMAT", help="kernels and blocks: channels_last (default), contiguous or both")
+                   default=None, metavar="FORMAT",
+                   help="kernels and blocks: channels_last (default), contiguous or both")
     p.add_argument("--modes", type=_csv("mode", ("fwd", "bwd", "train", "infer")), default=None, metavar="MODES",
                    help="keep only these modes (kernels: fwd, bwd, infer; blocks: fwd, train, infer; models: "
                         "train, infer); default: kernels fwd,bwd,infer, blocks fwd,train, models train,infer")

@@ -87,3 +87,15 @@ def test_interpreter_warns_once(monkeypatch):
         warnings.simplefilter("error")
         assert ft.device_reasons(x, interpret=True) == []  # once per process
         assert ft.device_reasons(x, interpret=False)  # refused: nothing is launched, nothing said
+
+
+def test_package_loads_on_first_use_and_submodules_do_not_hide_functions():
+    code = ("import sys\n"
+            "import fusedres\n"
+            "assert 'torch' not in sys.modules, 'import fusedres alone must not import torch'\n"
+            "import fusedres.fold, fusedres.convert\n"
+            "assert callable(fusedres.fold) and callable(fusedres.convert) and callable(fusedres.explain)\n"
+            "import torch; assert callable(torch.ops.fusedres.bn_act_train)\n"
+            "assert set(fusedres.__all__) <= set(dir(fusedres))\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr

@@ -128,8 +128,6 @@ def why_stock(m: nn.Module) -> str:
 
 
 def _why_not_folded(m: nn.Module) -> str:
-    from fusedres.nn.conv import _FoldedBlock  # noqa: F401  (only blocks reach here)
-
     if getattr(m, "skip_weight", None) is not None:
         return "learned skip weight"
     for c in m.children():
@@ -259,10 +257,10 @@ def census_fused(model: nn.Module) -> dict[str, list[str]]:
 
 
 def unconvert_report(before: Report, model: nn.Module) -> Report:
+    """What unconvert restored: the fused counts before minus those after, and the fusedres modules kept."""
     after = census_convert(model)
-    r = Report("unconvert", blocks=max(before.blocks - after.blocks, 0), stems=max(before.stems - after.stems, 0),
-               bn_layers=max(before.bn_layers - after.bn_layers, 0), left=census_fused(model))
-    return r
+    return Report("unconvert", blocks=max(before.blocks - after.blocks, 0), stems=max(before.stems - after.stems, 0),
+                  bn_layers=max(before.bn_layers - after.bn_layers, 0), left=census_fused(model))
 
 
 def announce(report: Report, nothing: str | None) -> Report:

@@ -102,8 +102,9 @@ struct StatsBody {
     static_assert(NL == V, "statistics take whole vectors");
     load_vec<T, V>(x + off, in.v);
   }
+  // Partial vectors loop over all lanes with a mask: a run-time lane index would put the arrays in local memory.
   FR_HD void load_part(In& in, i64 off, int j0, int j1) const {
-    for (int j = j0; j < j1; ++j) in.v[j] = Cvt<T>::to(x[off + j]);
+    for (int j = 0; j < V; ++j) in.v[j] = j >= j0 && j < j1 ? Cvt<T>::to(x[off + j]) : 0.f;
   }
   template <int NL>
   FR_HD void finish(const In& in, i64) {
@@ -112,9 +113,11 @@ struct StatsBody {
     for (int j = 0; j < V; ++j) welford_push(mean[j], m2[j], in.v[j], inv);
   }
   FR_HD void finish_part(const In& in, i64, int j0, int j1) {
-    for (int j = j0; j < j1; ++j) {
-      n1 = n1 + 1.f;
-      welford_push(mean1, m21, in.v[j], 1.f / n1);
+    for (int j = 0; j < V; ++j) {
+      if (j >= j0 && j < j1) {
+        n1 = n1 + 1.f;
+        welford_push(mean1, m21, in.v[j], 1.f / n1);
+      }
     }
   }
   FR_HD void run(i64 off) {
@@ -289,11 +292,12 @@ struct BwdReduceBody {
     load_grad_inputs<T, NL, V, XB>(a, off, in);
   }
   FR_HD void load_part(In& in, i64 off, int j0, int j1) const {
-    for (int j = j0; j < j1; ++j) {
-      in.dy[j] = Cvt<T>::to(a.dy[off + j]);
-      in.x[j] = Cvt<T>::to(a.x[off + j]);
-      in.r[j] = a.relu && a.res ? Cvt<T>::to(a.res[off + j]) : 0.f;
-      in.b[j] = XB ? Cvt<T>::to(a.xb[off + j]) : 0.f;
+    for (int j = 0; j < V; ++j) {
+      const bool in_plane = j >= j0 && j < j1;
+      in.dy[j] = in_plane ? Cvt<T>::to(a.dy[off + j]) : 0.f;
+      in.x[j] = in_plane ? Cvt<T>::to(a.x[off + j]) : 0.f;
+      in.r[j] = in_plane && a.relu && a.res ? Cvt<T>::to(a.res[off + j]) : 0.f;
+      in.b[j] = in_plane && XB ? Cvt<T>::to(a.xb[off + j]) : 0.f;
     }
   }
   FR_HD float accumulate(const In& in, int j) {
@@ -311,9 +315,11 @@ struct BwdReduceBody {
     if (a.grad_res) store_lanes<T, V>(a.grad_res + off, g);
   }
   FR_HD void finish_part(const In& in, i64 off, int j0, int j1) {
-    for (int j = j0; j < j1; ++j) {
-      const float g = accumulate(in, j);
-      if (a.grad_res) a.grad_res[off + j] = Cvt<T>::from(g);
+    for (int j = 0; j < V; ++j) {
+      if (j >= j0 && j < j1) {
+        const float g = accumulate(in, j);
+        if (a.grad_res) a.grad_res[off + j] = Cvt<T>::from(g);
+      }
     }
   }
   FR_HD void run(i64 off) {
@@ -341,7 +347,8 @@ struct BwdApplyBody {
     for (int j = 0; j < V; ++j)
       sc[j] = sh[j] = scb[j] = shb[j] = mu[j] = kg[j] = kx[j] = kc[j] = mub[j] = kgb[j] = kxb[j] = kcb[j] = 0.f;
   }
-  FR_HD void param(int j, int c) {
+  // with_kb = false: all but xb's coefficients (k_g_b, k_x_b, k_c_b), which param_kb loads.
+  FR_HD void param(int j, int c, bool with_kb = true) {
     if (a.relu) {
       sc[j] = ldp(a.scale + c);
       sh[j] = ldp(a.shift + c);
@@ -358,11 +365,14 @@ struct BwdApplyBody {
         shb[j] = ldp(a.shift_b + c);
       }
       mub[j] = ldp(a.mean_b + c);
-      if constexpr (!KT) {
-        kgb[j] = ldp(a.k_g_b + c);
-        kxb[j] = ldp(a.k_x_b + c);
-        kcb[j] = ldp(a.k_c_b + c);
-      }
+      if (with_kb) param_kb(j, c);
+    }
+  }
+  FR_HD void param_kb(int j, int c) {
+    if constexpr (XB && !KT) {
+      kgb[j] = ldp(a.k_g_b + c);
+      kxb[j] = ldp(a.k_x_b + c);
+      kcb[j] = ldp(a.k_c_b + c);
     }
   }
   FR_HD float coef(int q, int j, const float (&reg)[V]) const {
@@ -397,21 +407,32 @@ struct BwdApplyBody {
     load<V>(in, off);
     finish<V>(in, off);
   }
-  // Flat kernels; lanes of their own channels take their parameters one lane at a time.
+  // Flat kernels. Lanes of their own channels load their parameters lane by lane, and dxb's coefficients only
+  // after dx is stored (fewer values live at once).
   template <int NL>
   FR_HD void finish_at(const In& in, i64 e, ChanPos p) {
     if constexpr (Kuniform && NL == V) {
       setup(p.c, 0);
       finish<NL>(in, e);
     } else {
-      float d[V], db[V];
+      float g[V], d[V];
+      const ChanPos p0 = p;
       for (int j = 0; j < NL; ++j) {
-        param(j, p.c);
-        lane_out(in, j, d[j], db[j]);
+        param(j, p.c, false);
+        g[j] = lane_grad<T, V, XB>(a, in, j, mu, sc, sh, mub, scb, shb);
+        d[j] = bn_input_grad(g[j], in.x[j], mu[j], kg[j], kx[j], kc[j]);
         chan_next(p, inner, C);
       }
       store_lanes<T, NL>(a.dx + e, d);
-      if constexpr (XB) store_lanes<T, NL>(a.dxb + e, db);
+      if constexpr (XB) {
+        p = p0;
+        for (int j = 0; j < NL; ++j) {
+          param_kb(j, p.c);
+          d[j] = bn_input_grad(g[j], in.b[j], mub[j], kgb[j], kxb[j], kcb[j]);
+          chan_next(p, inner, C);
+        }
+        store_lanes<T, NL>(a.dxb + e, d);
+      }
     }
   }
 };
@@ -421,13 +442,13 @@ struct BwdApplyBody {
 // t0 + tstep, ... fill it.
 template <class T, int V>
 FR_HD void fill_coef_table(const BwdArgs<T>& a, int C, int c_base, int bx, float* tab, int t0, int tstep) {
-  const float* src[6] = {a.k_g, a.k_x, a.k_c, a.k_g_b, a.k_x_b, a.k_c_b};
   const int per_q = V * bx;
   for (int i = t0; i < 6 * per_q; i += tstep) {
     const int q = i / per_q, r = i - q * per_q;
     const int j = r / bx, tx = r - j * bx;
     const int c = c_base + tx * V + j;
-    tab[i] = c < C ? ldp(src[q] + c) : 0.f;
+    const float* src = q == 0 ? a.k_g : q == 1 ? a.k_x : q == 2 ? a.k_c : q == 3 ? a.k_g_b : q == 4 ? a.k_x_b : a.k_c_b;
+    tab[i] = c < C ? ldp(src + c) : 0.f;
   }
 }
 

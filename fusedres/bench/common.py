@@ -19,7 +19,8 @@ MODELS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "wide_re
 EXTRA_MODELS = ("preact_resnet164", "preact_resnet1001")
 CIFAR_MODELS = {"preact_resnet164": 32, "preact_resnet1001": 32}
 # The reference backend is the fallback, not a contender: whole blocks and models only run it when asked.
-DEFAULT_EXCLUDE = {"kernels": (), "blocks": ("fusedres[reference]*",), "models": ("fusedres[reference]*",)}
+DEFAULT_EXCLUDE = {"kernels": (), "blocks": ("fusedres[reference]*",),
+                   "models": ("fusedres[reference]*", "*+conv+compile*")}
 
 
 @dataclass

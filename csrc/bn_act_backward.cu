@@ -18,10 +18,10 @@ __device__ __forceinline__ void write_sums(float* ws, int split, int splits, int
 
 // NHWC rows; Q = 2 (x only) or 3 (with xb) quantities.
 template <class T, int V, int Q>
-__global__ void __launch_bounds__(kBlock) bwd_reduce_rows_kernel(BwdArgs<T> a, i64 M, int C,
-                                                                 float* __restrict__ ws) {
+__global__ void __launch_bounds__(kBlock, kMinBlocksPerSm) bwd_reduce_rows_kernel(BwdArgs<T> a, i64 M, int C,
+                                                                                  float* __restrict__ ws) {
   __shared__ float sh[3][kBlock];
-  BwdReduceBody<T, V> body(a);
+  BwdReduceBody<T, V, Q == 3> body(a);
   const int cv = blockIdx.x * blockDim.x + threadIdx.x;
   rows_thread<V>(M, C, static_cast<i64>(blockIdx.y) * blockDim.y + threadIdx.y,
                  static_cast<i64>(gridDim.y) * blockDim.y, cv, body);
@@ -35,14 +35,19 @@ __global__ void __launch_bounds__(kBlock) bwd_reduce_rows_kernel(BwdArgs<T> a, i
   }
 }
 
-// NCHW: block (1, kBlock) for channel blockIdx.x, split blockIdx.y; lanes summed in lane order.
-template <class T, int V, int Q>
-__global__ void __launch_bounds__(kBlock) bwd_reduce_channels_kernel(BwdArgs<T> a, i64 N, i64 HW, int C,
-                                                                     float* __restrict__ ws) {
+// NCHW: block (1, kBlock) for channel blockIdx.x, split blockIdx.y; lanes summed in lane order. Planes: V does
+// not divide HW (plane_thread), else channel_thread.
+template <class T, int V, int Q, bool Planes>
+__global__ void __launch_bounds__(kBlock, kMinBlocksPerSm) bwd_reduce_channels_kernel(BwdArgs<T> a, i64 N, i64 HW,
+                                                                                      int C, float* __restrict__ ws) {
   __shared__ float sh[3][kBlock];
-  BwdReduceBody<T, V> body(a);
-  channel_thread<V>(N, HW, C, blockIdx.x, static_cast<i64>(blockIdx.y) * kBlock + threadIdx.y,
-                    static_cast<i64>(gridDim.y) * kBlock, body);
+  BwdReduceBody<T, V, Q == 3> body(a);
+  const i64 v0 = static_cast<i64>(blockIdx.y) * kBlock + threadIdx.y, vs = static_cast<i64>(gridDim.y) * kBlock;
+  if constexpr (Planes) {
+    plane_thread<V>(N, HW, C, blockIdx.x, v0, vs, body);
+  } else {
+    channel_thread<V>(N, HW, C, blockIdx.x, v0, vs, body);
+  }
   float v[Q];
   for (int q = 0; q < Q; ++q) v[q] = 0.f;
   for (int j = 0; j < V; ++j) {
@@ -82,7 +87,7 @@ void launch_sums_finalize(const float* ws, int quantities, int splits, int C, fl
   check_launch("sums_finalize_kernel");
 }
 
-template <class T, int V, int Q>
+template <class T, int V, int Q, bool Planes = false>
 void launch_bwd_reduce(const Launch& L, const BwdArgs<T>& a, int splits, float* ws, cudaStream_t st) {
   if (L.channels_last) {
     const RowPlan p = row_plan(L.c, V, splits);
@@ -90,7 +95,7 @@ void launch_bwd_reduce(const Launch& L, const BwdArgs<T>& a, int splits, float* 
     check_launch("bwd_reduce_rows_kernel");
   } else {
     const dim3 grid(static_cast<unsigned>(L.c), static_cast<unsigned>(splits));
-    bwd_reduce_channels_kernel<T, V, Q><<<grid, dim3(1, kBlock), 0, st>>>(a, L.n, L.hw, L.c, ws);
+    bwd_reduce_channels_kernel<T, V, Q, Planes><<<grid, dim3(1, kBlock), 0, st>>>(a, L.n, L.hw, L.c, ws);
     check_launch("bwd_reduce_channels_kernel");
   }
 }
@@ -125,6 +130,9 @@ void backward_reduce(const Launch& L, const void* dy, const void* x, const float
     if (kind == Reduce::kRowsVec || kind == Reduce::kChannelsVec) {
       if (Q == 3) launch_bwd_reduce<T, VV, 3>(L, a, splits, ws, st);
       else launch_bwd_reduce<T, VV, 2>(L, a, splits, ws, st);
+    } else if (kind == Reduce::kChannelsPlanes) {
+      if (Q == 3) launch_bwd_reduce<T, VV, 3, true>(L, a, splits, ws, st);
+      else launch_bwd_reduce<T, VV, 2, true>(L, a, splits, ws, st);
     } else {
       if (Q == 3) launch_bwd_reduce<T, 1, 3>(L, a, splits, ws, st);
       else launch_bwd_reduce<T, 1, 2>(L, a, splits, ws, st);
@@ -135,18 +143,56 @@ void backward_reduce(const Launch& L, const void* dy, const void* x, const float
 
 // ------------------------------------------------------------------------------------------------ apply
 
-template <class T, int V>
-__global__ void __launch_bounds__(kBlock) bwd_apply_rows_kernel(BwdArgs<T> a, i64 M, int C) {
-  BwdApplyBody<T, V> body(a, 1, C);
+// Dual vectors (XB, V > 1) read their 6 backward coefficients from a shared-memory table (KT).
+template <class T, int V, bool XB>
+__global__ void __launch_bounds__(kBlock, kMinBlocksPerSm) bwd_apply_rows_kernel(BwdArgs<T> a, i64 M, int C) {
+  constexpr bool KT = XB && V > 1;
+  BwdApplyBody<T, V, false, XB, KT> body(a, 1, C);
+  if constexpr (KT) {
+    __shared__ float tab[6 * V * kMaxBx];
+    fill_coef_table<T, V>(a, C, blockIdx.x * blockDim.x * V, blockDim.x, tab, threadIdx.y * blockDim.x + threadIdx.x,
+                          blockDim.x * blockDim.y);
+    __syncthreads();
+    body.kt = tab + threadIdx.x;
+    body.kts = blockDim.x;
+  }
   rows_thread<V>(M, C, static_cast<i64>(blockIdx.y) * blockDim.y + threadIdx.y,
                  static_cast<i64>(gridDim.y) * blockDim.y, blockIdx.x * blockDim.x + threadIdx.x, body);
 }
 
-template <class T, int V, bool U>
-__global__ void __launch_bounds__(kBlock) bwd_apply_flat_kernel(BwdArgs<T> a, i64 E, i64 inner, int C) {
-  BwdApplyBody<T, V, U> body(a, inner, C);
+template <class T, int V, bool U, bool XB>
+__global__ void __launch_bounds__(kBlock, kMinBlocksPerSm) bwd_apply_flat_kernel(BwdArgs<T> a, i64 E, i64 inner,
+                                                                                 int C) {
+  BwdApplyBody<T, V, U, XB> body(a, inner, C);
   flat_thread<V>(E, inner, C, static_cast<i64>(blockIdx.x) * blockDim.x + threadIdx.x,
                  static_cast<i64>(gridDim.x) * blockDim.x, body);
+}
+
+template <class T, bool XB>
+void launch_bwd_apply(const Launch& L, const BwdArgs<T>& a, bool al, cudaStream_t st) {
+  constexpr int VV = 16 / sizeof(T);
+  const i64 E = L.n * L.c * L.hw;
+  const i64 inner = L.channels_last ? 1 : L.hw;
+  const unsigned g = static_cast<unsigned>(flat_blocks(E, VV, L.sm_count));
+  switch (choose_elementwise(L.channels_last, al, L.c, L.hw, VV)) {
+    case Elementwise::kRows: {
+      const i64 M = L.n * L.hw;
+      const RowPlan p = row_plan(L.c, VV, apply_row_splits(M, L.c, VV, L.sm_count));
+      bwd_apply_rows_kernel<T, VV, XB><<<dim3(p.gx, p.gy), dim3(p.bx, p.by), 0, st>>>(a, M, L.c);
+      break;
+    }
+    case Elementwise::kFlatUniform:
+      bwd_apply_flat_kernel<T, VV, true, XB><<<g, kBlock, 0, st>>>(a, E, inner, L.c);
+      break;
+    case Elementwise::kFlatLanes:
+      bwd_apply_flat_kernel<T, VV, false, XB><<<g, kBlock, 0, st>>>(a, E, inner, L.c);
+      break;
+    case Elementwise::kFlatScalar:
+      bwd_apply_flat_kernel<T, 1, false, XB>
+          <<<static_cast<unsigned>(flat_blocks(E, 1, L.sm_count)), kBlock, 0, st>>>(a, E, inner, L.c);
+      break;
+  }
+  check_launch("backward_apply kernel");
 }
 
 void backward_apply(const Launch& L, const void* dy, const void* x, const float* scale, const float* shift,
@@ -158,7 +204,6 @@ void backward_apply(const Launch& L, const void* dy, const void* x, const float*
   const bool al = aligned16({dy, x, res, xb, dx, dxb});
   dispatch_dtype(L.dtype, [&](auto tag) {
     using T = decltype(tag);
-    constexpr int VV = 16 / sizeof(T);
     BwdArgs<T> a{};
     a.dy = static_cast<const T*>(dy);
     a.x = static_cast<const T*>(x);
@@ -179,28 +224,11 @@ void backward_apply(const Launch& L, const void* dy, const void* x, const float*
     a.dx = static_cast<T*>(dx);
     a.dxb = static_cast<T*>(dxb);
     a.relu = relu;
-    const i64 E = L.n * L.c * L.hw;
-    const i64 inner = L.channels_last ? 1 : L.hw;
-    const unsigned g = static_cast<unsigned>(flat_blocks(E, VV, L.sm_count));
-    switch (choose_elementwise(L.channels_last, al, L.c, L.hw, VV)) {
-      case Elementwise::kRows: {
-        const i64 M = L.n * L.hw;
-        const RowPlan p = row_plan(L.c, VV, apply_row_splits(M, L.c, VV, L.sm_count));
-        bwd_apply_rows_kernel<T, VV><<<dim3(p.gx, p.gy), dim3(p.bx, p.by), 0, st>>>(a, M, L.c);
-        break;
-      }
-      case Elementwise::kFlatUniform:
-        bwd_apply_flat_kernel<T, VV, true><<<g, kBlock, 0, st>>>(a, E, inner, L.c);
-        break;
-      case Elementwise::kFlatLanes:
-        bwd_apply_flat_kernel<T, VV, false><<<g, kBlock, 0, st>>>(a, E, inner, L.c);
-        break;
-      case Elementwise::kFlatScalar:
-        bwd_apply_flat_kernel<T, 1, false>
-            <<<static_cast<unsigned>(flat_blocks(E, 1, L.sm_count)), kBlock, 0, st>>>(a, E, inner, L.c);
-        break;
+    if (xb) {
+      launch_bwd_apply<T, true>(L, a, al, st);
+    } else {
+      launch_bwd_apply<T, false>(L, a, al, st);
     }
-    check_launch("backward_apply kernel");
   });
 }
 

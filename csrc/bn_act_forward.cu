@@ -23,7 +23,7 @@ __device__ __forceinline__ void write_welford(float* ws, int split, int splits, 
 
 // x [M, C] (NHWC). Block (bx, by): bx channel vectors x by rows; grid (channel tiles, splits).
 template <class T, int V>
-__global__ void __launch_bounds__(kBlock) stats_rows_kernel(const T* __restrict__ x, i64 M, int C,
+__global__ void __launch_bounds__(kBlock, kMinBlocksPerSm) stats_rows_kernel(const T* __restrict__ x, i64 M, int C,
                                                             float* __restrict__ ws) {
   __shared__ float sh[3][kBlock];
   StatsBody<T, V> body(x);
@@ -36,14 +36,20 @@ __global__ void __launch_bounds__(kBlock) stats_rows_kernel(const T* __restrict_
   }
 }
 
-// x [N, C, HW] (NCHW). Block (1, kBlock) reduces channel blockIdx.x over split blockIdx.y.
-template <class T, int V>
-__global__ void __launch_bounds__(kBlock) stats_channels_kernel(const T* __restrict__ x, i64 N, i64 HW, int C,
-                                                                float* __restrict__ ws) {
+// x [N, C, HW] (NCHW). Block (1, kBlock) reduces channel blockIdx.x over split blockIdx.y; Planes: V does not
+// divide HW (plane_thread), else channel_thread.
+template <class T, int V, bool Planes>
+__global__ void __launch_bounds__(kBlock, kMinBlocksPerSm) stats_channels_kernel(const T* __restrict__ x, i64 N,
+                                                                                 i64 HW, int C,
+                                                                                 float* __restrict__ ws) {
   __shared__ float sh[3][kBlock];
   StatsBody<T, V> body(x);
-  channel_thread<V>(N, HW, C, blockIdx.x, static_cast<i64>(blockIdx.y) * kBlock + threadIdx.y,
-                    static_cast<i64>(gridDim.y) * kBlock, body);
+  const i64 v0 = static_cast<i64>(blockIdx.y) * kBlock + threadIdx.y, vs = static_cast<i64>(gridDim.y) * kBlock;
+  if constexpr (Planes) {
+    plane_thread<V>(N, HW, C, blockIdx.x, v0, vs, body);
+  } else {
+    channel_thread<V>(N, HW, C, blockIdx.x, v0, vs, body);
+  }
   const Welford w = block_reduce_y(body.merged(), sh);
   if (threadIdx.y == 0) write_welford(ws, blockIdx.y, gridDim.y, C, blockIdx.x, w);
 }
@@ -94,10 +100,13 @@ void batch_stats(const Launch& L, const void* x, float* mean, float* var, float*
         break;
       }
       case Reduce::kChannelsVec:
-        stats_channels_kernel<T, VV><<<cgrid, dim3(1, kBlock), 0, st>>>(xp, L.n, L.hw, L.c, ws);
+        stats_channels_kernel<T, VV, false><<<cgrid, dim3(1, kBlock), 0, st>>>(xp, L.n, L.hw, L.c, ws);
+        break;
+      case Reduce::kChannelsPlanes:
+        stats_channels_kernel<T, VV, true><<<cgrid, dim3(1, kBlock), 0, st>>>(xp, L.n, L.hw, L.c, ws);
         break;
       case Reduce::kChannelsScalar:
-        stats_channels_kernel<T, 1><<<cgrid, dim3(1, kBlock), 0, st>>>(xp, L.n, L.hw, L.c, ws);
+        stats_channels_kernel<T, 1, false><<<cgrid, dim3(1, kBlock), 0, st>>>(xp, L.n, L.hw, L.c, ws);
         break;
     }
     check_launch("stats kernel");
@@ -107,18 +116,45 @@ void batch_stats(const Launch& L, const void* x, float* mean, float* var, float*
 
 // ------------------------------------------------------------------------------------------------ apply
 
-template <class T, int V>
-__global__ void __launch_bounds__(kBlock) apply_rows_kernel(FwdArgs<T> a, i64 M, int C) {
-  ApplyBody<T, V> body(a, 1, C);
+template <class T, int V, bool XB>
+__global__ void __launch_bounds__(kBlock, kMinBlocksPerSm) apply_rows_kernel(FwdArgs<T> a, i64 M, int C) {
+  ApplyBody<T, V, false, XB> body(a, 1, C);
   rows_thread<V>(M, C, static_cast<i64>(blockIdx.y) * blockDim.y + threadIdx.y,
                  static_cast<i64>(gridDim.y) * blockDim.y, blockIdx.x * blockDim.x + threadIdx.x, body);
 }
 
-template <class T, int V, bool U>
-__global__ void __launch_bounds__(kBlock) apply_flat_kernel(FwdArgs<T> a, i64 E, i64 inner, int C) {
-  ApplyBody<T, V, U> body(a, inner, C);
+template <class T, int V, bool U, bool XB>
+__global__ void __launch_bounds__(kBlock, kMinBlocksPerSm) apply_flat_kernel(FwdArgs<T> a, i64 E, i64 inner, int C) {
+  ApplyBody<T, V, U, XB> body(a, inner, C);
   flat_thread<V>(E, inner, C, static_cast<i64>(blockIdx.x) * blockDim.x + threadIdx.x,
                  static_cast<i64>(gridDim.x) * blockDim.x, body);
+}
+
+template <class T, bool XB>
+void launch_apply(const Launch& L, const FwdArgs<T>& a, bool al, cudaStream_t st) {
+  constexpr int VV = 16 / sizeof(T);
+  const i64 E = L.n * L.c * L.hw;
+  const i64 inner = L.channels_last ? 1 : L.hw;
+  const unsigned g = static_cast<unsigned>(flat_blocks(E, VV, L.sm_count));
+  switch (choose_elementwise(L.channels_last, al, L.c, L.hw, VV)) {
+    case Elementwise::kRows: {
+      const i64 M = L.n * L.hw;
+      const RowPlan p = row_plan(L.c, VV, apply_row_splits(M, L.c, VV, L.sm_count));
+      apply_rows_kernel<T, VV, XB><<<dim3(p.gx, p.gy), dim3(p.bx, p.by), 0, st>>>(a, M, L.c);
+      break;
+    }
+    case Elementwise::kFlatUniform:
+      apply_flat_kernel<T, VV, true, XB><<<g, kBlock, 0, st>>>(a, E, inner, L.c);
+      break;
+    case Elementwise::kFlatLanes:
+      apply_flat_kernel<T, VV, false, XB><<<g, kBlock, 0, st>>>(a, E, inner, L.c);
+      break;
+    case Elementwise::kFlatScalar:
+      apply_flat_kernel<T, 1, false, XB>
+          <<<static_cast<unsigned>(flat_blocks(E, 1, L.sm_count)), kBlock, 0, st>>>(a, E, inner, L.c);
+      break;
+  }
+  check_launch("apply kernel");
 }
 
 // Row kernels when NHWC, C % V == 0 and aligned; else flat (uniform-channel vectors for NCHW with V | HW).
@@ -130,31 +166,13 @@ void apply(const Launch& L, const void* x, const float* mean, const float* scale
   const bool al = aligned16({x, res, xb, y});
   dispatch_dtype(L.dtype, [&](auto tag) {
     using T = decltype(tag);
-    constexpr int VV = 16 / sizeof(T);
-    FwdArgs<T> a{static_cast<const T*>(x), static_cast<const T*>(res), static_cast<const T*>(xb), mean, scale,
-                 shift, mean_b, scale_b, shift_b, static_cast<T*>(y), relu};
-    const i64 E = L.n * L.c * L.hw;
-    const i64 inner = L.channels_last ? 1 : L.hw;
-    const unsigned g = static_cast<unsigned>(flat_blocks(E, VV, L.sm_count));
-    switch (choose_elementwise(L.channels_last, al, L.c, L.hw, VV)) {
-      case Elementwise::kRows: {
-        const i64 M = L.n * L.hw;
-        const RowPlan p = row_plan(L.c, VV, apply_row_splits(M, L.c, VV, L.sm_count));
-        apply_rows_kernel<T, VV><<<dim3(p.gx, p.gy), dim3(p.bx, p.by), 0, st>>>(a, M, L.c);
-        break;
-      }
-      case Elementwise::kFlatUniform:
-        apply_flat_kernel<T, VV, true><<<g, kBlock, 0, st>>>(a, E, inner, L.c);
-        break;
-      case Elementwise::kFlatLanes:
-        apply_flat_kernel<T, VV, false><<<g, kBlock, 0, st>>>(a, E, inner, L.c);
-        break;
-      case Elementwise::kFlatScalar:
-        apply_flat_kernel<T, 1, false>
-            <<<static_cast<unsigned>(flat_blocks(E, 1, L.sm_count)), kBlock, 0, st>>>(a, E, inner, L.c);
-        break;
+    const FwdArgs<T> a{static_cast<const T*>(x), static_cast<const T*>(res), static_cast<const T*>(xb), mean,
+                       scale, shift, mean_b, scale_b, shift_b, static_cast<T*>(y), relu};
+    if (xb) {
+      launch_apply<T, true>(L, a, al, st);
+    } else {
+      launch_apply<T, false>(L, a, al, st);
     }
-    check_launch("apply kernel");
   });
 }
 

@@ -29,6 +29,10 @@ struct Cvt<__nv_bfloat16> {
 
 // ------------------------------------------------------------------------------------------------ device
 
+// Every main kernel is compiled for at least this many resident blocks of kBlock threads per SM (at most
+// 65536 / (kBlock * kMinBlocksPerSm) = 128 registers per thread).
+constexpr int kMinBlocksPerSm = 2;
+
 // Combine the values of all threadIdx.y of each threadIdx.x column (tree_start order; the result is valid in
 // every thread afterwards). sh: 3 x blockDim.x*blockDim.y floats. Ends with a barrier, so sh can be reused.
 __device__ __forceinline__ Welford block_reduce_y(Welford w, float (*sh)[kBlock]) {

@@ -19,6 +19,11 @@
 #else
 #define FR_HD inline
 #endif
+#if defined(__CUDA_ARCH__)
+#define FR_UNROLL _Pragma("unroll")
+#else
+#define FR_UNROLL
+#endif
 
 namespace fr {
 
@@ -164,21 +169,41 @@ FR_HD void chan_next(ChanPos& p, i64 inner, int C) {
   }
 }
 
-// Flat loop of one thread: full vectors of V elements first (body.template vec<V>(e, pos)), then its share
-// of the scalar tail, the last E % V elements (body.template vec<1>(e, pos)).
-template <int V, class Body>
+// Flat loop of one thread: full vectors of V elements first, U at a time (the loads of all U, then
+// body.finish_at for each), then its share of the scalar tail, the last E % V elements (NL = 1).
+template <int V, class Body, int U = Body::kFlatUnroll>
 FR_HD void flat_thread(i64 E, i64 inner, int C, i64 tid, i64 nthreads, Body& body) {
+  using In = typename Body::In;
   const i64 ev = E / V;
   if (tid < ev) {
     ChanPos p = chan_pos(tid * V, inner, C);
     const ChanStep st = chan_step(nthreads * V, inner, C);
-    for (i64 i = tid; i < ev; i += nthreads) {
-      body.template vec<V>(i * V, p);
+    i64 i = tid;
+    for (; i + (U - 1) * nthreads < ev; i += U * nthreads) {
+      In in[U];
+      ChanPos ps[U];
+      FR_UNROLL
+      for (int u = 0; u < U; ++u) {
+        ps[u] = p;
+        body.template load<V>(in[u], (i + u * nthreads) * V);
+        chan_advance(p, st, inner, C);
+      }
+      FR_UNROLL
+      for (int u = 0; u < U; ++u) body.template finish_at<V>(in[u], (i + u * nthreads) * V, ps[u]);
+    }
+    for (; i < ev; i += nthreads) {
+      In in;
+      body.template load<V>(in, i * V);
+      body.template finish_at<V>(in, i * V, p);
       chan_advance(p, st, inner, C);
     }
   }
   if (V > 1) {
-    for (i64 e = ev * V + tid; e < E; e += nthreads) body.template vec<1>(e, chan_pos(e, inner, C));
+    for (i64 e = ev * V + tid; e < E; e += nthreads) {
+      In in;
+      body.template load<1>(in, e);
+      body.template finish_at<1>(in, e, chan_pos(e, inner, C));
+    }
   }
 }
 
@@ -215,14 +240,23 @@ FR_HD int row_splits(i64 M, int C, int vec, int sm_count, int blocks_per_sm, int
   return static_cast<int>(clamp64(want < cap ? want : cap, 1, kMaxSplits));
 }
 
-// Row loop of one thread: body.setup(c0, 1) once (lane j is channel c0 + j), then body.run(offset) for
-// each of its rows.
-template <int V, class Body>
+// Row loop of one thread: body.setup(c0, 1) once (lane j is channel c0 + j), then its rows U at a time (the
+// loads of U rows, then body.finish for each), the remaining rows one by one.
+template <int V, class Body, int U = Body::kUnroll>
 FR_HD void rows_thread(i64 M, int C, i64 row0, i64 row_step, int cv, Body& body) {
+  using In = typename Body::In;
   const int c0 = cv * V;
   if (c0 >= C) return;
   body.setup(c0, 1);
-  for (i64 r = row0; r < M; r += row_step) body.run(r * C + c0);
+  i64 r = row0;
+  for (; r + (U - 1) * row_step < M; r += U * row_step) {
+    In in[U];
+    FR_UNROLL
+    for (int u = 0; u < U; ++u) body.template load<V>(in[u], (r + u * row_step) * C + c0);
+    FR_UNROLL
+    for (int u = 0; u < U; ++u) body.template finish<V>(in[u], (r + u * row_step) * C + c0);
+  }
+  for (; r < M; r += row_step) body.run(r * C + c0);
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -236,9 +270,20 @@ FR_HD int channel_splits(i64 N, i64 HW, int C, int vec, int sm_count, int blocks
   return static_cast<int>(clamp64(want < cap ? want : cap, 1, kMaxSplits));
 }
 
-// body.setup(c, 0) once (every lane is channel c), then body.run(offset of V elements of channel c).
-template <int V, class Body>
+// (n, s) := the position `step` = (dn, ds) elements further along channel c's planes.
+FR_HD void plane_advance(i64& n, i64& s, i64 dn, i64 ds, i64 HW) {
+  s += ds;
+  n += dn;
+  if (s >= HW) {
+    s -= HW;
+    ++n;
+  }
+}
+
+// body.setup(c, 0) once (every lane is channel c), then the thread's vectors of channel c, U at a time.
+template <int V, class Body, int U = Body::kUnroll>
 FR_HD void channel_thread(i64 N, i64 HW, int C, int c, i64 v0, i64 v_step, Body& body) {
+  using In = typename Body::In;
   const i64 L = N * HW;
   const i64 e0 = v0 * V;
   if (e0 >= L) return;
@@ -246,14 +291,90 @@ FR_HD void channel_thread(i64 N, i64 HW, int C, int c, i64 v0, i64 v_step, Body&
   i64 n = e0 / HW, s = e0 - n * HW;
   const i64 step = v_step * V;
   const i64 dn = step / HW, ds = step - dn * HW;
-  for (i64 e = e0; e < L; e += step) {
-    body.run((n * C + c) * HW + s);
-    s += ds;
-    n += dn;
-    if (s >= HW) {
-      s -= HW;
-      ++n;
+  i64 e = e0;
+  for (; e + (U - 1) * step < L; e += U * step) {
+    In in[U];
+    i64 off[U];
+    FR_UNROLL
+    for (int u = 0; u < U; ++u) {
+      off[u] = (n * C + c) * HW + s;
+      body.template load<V>(in[u], off[u]);
+      plane_advance(n, s, dn, ds, HW);
     }
+    FR_UNROLL
+    for (int u = 0; u < U; ++u) body.template finish<V>(in[u], off[u]);
+  }
+  for (; e < L; e += step) {
+    body.run((n * C + c) * HW + s);
+    plane_advance(n, s, dn, ds, HW);
+  }
+}
+
+// ------------------------------------------------------------------------------------------------
+// Plane kernels (NCHW reductions when V does not divide H*W, e.g. 7x7 and 14x14): channel c's N planes are
+// rows of HW elements whose starts are not 16-byte aligned. Plane n is covered by the W = plane_slots(HW, V)
+// aligned V-vectors that touch it (slot k: vector floor(b/V) + k, b the plane's first element); a vector
+// partly outside the plane is still read with one 16-byte access when it lies inside the tensor, and only its
+// lanes [j0, j1) inside the plane count (body.finish_part). Slots past the plane's end are empty.
+
+FR_HD i64 plane_slots(i64 HW, int V) { return (HW + V - 2) / V + 1; }
+
+struct Slot {
+  i64 off;     // first element of the aligned vector
+  int j0, j1;  // its lanes inside the plane (j0 == j1: empty slot)
+};
+
+FR_HD Slot plane_slot(i64 n, i64 k, i64 HW, int C, int c, int V) {
+  const i64 b = (n * C + c) * HW;
+  const i64 gv = (b / V + k) * V;
+  const i64 lo = b > gv ? b : gv;
+  const i64 hi = b + HW < gv + V ? b + HW : gv + V;
+  Slot sl;
+  sl.off = gv;
+  sl.j0 = lo < hi ? static_cast<int>(lo - gv) : 0;
+  sl.j1 = lo < hi ? static_cast<int>(hi - gv) : 0;
+  return sl;
+}
+
+// Thread v0 of channel c takes slots v0, v0 + v_step, ... of the N*W slots (n = slot / W, k = slot % W), U at
+// a time. E: elements of the whole tensor (a vector reaching past it is read lane by lane).
+template <int V, class Body, int U = Body::kUnroll>
+FR_HD void plane_thread(i64 N, i64 HW, int C, int c, i64 v0, i64 v_step, Body& body) {
+  using In = typename Body::In;
+  const i64 W = plane_slots(HW, V);
+  const i64 S = N * W, E = N * C * HW;
+  if (v0 >= S) return;
+  body.setup(c, 0);
+  i64 n = v0 / W, k = v0 - n * W;
+  const i64 dn = v_step / W, dk = v_step - dn * W;
+  i64 v = v0;
+  while (v < S) {
+    const int u_n = v + (U - 1) * v_step < S ? U : 1;
+    In in[U];
+    Slot sl[U];
+    FR_UNROLL
+    for (int u = 0; u < U; ++u) {
+      if (u < u_n) {
+        sl[u] = plane_slot(n, k, HW, C, c, V);
+        if (sl[u].j1 - sl[u].j0 == V || (sl[u].j1 > sl[u].j0 && sl[u].off + V <= E)) {
+          body.template load<V>(in[u], sl[u].off);
+        } else {
+          body.load_part(in[u], sl[u].off, sl[u].j0, sl[u].j1);
+        }
+        plane_advance(n, k, dn, dk, W);
+      }
+    }
+    FR_UNROLL
+    for (int u = 0; u < U; ++u) {
+      if (u < u_n) {
+        if (sl[u].j1 - sl[u].j0 == V) {
+          body.template finish<V>(in[u], sl[u].off);
+        } else {
+          body.finish_part(in[u], sl[u].off, sl[u].j0, sl[u].j1);
+        }
+      }
+    }
+    v += u_n * v_step;
   }
 }
 
@@ -267,20 +388,20 @@ FR_HD int vec_for(int elem) { return 16 / elem; }
 
 // The row splits of a reduction over x [N, C, H, W]: planned with the vector width the shape allows (the
 // launcher keeps this split count even when pointer alignment forces scalar loads), so Python can size the
-// workspace [quantities, splits, C] before the launch.
+// workspace [quantities, splits, C] before the launch. NCHW with V not dividing H*W plans its plane slots.
 FR_HD int reduce_splits(i64 N, int C, i64 HW, bool channels_last, int elem, int sm_count) {
   const int v = vec_for(elem);
   if (channels_last) {
     const int vec = (C % v == 0) ? v : 1;
     return row_splits(N * HW, C, vec, sm_count, kReduceBlocksPerSm, kReduceMinRows);
   }
-  const int vec = (HW % v == 0) ? v : 1;
-  return channel_splits(N, HW, C, vec, sm_count, kReduceBlocksPerSm, kReduceMinRows);
+  const i64 span = HW % v == 0 ? HW : plane_slots(HW, v) * v;
+  return channel_splits(N, span, C, v, sm_count, kReduceBlocksPerSm, kReduceMinRows);
 }
 
 // Which kernel a launch uses. `aligned`: every tensor pointer of the call is 16-byte aligned.
 enum class Elementwise { kRows, kFlatUniform, kFlatLanes, kFlatScalar };
-enum class Reduce { kRowsVec, kRowsScalar, kChannelsVec, kChannelsScalar };
+enum class Reduce { kRowsVec, kRowsScalar, kChannelsVec, kChannelsScalar, kChannelsPlanes };
 
 FR_HD Elementwise choose_elementwise(bool channels_last, bool aligned, int C, i64 HW, int vec) {
   if (!aligned || vec == 1) return Elementwise::kFlatScalar;
@@ -290,7 +411,8 @@ FR_HD Elementwise choose_elementwise(bool channels_last, bool aligned, int C, i6
 
 FR_HD Reduce choose_reduce(bool channels_last, bool aligned, int C, i64 HW, int vec) {
   if (channels_last) return (aligned && C % vec == 0) ? Reduce::kRowsVec : Reduce::kRowsScalar;
-  return (aligned && HW % vec == 0) ? Reduce::kChannelsVec : Reduce::kChannelsScalar;
+  if (!aligned || vec == 1) return Reduce::kChannelsScalar;
+  return HW % vec == 0 ? Reduce::kChannelsVec : Reduce::kChannelsPlanes;
 }
 
 // Grid of the flat kernels: one thread per vector, capped at kApplyBlocksPerSm blocks per SM (threads then

@@ -63,7 +63,8 @@ void tree_y(std::vector<S>& vals, int bx, int by, Combine combine) {
 
 // Emulates stats_rows_kernel / stats_channels_kernel + stats_finalize_kernel.
 template <int V>
-void stats_partials(const float* x, const Shape& s, bool vec_path, int splits, std::vector<float>& ws) {
+void stats_partials(const float* x, const Shape& s, bool vec_path, int splits, std::vector<float>& ws,
+                    bool planes = false) {
   const int C = s.c;
   constexpr int kB = fr::kBlock;
   if (s.cl) {
@@ -111,7 +112,12 @@ void stats_partials(const float* x, const Shape& s, bool vec_path, int splits, s
       w.reserve(kB);
       for (int ty = 0; ty < kB; ++ty) {
         fr::StatsBody<float, V> b(x);
-        fr::channel_thread<V>(s.n, s.hw, C, c, static_cast<i64>(gyi) * kB + ty, static_cast<i64>(splits) * kB, b);
+        const i64 v0 = static_cast<i64>(gyi) * kB + ty, vs = static_cast<i64>(splits) * kB;
+        if (planes) {
+          fr::plane_thread<V>(s.n, s.hw, C, c, v0, vs, b);
+        } else {
+          fr::channel_thread<V>(s.n, s.hw, C, c, v0, vs, b);
+        }
         w.push_back(b.merged());
       }
       tree_y(w, 1, kB, fr::welford_combine);
@@ -127,12 +133,13 @@ std::tuple<F32, F32, int> stats(const F32& x, i64 n, int c, i64 hw, bool cl, int
   check_size(x, s.numel(), "x");
   const int splits = fr::reduce_splits(n, c, hw, cl, 16 / vec, sm_count);
   const fr::Reduce kind = fr::choose_reduce(cl, aligned, c, hw, vec);
-  const bool vp = kind == fr::Reduce::kRowsVec || kind == fr::Reduce::kChannelsVec;
+  const bool planes = kind == fr::Reduce::kChannelsPlanes;
+  const bool vp = kind == fr::Reduce::kRowsVec || kind == fr::Reduce::kChannelsVec || planes;
   std::vector<float> ws(3 * static_cast<size_t>(splits) * c, std::numeric_limits<float>::quiet_NaN());
   switch (vp ? vec : 1) {
     case 1: stats_partials<1>(data(x), s, true, splits, ws); break;
-    case 4: stats_partials<4>(data(x), s, true, splits, ws); break;
-    case 8: stats_partials<8>(data(x), s, true, splits, ws); break;
+    case 4: stats_partials<4>(data(x), s, true, splits, ws, planes); break;
+    case 8: stats_partials<8>(data(x), s, true, splits, ws, planes); break;
     default: throw std::invalid_argument("vec must be 1, 4 or 8");
   }
   // stats_finalize_kernel: block (kFinalBx, kFinalBy) per 32 channels.
@@ -185,26 +192,32 @@ void run_elementwise(const Shape& s, int vec, bool aligned, int sm_count, MakeRo
   }
 }
 
-template <int V>
+template <int V, bool XB>
 void apply_v(const fr::FwdArgs<float>& a, const Shape& s, bool aligned, int sm_count) {
   run_elementwise(
       s, V, aligned, sm_count,
       [&](i64 M, i64 r0, i64 rs, int cv) {
-        fr::ApplyBody<float, V> b(a, 1, s.c);
+        fr::ApplyBody<float, V, false, XB> b(a, 1, s.c);
         fr::rows_thread<V>(M, s.c, r0, rs, cv, b);
       },
       [&](i64 E, i64 inner, i64 t, i64 nt) {
-        fr::ApplyBody<float, V, true> b(a, inner, s.c);
+        fr::ApplyBody<float, V, true, XB> b(a, inner, s.c);
         fr::flat_thread<V>(E, inner, s.c, t, nt, b);
       },
       [&](i64 E, i64 inner, i64 t, i64 nt) {
-        fr::ApplyBody<float, V, false> b(a, inner, s.c);
+        fr::ApplyBody<float, V, false, XB> b(a, inner, s.c);
         fr::flat_thread<V>(E, inner, s.c, t, nt, b);
       },
       [&](i64 E, i64 inner, i64 t, i64 nt) {
-        fr::ApplyBody<float, 1, false> b(a, inner, s.c);
+        fr::ApplyBody<float, 1, false, XB> b(a, inner, s.c);
         fr::flat_thread<1>(E, inner, s.c, t, nt, b);
       });
+}
+
+template <int V>
+void apply_vx(const fr::FwdArgs<float>& a, const Shape& s, bool aligned, int sm_count) {
+  if (a.xb) apply_v<V, true>(a, s, aligned, sm_count);
+  else apply_v<V, false>(a, s, aligned, sm_count);
 }
 
 F32 apply(const F32& x, const F32& mean, const F32& scale, const F32& shift, const OptF32& res, const OptF32& xb,
@@ -216,9 +229,9 @@ F32 apply(const F32& x, const F32& mean, const F32& scale, const F32& shift, con
   const fr::FwdArgs<float> a{data(x),      data(res),     data(xb),      data(mean),      data(scale), data(shift),
                              data(mean_b), data(scale_b), data(shift_b), y.mutable_data(), relu};
   switch (vec) {
-    case 1: apply_v<1>(a, s, aligned, sm_count); break;
-    case 4: apply_v<4>(a, s, aligned, sm_count); break;
-    case 8: apply_v<8>(a, s, aligned, sm_count); break;
+    case 1: apply_vx<1>(a, s, aligned, sm_count); break;
+    case 4: apply_vx<4>(a, s, aligned, sm_count); break;
+    case 8: apply_vx<8>(a, s, aligned, sm_count); break;
     default: throw std::invalid_argument("vec must be 1, 4 or 8");
   }
   return y;
@@ -227,7 +240,7 @@ F32 apply(const F32& x, const F32& mean, const F32& scale, const F32& shift, con
 // ------------------------------------------------------------------------------------------------ backward
 
 template <int V, int Q>
-void bwd_partials(const fr::BwdArgs<float>& a, const Shape& s, int splits, std::vector<float>& ws) {
+void bwd_partials(const fr::BwdArgs<float>& a, const Shape& s, int splits, std::vector<float>& ws, bool planes) {
   const int C = s.c;
   constexpr int kB = fr::kBlock;
   auto sum3 = [](std::array<float, 3> u, std::array<float, 3> w) {
@@ -238,7 +251,7 @@ void bwd_partials(const fr::BwdArgs<float>& a, const Shape& s, int splits, std::
     const fr::RowPlan p = fr::row_plan(C, V, splits);
     for (int gyi = 0; gyi < p.gy; ++gyi) {
       for (int gxi = 0; gxi < p.gx; ++gxi) {
-        std::vector<fr::BwdReduceBody<float, V>> t;
+        std::vector<fr::BwdReduceBody<float, V, Q == 3>> t;
         t.reserve(p.bx * p.by);
         for (int ty = 0; ty < p.by; ++ty) {
           for (int tx = 0; tx < p.bx; ++tx) {
@@ -266,8 +279,13 @@ void bwd_partials(const fr::BwdArgs<float>& a, const Shape& s, int splits, std::
       std::vector<std::array<float, 3>> v;
       v.reserve(kB);
       for (int ty = 0; ty < kB; ++ty) {
-        fr::BwdReduceBody<float, V> b(a);
-        fr::channel_thread<V>(s.n, s.hw, C, c, static_cast<i64>(gyi) * kB + ty, static_cast<i64>(splits) * kB, b);
+        fr::BwdReduceBody<float, V, Q == 3> b(a);
+        const i64 v0 = static_cast<i64>(gyi) * kB + ty, vs = static_cast<i64>(splits) * kB;
+        if (planes) {
+          fr::plane_thread<V>(s.n, s.hw, C, c, v0, vs, b);
+        } else {
+          fr::channel_thread<V>(s.n, s.hw, C, c, v0, vs, b);
+        }
         std::array<float, 3> u{0.f, 0.f, 0.f};
         for (int j = 0; j < V; ++j) {
           u[0] = u[0] + b.sg[j];
@@ -283,9 +301,9 @@ void bwd_partials(const fr::BwdArgs<float>& a, const Shape& s, int splits, std::
 }
 
 template <int V>
-void bwd_partials_q(const fr::BwdArgs<float>& a, const Shape& s, int splits, std::vector<float>& ws) {
-  if (a.xb) bwd_partials<V, 3>(a, s, splits, ws);
-  else bwd_partials<V, 2>(a, s, splits, ws);
+void bwd_partials_q(const fr::BwdArgs<float>& a, const Shape& s, int splits, std::vector<float>& ws, bool planes) {
+  if (a.xb) bwd_partials<V, 3>(a, s, splits, ws, planes);
+  else bwd_partials<V, 2>(a, s, splits, ws, planes);
 }
 
 py::tuple backward_reduce(const F32& dy, const F32& x, const F32& scale, const F32& shift, const F32& mean,
@@ -313,12 +331,13 @@ py::tuple backward_reduce(const F32& dy, const F32& x, const F32& scale, const F
   const int Q = xb ? 3 : 2;
   const int splits = fr::reduce_splits(n, c, hw, cl, 16 / vec, sm_count);
   const fr::Reduce kind = fr::choose_reduce(cl, aligned, c, hw, vec);
-  const bool vp = kind == fr::Reduce::kRowsVec || kind == fr::Reduce::kChannelsVec;
+  const bool planes = kind == fr::Reduce::kChannelsPlanes;
+  const bool vp = kind == fr::Reduce::kRowsVec || kind == fr::Reduce::kChannelsVec || planes;
   std::vector<float> ws(static_cast<size_t>(Q) * splits * c, std::numeric_limits<float>::quiet_NaN());
   switch (vp ? vec : 1) {
-    case 1: bwd_partials_q<1>(a, s, splits, ws); break;
-    case 4: bwd_partials_q<4>(a, s, splits, ws); break;
-    case 8: bwd_partials_q<8>(a, s, splits, ws); break;
+    case 1: bwd_partials_q<1>(a, s, splits, ws, false); break;
+    case 4: bwd_partials_q<4>(a, s, splits, ws, planes); break;
+    case 8: bwd_partials_q<8>(a, s, splits, ws, planes); break;
     default: throw std::invalid_argument("vec must be 1, 4 or 8");
   }
   // sums_finalize_kernel
@@ -342,26 +361,42 @@ py::tuple backward_reduce(const F32& dy, const F32& x, const F32& scale, const F
   return py::make_tuple(out[0], out[1], third, gr, splits);
 }
 
-template <int V>
+template <int V, bool XB>
 void bwd_apply_v(const fr::BwdArgs<float>& a, const Shape& s, bool aligned, int sm_count) {
+  constexpr bool KT = XB && V > 1;  // as bwd_apply_rows_kernel: coefficients from the block's table
   run_elementwise(
       s, V, aligned, sm_count,
       [&](i64 M, i64 r0, i64 rs, int cv) {
-        fr::BwdApplyBody<float, V> b(a, 1, s.c);
+        fr::BwdApplyBody<float, V, false, XB, KT> b(a, 1, s.c);
+        std::vector<float> tab;
+        if (KT) {
+          const fr::RowPlan p = fr::row_plan(s.c, V, 1);
+          const int gxi = cv / p.bx, tx = cv - gxi * p.bx;
+          tab.assign(6 * V * p.bx, std::numeric_limits<float>::quiet_NaN());
+          fr::fill_coef_table<float, V>(a, s.c, gxi * p.bx * V, p.bx, tab.data(), 0, 1);
+          b.kt = tab.data() + tx;
+          b.kts = p.bx;
+        }
         fr::rows_thread<V>(M, s.c, r0, rs, cv, b);
       },
       [&](i64 E, i64 inner, i64 t, i64 nt) {
-        fr::BwdApplyBody<float, V, true> b(a, inner, s.c);
+        fr::BwdApplyBody<float, V, true, XB> b(a, inner, s.c);
         fr::flat_thread<V>(E, inner, s.c, t, nt, b);
       },
       [&](i64 E, i64 inner, i64 t, i64 nt) {
-        fr::BwdApplyBody<float, V, false> b(a, inner, s.c);
+        fr::BwdApplyBody<float, V, false, XB> b(a, inner, s.c);
         fr::flat_thread<V>(E, inner, s.c, t, nt, b);
       },
       [&](i64 E, i64 inner, i64 t, i64 nt) {
-        fr::BwdApplyBody<float, 1, false> b(a, inner, s.c);
+        fr::BwdApplyBody<float, 1, false, XB> b(a, inner, s.c);
         fr::flat_thread<1>(E, inner, s.c, t, nt, b);
       });
+}
+
+template <int V>
+void bwd_apply_vx(const fr::BwdArgs<float>& a, const Shape& s, bool aligned, int sm_count) {
+  if (a.xb) bwd_apply_v<V, true>(a, s, aligned, sm_count);
+  else bwd_apply_v<V, false>(a, s, aligned, sm_count);
 }
 
 py::tuple backward_apply(const F32& dy, const F32& x, const F32& scale, const F32& shift, const OptF32& res,
@@ -395,9 +430,9 @@ py::tuple backward_apply(const F32& dy, const F32& x, const F32& scale, const F3
   a.dxb = dxb ? dxb->mutable_data() : nullptr;
   a.relu = relu;
   switch (vec) {
-    case 1: bwd_apply_v<1>(a, s, aligned, sm_count); break;
-    case 4: bwd_apply_v<4>(a, s, aligned, sm_count); break;
-    case 8: bwd_apply_v<8>(a, s, aligned, sm_count); break;
+    case 1: bwd_apply_vx<1>(a, s, aligned, sm_count); break;
+    case 4: bwd_apply_vx<4>(a, s, aligned, sm_count); break;
+    case 8: bwd_apply_vx<8>(a, s, aligned, sm_count); break;
     default: throw std::invalid_argument("vec must be 1, 4 or 8");
   }
   return py::make_tuple(dx, dxb ? py::object(*dxb) : py::object(py::none()));
@@ -405,31 +440,61 @@ py::tuple backward_apply(const F32& dy, const F32& x, const F32& scale, const F3
 
 // ------------------------------------------------------------------------------------------------ coverage
 
-// Records, per element, how often a loop visits it and the channel the loop believes it has.
+// Records, per element, how often a loop visits it and the channel the loop believes it has. U: the unroll
+// of the loops (the kernels' bodies use 1, 2 or 4; the coverage tests try 1 to 4).
+template <int U>
 struct Recorder {
+  static constexpr int kUnroll = U, kFlatUnroll = U;
+  struct In {
+    i64 off = -1;
+    int j0 = 0, j1 = 0;
+  };
   std::vector<int>* visits;
   std::vector<int>* chan;
   i64 inner;
   int C;
   bool uniform;  // flat kernels: lanes take the vector's channel (as ApplyBody<.., true>)
+  int lanes = 1;
   int c0 = 0, lane_stride = 0;
   void setup(int c, int ls) {
     c0 = c;
     lane_stride = ls;
   }
+  // the loads must come before their finish, each exactly once
   template <int NL>
-  void vec(i64 e, fr::ChanPos p) {
+  void load(In& in, i64 off) const {
+    in.off = off;
+    in.j0 = 0;
+    in.j1 = NL;
+  }
+  void load_part(In& in, i64 off, int j0, int j1) const {
+    in.off = off;
+    in.j0 = j0;
+    in.j1 = j1;
+  }
+  void visit(const In& in, i64 off, int j0, int j1, int c_of_lane0) {
+    if (in.off != off || in.j0 > j0 || in.j1 < j1) throw std::logic_error("finish without its load");
+    for (int j = j0; j < j1; ++j) {
+      (*visits)[off + j] += 1;
+      (*chan)[off + j] = c_of_lane0 + j * lane_stride;
+    }
+  }
+  template <int NL>
+  void finish(const In& in, i64 off) {
+    visit(in, off, 0, NL, c0);
+  }
+  void finish_part(const In& in, i64 off, int j0, int j1) { visit(in, off, j0, j1, c0); }
+  void run(i64 off) {
+    const In in{off, 0, lanes};
+    visit(in, off, 0, lanes, c0);
+  }
+  template <int NL>
+  void finish_at(const In& in, i64 e, fr::ChanPos p) {
+    if (in.off != e) throw std::logic_error("finish without its load");
     for (int j = 0; j < NL; ++j) {
       (*visits)[e + j] += 1;
       (*chan)[e + j] = p.c;
       if (!uniform || NL == 1) fr::chan_next(p, inner, C);
-    }
-  }
-  int lanes = 1;
-  void run(i64 off) {
-    for (int j = 0; j < lanes; ++j) {
-      (*visits)[off + j] += 1;
-      (*chan)[off + j] = c0 + j * lane_stride;
     }
   }
 };
@@ -441,70 +506,71 @@ py::tuple to_arrays(const std::vector<int>& visits, const std::vector<int>& chan
   return py::make_tuple(v, c);
 }
 
-template <int V>
-void flat_cov(i64 E, i64 inner, int C, i64 nt, bool uniform, Recorder& r) {
-  for (i64 t = 0; t < nt; ++t) fr::flat_thread<V>(E, inner, C, t, nt, r);
-  (void)uniform;
+// Calls f(std::integral_constant<int, V>, std::integral_constant<int, U>) for run-time vec and unroll.
+template <class F>
+void with_vec_unroll(int vec, int unroll, F&& f) {
+  auto u = [&](auto vt) {
+    switch (unroll) {
+      case 1: f(vt, std::integral_constant<int, 1>{}); break;
+      case 2: f(vt, std::integral_constant<int, 2>{}); break;
+      case 3: f(vt, std::integral_constant<int, 3>{}); break;
+      case 4: f(vt, std::integral_constant<int, 4>{}); break;
+      default: throw std::invalid_argument("unroll must be 1 to 4");
+    }
+  };
+  switch (vec) {
+    case 1: u(std::integral_constant<int, 1>{}); break;
+    case 4: u(std::integral_constant<int, 4>{}); break;
+    case 8: u(std::integral_constant<int, 8>{}); break;
+    default: throw std::invalid_argument("vec must be 1, 4 or 8");
+  }
 }
 
 // The flat loop's visits and lane channels for E elements, vector width vec, nthreads threads.
-py::tuple flat_coverage(i64 E, i64 inner, int C, int vec, i64 nthreads, bool uniform) {
+py::tuple flat_coverage(i64 E, i64 inner, int C, int vec, i64 nthreads, bool uniform, int unroll) {
   std::vector<int> visits(E, 0), chan(E, -1);
-  Recorder r{&visits, &chan, inner, C, uniform};
-  switch (vec) {
-    case 1: flat_cov<1>(E, inner, C, nthreads, uniform, r); break;
-    case 4: flat_cov<4>(E, inner, C, nthreads, uniform, r); break;
-    case 8: flat_cov<8>(E, inner, C, nthreads, uniform, r); break;
-    default: throw std::invalid_argument("vec must be 1, 4 or 8");
-  }
+  with_vec_unroll(vec, unroll, [&](auto vt, auto ut) {
+    Recorder<decltype(ut)::value> r{&visits, &chan, inner, C, uniform};
+    for (i64 t = 0; t < nthreads; ++t) fr::flat_thread<decltype(vt)::value>(E, inner, C, t, nthreads, r);
+  });
   return to_arrays(visits, chan);
 }
 
 // The row kernels' visits for x [M, C] with row splits gy.
-py::tuple rows_coverage(i64 M, int C, int vec, int gy) {
+py::tuple rows_coverage(i64 M, int C, int vec, int gy, int unroll) {
   std::vector<int> visits(M * C, 0), chan(M * C, -1);
-  Recorder r{&visits, &chan, 1, C, false};
-  r.lanes = vec;
   const fr::RowPlan p = fr::row_plan(C, vec, gy);
-  for (int gyi = 0; gyi < p.gy; ++gyi)
-    for (int gxi = 0; gxi < p.gx; ++gxi)
-      for (int ty = 0; ty < p.by; ++ty)
-        for (int tx = 0; tx < p.bx; ++tx) {
-          auto go = [&](auto vtag) {
-            constexpr int VV = decltype(vtag)::value;
-            fr::rows_thread<VV>(M, C, static_cast<i64>(gyi) * p.by + ty, static_cast<i64>(p.gy) * p.by,
-                                gxi * p.bx + tx, r);
-          };
-          switch (vec) {
-            case 1: go(std::integral_constant<int, 1>{}); break;
-            case 4: go(std::integral_constant<int, 4>{}); break;
-            case 8: go(std::integral_constant<int, 8>{}); break;
-            default: throw std::invalid_argument("vec must be 1, 4 or 8");
-          }
-        }
+  with_vec_unroll(vec, unroll, [&](auto vt, auto ut) {
+    Recorder<decltype(ut)::value> r{&visits, &chan, 1, C, false};
+    r.lanes = vec;
+    for (int gyi = 0; gyi < p.gy; ++gyi)
+      for (int gxi = 0; gxi < p.gx; ++gxi)
+        for (int ty = 0; ty < p.by; ++ty)
+          for (int tx = 0; tx < p.bx; ++tx)
+            fr::rows_thread<decltype(vt)::value>(M, C, static_cast<i64>(gyi) * p.by + ty,
+                                                 static_cast<i64>(p.gy) * p.by, gxi * p.bx + tx, r);
+  });
   return to_arrays(visits, chan);
 }
 
-// The channel kernels' visits for x [N, C, HW] with splits gy.
-py::tuple channels_coverage(i64 N, i64 HW, int C, int vec, int gy) {
+// The channel kernels' visits for x [N, C, HW] with splits gy (planes: the plane path, V need not divide HW).
+py::tuple channels_coverage(i64 N, i64 HW, int C, int vec, int gy, int unroll, bool planes) {
   std::vector<int> visits(N * C * HW, 0), chan(N * C * HW, -1);
-  Recorder r{&visits, &chan, HW, C, false};
-  r.lanes = vec;
-  for (int c = 0; c < C; ++c)
-    for (int gyi = 0; gyi < gy; ++gyi)
-      for (int ty = 0; ty < fr::kBlock; ++ty) {
-        auto go = [&](auto vtag) {
-          constexpr int VV = decltype(vtag)::value;
-          fr::channel_thread<VV>(N, HW, C, c, static_cast<i64>(gyi) * fr::kBlock + ty,
-                                 static_cast<i64>(gy) * fr::kBlock, r);
-        };
-        switch (vec) {
-          case 1: go(std::integral_constant<int, 1>{}); break;
-          case 4: go(std::integral_constant<int, 4>{}); break;
-          case 8: go(std::integral_constant<int, 8>{}); break;
-          default: throw std::invalid_argument("vec must be 1, 4 or 8");
+  with_vec_unroll(vec, unroll, [&](auto vt, auto ut) {
+    constexpr int VV = decltype(vt)::value;
+    Recorder<decltype(ut)::value> r{&visits, &chan, HW, C, false};
+    r.lanes = vec;
+    for (int c = 0; c < C; ++c)
+      for (int gyi = 0; gyi < gy; ++gyi)
+        for (int ty = 0; ty < fr::kBlock; ++ty) {
+          const i64 v0 = static_cast<i64>(gyi) * fr::kBlock + ty, vs = static_cast<i64>(gy) * fr::kBlock;
+          if (planes) {
+            fr::plane_thread<VV>(N, HW, C, c, v0, vs, r);
+          } else {
+            fr::channel_thread<VV>(N, HW, C, c, v0, vs, r);
+          }
         }
-      }
+  });
   return to_arrays(visits, chan);
 }
 
@@ -531,10 +597,13 @@ PYBIND11_MODULE(_C_host, m) {
         py::arg("aligned") = true, py::arg("sm_count") = 4, "(dx, dxb | None)");
 
   m.def("flat_coverage", &flat_coverage, py::arg("E"), py::arg("inner"), py::arg("C"), py::arg("vec"),
-        py::arg("nthreads"), py::arg("uniform") = false, "(visits per element, channel per element)");
-  m.def("rows_coverage", &rows_coverage, py::arg("M"), py::arg("C"), py::arg("vec"), py::arg("splits"));
+        py::arg("nthreads"), py::arg("uniform") = false, py::arg("unroll") = 1,
+        "(visits per element, channel per element)");
+  m.def("rows_coverage", &rows_coverage, py::arg("M"), py::arg("C"), py::arg("vec"), py::arg("splits"),
+        py::arg("unroll") = 1);
   m.def("channels_coverage", &channels_coverage, py::arg("N"), py::arg("HW"), py::arg("C"), py::arg("vec"),
-        py::arg("splits"));
+        py::arg("splits"), py::arg("unroll") = 1, py::arg("planes") = false);
+  m.def("plane_slots", &fr::plane_slots);
 
   m.def("chan_pos", [](i64 e, i64 inner, int C) {
     const fr::ChanPos p = fr::chan_pos(e, inner, C);
@@ -586,7 +655,7 @@ PYBIND11_MODULE(_C_host, m) {
     return std::string(names[static_cast<int>(fr::choose_elementwise(cl, aligned, C, HW, vec))]);
   });
   m.def("choose_reduce", [](bool cl, bool aligned, int C, i64 HW, int vec) {
-    static const char* names[] = {"rows_vec", "rows_scalar", "channels_vec", "channels_scalar"};
+    static const char* names[] = {"rows_vec", "rows_scalar", "channels_vec", "channels_scalar", "channels_planes"};
     return std::string(names[static_cast<int>(fr::choose_reduce(cl, aligned, C, HW, vec))]);
   });
   m.def("bn_backward_coefficients", [](float sum_g, float sum_g_xc, float invstd, float scale, float count,

@@ -75,6 +75,10 @@ def test_conv_mode_candidates_planned_for_preact():
     assert models.conv_mode_for("resnet50", asked)
     assert {c.impl for c in models.plan(asked, "train", both, conv=True)} == {"eager", "fusedres[triton]+conv"}
     assert all(c.conv_mode == c.impl.endswith("+conv") for c in models.plan(cfg, "train", both, conv=True))
+    compiled = Config(dtypes=("bf16",), impls=("fusedres[triton]+conv*",))  # conv mode under torch.compile
+    plan = {c.impl: c for c in models.plan(compiled, "train", both, conv=True)}
+    assert set(plan) == {"fusedres[triton]+conv", "fusedres[triton]+conv+compile"}
+    assert plan["fusedres[triton]+conv+compile"].conv_mode and plan["fusedres[triton]+conv+compile"].compile_mode
 
 
 def test_models_level_runs_preact_conv_mode_on_cpu(monkeypatch):

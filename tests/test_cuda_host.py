@@ -64,7 +64,9 @@ def npv(t):
 # (N, C, H, W, channels_last, vec, aligned): vec 8 = 16-byte fp16/bf16 vectors, 4 = fp32, 1 = scalar.
 LAYOUT_CASES = [
     (2, 64, 7, 7, True, 8, True),      # ResNet-50 layer4-like spatial, rows kernels
-    (2, 64, 7, 7, False, 8, True),     # NCHW, HW=49 not a multiple of 8: per-lane channels + tail
+    (2, 64, 7, 7, False, 8, True),     # NCHW, HW=49 not a multiple of 8: per-lane channels + tail; planes
+    (3, 6, 14, 14, False, 8, True),    # NCHW 14x14 (HW=196): plane path with 16-byte vectors across planes
+    (2, 5, 7, 7, False, 4, True),      # ... fp32 vectors at 7x7
     (3, 16, 4, 4, False, 8, True),     # NCHW, HW=16: uniform vectors
     (2, 1000, 1, 1, True, 8, True),    # C=1000: 125 vectors, last block tile partly idle
     (2, 1000, 1, 2, True, 4, True),
@@ -106,13 +108,14 @@ def test_channel_position_and_grid_stride_walk(h, inner, C):
                                        (1000, 1, 1000), (4 * 16 * 16, 16, 4), (12345, 1, 5), (12345, 823, 5)])
 @pytest.mark.parametrize("vec", [1, 4, 8])
 @pytest.mark.parametrize("nthreads", [1, 3, 256, 4096])
-def test_flat_loop_visits_each_element_once_with_its_channel(h, E, inner, C, vec, nthreads):
+@pytest.mark.parametrize("unroll", [1, 2, 4])
+def test_flat_loop_visits_each_element_once_with_its_channel(h, E, inner, C, vec, nthreads, unroll):
     want = (np.arange(E) // inner) % C
-    visits, chan = h.flat_coverage(E, inner, C, vec, nthreads, False)
+    visits, chan = h.flat_coverage(E, inner, C, vec, nthreads, False, unroll)
     np.testing.assert_array_equal(visits, 1)
     np.testing.assert_array_equal(chan, want)
     if inner % vec == 0:  # uniform-channel vectors (NCHW, vec | H*W): every lane takes the vector's channel
-        visits, chan = h.flat_coverage(E, inner, C, vec, nthreads, True)
+        visits, chan = h.flat_coverage(E, inner, C, vec, nthreads, True, unroll)
         np.testing.assert_array_equal(visits, 1)
         np.testing.assert_array_equal(chan, want)
 
@@ -120,10 +123,11 @@ def test_flat_loop_visits_each_element_once_with_its_channel(h, E, inner, C, vec
 @pytest.mark.parametrize("M,C,vec", [(1, 8, 8), (49, 64, 8), (97, 1000, 8), (300, 1000, 4), (33, 3, 1), (50, 5, 1),
                                      (64, 2048, 8), (1000, 24, 8), (7, 40, 1)])
 @pytest.mark.parametrize("splits", [1, 2, 7, 1000])
-def test_row_kernels_partition_rows_and_channels(h, M, C, vec, splits):
+@pytest.mark.parametrize("unroll", [1, 2, 3, 4])
+def test_row_kernels_partition_rows_and_channels(h, M, C, vec, splits, unroll):
     p = h.row_plan(C, vec, splits)
     assert p["bx"] * p["by"] <= 256 and p["gx"] * p["bx"] * vec >= C and p["gy"] == splits
-    visits, chan = h.rows_coverage(M, C, vec, splits)
+    visits, chan = h.rows_coverage(M, C, vec, splits, unroll)
     np.testing.assert_array_equal(visits, 1)
     np.testing.assert_array_equal(chan, np.arange(M * C) % C)
 
@@ -131,10 +135,26 @@ def test_row_kernels_partition_rows_and_channels(h, M, C, vec, splits):
 @pytest.mark.parametrize("N,HW,C,vec", [(1, 1, 3, 1), (2, 49, 4, 1), (3, 16, 5, 8), (5, 3136, 2, 8), (2, 12, 3, 4),
                                         (7, 9, 2, 1)])
 @pytest.mark.parametrize("splits", [1, 2, 5, 300])
-def test_channel_kernels_partition_planes(h, N, HW, C, vec, splits):
-    visits, chan = h.channels_coverage(N, HW, C, vec, splits)
+@pytest.mark.parametrize("unroll", [1, 2, 4])
+def test_channel_kernels_partition_planes(h, N, HW, C, vec, splits, unroll):
+    visits, chan = h.channels_coverage(N, HW, C, vec, splits, unroll)
     np.testing.assert_array_equal(visits, 1)
     np.testing.assert_array_equal(chan, (np.arange(N * C * HW) // HW) % C)
+
+
+@pytest.mark.parametrize("N,HW,C,vec", [(2, 49, 3, 8), (3, 196, 2, 8), (2, 49, 5, 4), (4, 1, 3, 8), (2, 3, 7, 8),
+                                        (1, 9, 1, 4), (5, 13, 3, 8), (2, 7, 4, 8)])
+@pytest.mark.parametrize("splits", [1, 2, 300])
+@pytest.mark.parametrize("unroll", [1, 2, 3])
+def test_plane_kernels_cover_planes_with_aligned_vectors(h, N, HW, C, vec, splits, unroll):
+    """The NCHW plane path (vec does not divide H*W): every element once, in its channel, read through aligned
+    vectors that may reach into the neighbouring planes (those lanes are masked)."""
+    visits, chan = h.channels_coverage(N, HW, C, vec, splits, unroll, True)
+    np.testing.assert_array_equal(visits, 1)
+    np.testing.assert_array_equal(chan, (np.arange(N * C * HW) // HW) % C)
+    W = h.plane_slots(HW, vec)
+    starts = np.arange(N * C) * HW  # every plane's alignment offset needs at most W vectors
+    assert ((starts + HW + vec - 1) // vec - starts // vec).max() <= W
 
 
 RESNET50 = [(256, 64, 56 * 56), (256, 256, 56 * 56), (256, 128, 28 * 28), (256, 512, 28 * 28),
@@ -154,9 +174,9 @@ def test_reduce_splits_fill_the_gpu_without_starving_threads(h, n, c, hw, cl, el
         v = vec if c % vec == 0 else 1
         p = h.row_plan(c, v, splits)
         blocks, per_thread = p["gx"] * splits, n * hw / (splits * p["by"])
-    else:
-        v = vec if hw % vec == 0 else 1
-        blocks, per_thread = c * splits, n * hw / v / (splits * 256)
+    else:  # plane path when vec does not divide hw: plane_slots vectors per plane
+        items = n * hw / vec if hw % vec == 0 else n * h.plane_slots(hw, vec)
+        blocks, per_thread = c * splits, items / (splits * 256)
     if n * hw >= 100_000:  # large batches: at least a wave of blocks, and threads that each do real work
         assert blocks >= sm * 8 or per_thread < 16
         assert per_thread >= 8 or splits == 1
@@ -171,7 +191,8 @@ def test_kernel_choice(h):
     assert h.choose_elementwise(True, False, 64, 49, 8) == "flat_scalar"
     assert h.choose_reduce(True, True, 1000, 1, 8) == "rows_vec"
     assert h.choose_reduce(True, True, 1000, 1, 16) == "rows_scalar"
-    assert h.choose_reduce(False, True, 5, 49, 8) == "channels_scalar"
+    assert h.choose_reduce(False, True, 5, 49, 8) == "channels_planes"
+    assert h.choose_reduce(False, False, 5, 49, 8) == "channels_scalar"
     assert h.choose_reduce(False, True, 5, 3136, 8) == "channels_vec"
     assert h.choose_reduce(False, False, 5, 3136, 8) == "channels_scalar"
     assert h.flat_blocks(1, 8, 132) == 1 and h.flat_blocks(10**9, 8, 132) == 132 * 8
@@ -221,7 +242,7 @@ def test_batch_stats_emulation(h, case, offset, sm_count):
     torch.testing.assert_close(torch.from_numpy(var), rv, rtol=2e-3, atol=1e-5)
 
 
-@pytest.mark.parametrize("cl,shape", [(True, (4, 128, 28, 28)), (False, (8, 4, 56, 56))])
+@pytest.mark.parametrize("cl,shape", [(True, (4, 128, 28, 28)), (False, (8, 4, 56, 56)), (False, (600, 2, 7, 7))])
 def test_batch_stats_many_splits_resnet_like(h, cl, shape):
     # fp16-like vectors and a 132-SM plan: several row splits (and channel tiles) folded by the finalize pass
     n, c, hh, ww = shape
@@ -230,6 +251,30 @@ def test_batch_stats_many_splits_resnet_like(h, cl, shape):
     assert splits > 1
     torch.testing.assert_close(torch.from_numpy(var).double(), x.double().var((0, 2, 3), unbiased=False),
                                rtol=2e-3, atol=1e-5)
+
+
+@pytest.mark.parametrize("vec", [4, 8])
+def test_plane_path_keeps_a_neighbouring_channels_nonfinite_values_out(h, vec):
+    """Plane-path vectors reach into the neighbouring channels' planes: their inf / NaN must not leak."""
+    n, c, hh, ww = 3, 4, 7, 7
+    x = torch.randn(n, c, hh, ww)
+    x[:, 1] = float("inf")
+    x[1, 2, 3, 3] = float("nan")
+    mean, var, _ = h.stats(to_mem(x, False), n, c, hh * ww, False, vec, True, 132)
+    assert h.choose_reduce(False, True, c, hh * ww, vec) == "channels_planes"
+    want = x.double().var((0, 2, 3), unbiased=False)
+    for i in (0, 3):
+        assert var[i] == pytest.approx(float(want[i]), rel=2e-3)
+    assert not np.isfinite(mean[1]) and np.isnan(var[2])
+    dy = torch.randn(n, c, hh, ww)
+    ones = np.ones(c, np.float32)
+    sg, sgx, _, _, _ = h.backward_reduce(to_mem(dy, False), to_mem(x, False), ones, ones * 0, np.zeros(c, np.float32),
+                                         None, None, None, None, None, False, False, n, c, hh * ww, False, vec, True,
+                                         132)
+    torch.testing.assert_close(torch.from_numpy(sg), dy.sum((0, 2, 3)), rtol=1e-4, atol=1e-4)
+    want_gx = (dy.double() * x.double()).sum((0, 2, 3))
+    for i in (0, 3):
+        assert sgx[i] == pytest.approx(float(want_gx[i]), rel=1e-4, abs=1e-4)
 
 
 # ------------------------------------------------------------------------------------------------ apply

@@ -14,7 +14,8 @@ from fusedres.bench.vocab import CIFAR_MODELS, EXTRA_MODELS, LEVELS, MODELS  # n
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 MEMORY_FORMATS = {"channels_last": torch.channels_last, "contiguous": torch.contiguous_format}
 # The reference backend is the fallback, not a contender: whole blocks and models only run it when asked.
-DEFAULT_EXCLUDE = {"kernels": (), "blocks": ("fusedres[reference]*",), "models": ("fusedres[reference]*",)}
+DEFAULT_EXCLUDE = {"kernels": (), "blocks": ("fusedres[reference]*",),
+                   "models": ("fusedres[reference]*", "*+conv+compile*")}
 
 
 @dataclass

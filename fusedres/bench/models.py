@@ -9,6 +9,7 @@ Candidates for one model and mode, measured interleaved in one group:
     fusedres[<backend>]+conv                          fusedres.convert(model, mode="conv") (triton / reference:
                                                       the backends of the conv_bn_act kernel); planned for the
                                                       pre-activation models, for others when --impl names it
+    fusedres[<backend>]+conv+compile[...]             the same under torch.compile (only when --impl names it)
     eager+cudagraphs, fusedres[<backend>]+cudagraphs  with --cuda-graphs
 compile and fusedres candidates run in each --dtype (default bf16; fp32 runs contiguous, others channels_last).
 train = forward, cross-entropy, backward, SGD step (GradScaler for fp16); infer = eval forward.
@@ -82,6 +83,8 @@ def plan(cfg: Config, mode: str, backends_for, conv: bool = False) -> list[Candi
                 out.append(Candidate(fused_impl(b, graphs=True), d, fmt, backend=b, graphs=True))
             if conv and b in CONV_BACKENDS:
                 out.append(Candidate(fused_impl(b) + CONV_SUFFIX, d, fmt, backend=b, conv_mode=True))
+                out.append(Candidate(fused_impl(b) + CONV_SUFFIX + compile_suffix(cmode), d, fmt, backend=b,
+                                     conv_mode=True, compile_mode=cmode))
     seen, kept = set(), []
     for c in out:
         if (c.impl, c.dtype) not in seen and keep_impl(c.impl, LEVEL, cfg.impls):

@@ -35,12 +35,18 @@ ARCHS = {
     90: dict(regs=65536, threads=2048, blocks=32, smem_sm=228 * 1024, smem_block=227 * 1024),
     80: dict(regs=65536, threads=2048, blocks=32, smem_sm=164 * 1024, smem_block=163 * 1024),
 }
-# Occupancy floors (resident warps / 64) per kernel family, enforced on both architectures. Tensor-core GEMM
-# tiles trade occupancy for reuse and hide latency with num_stages of asynchronous copies, not with resident
-# warps: at least 8 resident warps (12.5 %: two warpgroups, one CTA of 8 warps or two of 4). Memory-bound
-# elementwise and reduction kernels hide latency with resident warps: at least 50 %. Finalize / merge kernels
-# run few programs over [P, C] partials: at least 25 %.
-FLOORS = {"conv": 0.125, "elementwise": 0.5, "finalize": 0.25}
+# Occupancy floors (resident warps / 64) per kernel family, enforced on both architectures:
+# - conv: tensor-core GEMM tiles hide latency with num_stages of asynchronous copies, not with resident warps:
+#   at least 8 resident warps (12.5 %: two warpgroups, one CTA of 8 warps or two of 4).
+# - elementwise (Triton apply kernels, 8 elements = 16 bytes of a 16-bit tensor per thread and load): at least
+#   24 resident warps (37.5 %), so every SM keeps >= 12 KB of each input in flight.
+# - reduction (Triton statistics / backward-reduce kernels: a whole [64, 64] tile per loop iteration in flight
+#   per CTA): at least 8 resident warps (12.5 %).
+# - cuda (the CUDA main kernels, 256-thread blocks, several 16-byte loads in flight per thread): at least 2
+#   resident blocks (25 %).
+# - finalize (per-channel finalize / merge kernels: a grid of a few programs, fewer than the SMs, so occupancy
+#   does not bound them): at least 8 resident warps (12.5 %), which catches register blow-ups.
+FLOORS = {"conv": 0.125, "elementwise": 0.375, "reduction": 0.125, "cuda": 0.25, "finalize": 0.125}
 
 
 @dataclasses.dataclass
@@ -117,12 +123,13 @@ def ptxas_path() -> str:
     return get_ptxas(90).path
 
 
-def run_ptxas(ptx: str, arch: int) -> dict[str, dict[str, int]]:
+def run_ptxas(ptx: str, arch: int, ptxas: str | None = None) -> dict[str, dict[str, int]]:
+    """ptxas -v on `ptx` (Triton's bundled ptxas unless `ptxas` names another, e.g. nvcc's for its own PTX)."""
     suffix = "a" if arch == 90 else ""  # Triton (and wgmma) target sm_90a
     with tempfile.TemporaryDirectory() as tmp:
         src = Path(tmp, "k.ptx")
         src.write_text(ptx)
-        done = subprocess.run([ptxas_path(), "-v", "--regAllocOptLevel=2", f"--gpu-name=sm_{arch}{suffix}",
+        done = subprocess.run([ptxas or ptxas_path(), "-v", "--regAllocOptLevel=2", f"--gpu-name=sm_{arch}{suffix}",
                                str(src), "-o", str(Path(tmp, "k.o"))], capture_output=True, text=True)
     if done.returncode:
         raise RuntimeError(f"ptxas failed: {done.stderr[-2000:]}")
@@ -193,22 +200,23 @@ def triton_variants(arch: int):
                                  "scale_ptr", "shift_ptr", "mean_b_ptr", "scale_b_ptr", "shift_b_ptr", "sum_g_ptr",
                                  "sum_gx_ptr", "sum_gxb_ptr", "kg_ptr", "kx_ptr", "kc_ptr", "kgb_ptr", "kxb_ptr",
                                  "kcb_ptr")}
-    # bn_act: launched with Triton's default 4 warps / 3 stages; the tile sizes the launcher picks for C >= 64
+    # bn_act: Triton's default 4 warps / 3 stages unless the launcher sets them; the tiles it picks for C >= 64
     for dtype, cl in itertools.product((torch.bfloat16, torch.float32), (False, True)):
         dname = str(dtype).split(".")[1]
         base = dict(CL=cl, ACC=tl.float32, IDX64=False)
         tile = dict(base, BLOCK_R=T.TILE_ELEMENTS // 64, BLOCK_C=64)
         layout = "NHWC" if cl else "NCHW"
-        yield ("elementwise", T._stats_partial_kernel, f"{dname} {layout}", "R64xC64",
+        yield ("reduction", T._stats_partial_kernel, f"{dname} {layout}", "R64xC64",
                launch_args(T._stats_partial_kernel, acc_ptrs, {}, tile, dtype), {})
         for res_mode in (0, 1, 2):
             flags = dict(base, RES_MODE=res_mode, RELU=True)
             label = f"{dname} {layout} res_mode={res_mode} relu"
             yield ("elementwise", T._apply_kernel, label, "BLOCK=1024",
                    launch_args(T._apply_kernel, acc_ptrs, {}, dict(flags, BLOCK=1024), dtype), {})
-            yield ("elementwise", T._bwd_reduce_kernel, label, "R64xC64",
+            yield ("reduction", T._bwd_reduce_kernel, label, "R64xC64",
                    launch_args(T._bwd_reduce_kernel, acc_ptrs, {},
-                               dict(tile, RES_MODE=res_mode, RELU=True, WRITE_DRES=res_mode == 1), dtype), {})
+                               dict(tile, RES_MODE=res_mode, RELU=True, WRITE_DRES=res_mode == 1), dtype),
+                   dict(num_warps=T.reduce_warps(res_mode) if hasattr(T, "reduce_warps") else 4))
             yield ("elementwise", T._bwd_apply_kernel, label, "BLOCK=1024",
                    launch_args(T._bwd_apply_kernel, acc_ptrs, {}, dict(flags, BLOCK=1024), dtype), {})
     yield ("finalize", T._stats_finalize_kernel, "float32", "C64",
@@ -290,7 +298,7 @@ def _demangle(names: list[str]) -> list[str]:
 
 
 def cuda_rows(arch: int) -> list[Row]:
-    nvcc = shutil.which("nvcc") or (os.environ.get("CUDA_HOME", "/usr/local/cuda") + "/bin/nvcc")
+    nvcc = str(Path(shutil.which("nvcc") or os.environ.get("CUDA_HOME", "/usr/local/cuda") + "/bin/nvcc").resolve())
     rows = []
     for src in sorted((ROOT / "csrc").glob("*.cu")):
         with tempfile.TemporaryDirectory() as tmp:
@@ -301,7 +309,7 @@ def cuda_rows(arch: int) -> list[Row]:
         threads = {}
         for m in re.finditer(r"\.entry (\S+)\(.*?\)\s*(\.maxntid (\d+), (\d+), (\d+))?", text, re.S):
             threads[m.group(1)] = int(m.group(3)) * int(m.group(4)) * int(m.group(5)) if m.group(2) else 0
-        res = run_ptxas(text, arch)
+        res = run_ptxas(text, arch, str(Path(nvcc).with_name("ptxas")))
         names = sorted(res)
         for mangled, pretty in zip(names, _demangle(names)):
             r = res[mangled]
@@ -310,7 +318,7 @@ def cuda_rows(arch: int) -> list[Row]:
                 raise RuntimeError(f"{pretty}: no __launch_bounds__, so its block size is unknown")
             base = pretty.split("(")[0].split("<")[0].split(" ")[-1]
             tmpl = pretty[len(pretty.split("<")[0]):].split("(")[0] if "<" in pretty.split("(")[0] else ""
-            family = "finalize" if "finalize" in base else "elementwise"
+            family = "finalize" if "finalize" in base else "cuda"
             rows.append(Row("cuda", family, f"{src.name}: {base}", tmpl or "-", f"{block} threads", arch,
                             -(-block // 32), r["regs"], r["spill_stores"], r["spill_loads"], r["stack"], r["smem"]))
     return rows
@@ -359,6 +367,9 @@ def markdown(rows: list[Row]) -> str:
     for r in rows:
         lines.append(f"| {r.backend} | sm_{r.arch} | `{r.kernel}` | {r.variant} | {r.config} | {r.regs} | "
                      f"{r.spill_stores}/{r.spill_loads} | {r.stack} | {r.smem} | {r.ctas} | {r.occupancy:.1%} |")
+    bad = [r for r in rows if r.problems()]
+    lines += ["", f"Rows over budget: {len(bad)}."]
+    lines += [f"- sm_{r.arch} `{r.kernel}` {r.variant} {r.config}: {'; '.join(r.problems())}" for r in bad]
     return "\n".join(lines) + "\n"
 
 

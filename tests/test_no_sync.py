@@ -5,6 +5,8 @@ with a TorchDispatchMode over every aten op the step runs, including those insid
 Triton launches recorded instead of run (`fusedres.triton.plan.Plan`, conv launcher as on sm_90 with the
 heuristic config: autotuning times kernels, which syncs, once per shape, ahead of training with
 `fusedres.tune`)."""
+import contextlib
+
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -72,12 +74,50 @@ def test_resnet50_training_step_has_no_host_sync(mode, monkeypatch):
     x = torch.randn(4, 3, 32, 32).to(memory_format=torch.channels_last)
     target = torch.randint(0, 10, (4,))
     check = NoSync()
+
+    def step():
+        loss = torch.nn.functional.cross_entropy(model(x), target)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
     with Plan(major=9, autotune=False) as plan:
+        step()  # the first step may read state once (momentum=None's batch count); steady-state steps may not
         _forbid(monkeypatch)
         with check:
-            for _ in range(2):
-                loss = torch.nn.functional.cross_entropy(model(x), target)
-                loss.backward()
-                opt.step()
-                opt.zero_grad(set_to_none=True)
+            step()
+            step()
     assert plan.launches > 50 and check.ops > 500
+
+
+def test_cumulative_momentum_counts_on_the_host(monkeypatch):
+    """momentum=None's factor 1 / num_batches_tracked comes from a host-side count (no sync per step) that
+    follows the buffer through a loaded state_dict and an in-place reset: running statistics match stock's."""
+    torch.manual_seed(0)
+    stock = torch.nn.BatchNorm2d(3, momentum=None)
+    fused = fusedres.nn.BatchNormAct2d(3, momentum=None, act=None)
+    fused.load_state_dict(stock.state_dict())
+
+    def step(checked=False):
+        x = torch.randn(4, 3, 5, 5)
+        stock(x)                    # stock reads the count from the buffer each step (a sync on a GPU)
+        with NoSync() if checked else contextlib.nullcontext():
+            fused(x)
+        torch.testing.assert_close(fused.running_mean, stock.running_mean)
+        torch.testing.assert_close(fused.running_var, stock.running_var)
+
+    step()
+    step(checked=True)              # the count is known on the host now: no sync
+    stock.num_batches_tracked.fill_(10)
+    fused.load_state_dict(stock.state_dict())
+    step()                          # re-read after the load (one read), then counted on the host again
+    step(checked=True)
+    with pytest.raises(AssertionError, match="host sync"):
+        fused.num_batches_tracked.add_(5)   # written behind its back: read again (caught here as a sync)
+        stock.num_batches_tracked.add_(5)
+        step(checked=True)
+    fused.reset_running_stats()
+    stock.reset_running_stats()
+    step()
+    step(checked=True)
+    assert int(fused.num_batches_tracked) == int(stock.num_batches_tracked) == 2

@@ -15,10 +15,10 @@ import contextlib
 import torch
 
 
-def tune(model: torch.nn.Module, example_input: torch.Tensor, *, eval: bool = True,
+def tune(model: torch.nn.Module, example_input: torch.Tensor, *, train: bool = True, eval: bool = True,
          autocast_dtype: torch.dtype | None = None) -> list[str]:
-    """Autotune every conv shape `model`'s forward launches on `example_input` (train mode, and eval mode when
-    `eval`), under autocast to `autocast_dtype` when given. Returns the tune keys timed by this call. Parameters,
+    """Autotune every conv shape `model`'s forward launches on `example_input` (in train mode when `train`, in
+    eval mode when `eval`), under autocast to `autocast_dtype` when given. Returns the tune keys timed by this call. Parameters,
     buffers (running statistics) and the train/eval mode are left as they were."""
     from fusedres.triton import conv_bn_act as tc
 
@@ -31,8 +31,9 @@ def tune(model: torch.nn.Module, example_input: torch.Tensor, *, eval: bool = Tr
            else contextlib.nullcontext())
     try:
         with torch.no_grad(), amp:
-            model.train()
-            model(example_input)
+            if train:
+                model.train()
+                model(example_input)
             if eval:
                 model.eval()
                 model(example_input)
@@ -61,7 +62,7 @@ def main(argv=None) -> int:
     model = fusedres.fold(model.eval()) if a.mode == "fold" else fusedres.convert(model, mode="conv")
     x = torch.randn(a.batch, 3, a.size, a.size, device="cuda").to(memory_format=torch.channels_last)
     dtype = getattr(torch, a.dtype)
-    keys = tune(model, x, eval=a.mode == "conv", autocast_dtype=None if dtype == torch.float32 else dtype)
+    keys = tune(model, x, train=a.mode == "conv", autocast_dtype=None if dtype == torch.float32 else dtype)
     print(f"tuned {len(keys)} conv shapes; cache: {tc.cache_path()}")
     return 0
 

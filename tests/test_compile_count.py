@@ -69,3 +69,23 @@ def test_plan_counts_what_a_launch_specialises():
     with Plan(major=9, autotune=True) as plan:
         run(x)
         assert plan.count("_conv_kernel") == len(tconv._candidates(9, plan.smem, x.dtype, 16, 32, 3, 3))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="tuning times kernels on a GPU")
+def test_tune_ahead_of_training_gpu(tmp_path, monkeypatch):
+    """fusedres.tune times each conv shape once, writes the winners to the cache file, leaves the model's state
+    as it was, and a second call (or a partial batch) times nothing."""
+    from fusedres.triton import conv_bn_act as tconv
+    monkeypatch.setenv("FUSEDRES_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("FUSEDRES_CONV_AUTOTUNE", "1")
+    monkeypatch.setattr(tconv, "_WINNERS", {})
+    monkeypatch.setattr(tconv, "_LOADED", set())
+    model = fusedres.convert(fusedres.models.resnet18(num_classes=10), mode="conv").cuda().to(
+        memory_format=torch.channels_last)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    x = torch.randn(8, 3, 64, 64, device="cuda").to(memory_format=torch.channels_last)
+    keys = fusedres.tune(model, x, autocast_dtype=torch.bfloat16)
+    assert keys and (tmp_path / "conv_autotune.json").exists()
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(v, before[k], rtol=0, atol=0, msg=k)
+    assert fusedres.tune(model, x[:3], autocast_dtype=torch.bfloat16) == []

@@ -16,7 +16,7 @@ _SOURCES = {
     "not_supported_reasons": "fusedres.backends", "poison_outputs": "fusedres._layout",
     "convert": "fusedres.convert", "unconvert": "fusedres.convert", "explain": "fusedres.convert",
     "conv_bn_act": "fusedres.ops.conv_bn_act", "scale_shift_act": "fusedres.ops.scale_shift_act",
-    "fold": "fusedres.fold",
+    "fold": "fusedres.fold", "tune": "fusedres.autotune",
 }
 __all__ = list(_SOURCES)
 _SUBPACKAGES = ("ops", "nn", "models")

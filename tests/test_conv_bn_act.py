@@ -38,6 +38,8 @@ GEOMETRIES = {
     "3x3s2_groups": ((2, 6, 5, 5), 6, 3, 2, 1, 1, 3),
     "pad2_dil2": ((2, 4, 5, 6), 5, 3, 1, 2, 2, 1),
     "odd_17ch": ((1, 17, 4, 5), 19, 3, 1, 1, 1, 1),
+    # 147 rows = 5 row tiles (the interpreter's GROUP_M=2 leaves a partial last group) x 3 column tiles
+    "tiles": ((3, 16, 7, 7), 40, 3, 1, 1, 1, 1),
 }
 TOL = {torch.float32: (2e-5, 2e-5), torch.float16: (1e-2, 1e-2), torch.bfloat16: (2e-2, 3e-2),
        torch.float64: (1e-10, 1e-10)}
@@ -127,6 +129,24 @@ def test_geometries_fp32(geometry, option):
                                              ("3x3s2_groups", "prologue_stats")])
 def test_low_precision(geometry, option, dtype):
     _check(geometry, option, dtype, channels_last=True, backward=geometry == "3x3")
+
+
+@pytest.mark.parametrize("option", ["prologue_stats", "everything"])
+@pytest.mark.parametrize("geometry", ["3x3", "stem7x7s2", "3x3s2_groups", "pad2_dil2"])
+def test_small_cin_channel_block_path(geometry, option, monkeypatch):
+    """C_in/groups < 16 with a spatial filter takes the packed (flat kh, kw, c) reduction, which every test above
+    with these geometries runs; the per-tap channel-block path it replaces stays correct (forced here)."""
+    from fusedres.triton import conv_bn_act as tconv
+    (n, c_in, h, w), c_out, k, stride, pad, dil, groups = GEOMETRIES[geometry]
+    assert tconv.packed(c_in // groups, k, k)
+    monkeypatch.setattr(tconv, "packed", lambda cin_g, kh, kw: False)
+    _check(geometry, option, torch.float32, channels_last=True, backward=False)
+
+
+def test_grouped_program_order_covers_every_tile():
+    """Grouped (L2-swizzled) program order over 5 row tiles x 3 column tiles with a partial last group: every
+    output element and every statistics partial is written once (outputs are NaN-poisoned)."""
+    _check("tiles", "everything", torch.float32, channels_last=True)
 
 
 def test_float64_and_forced_reference_backend():
@@ -258,3 +278,47 @@ def test_config_tables():
     assert tconv.INTERPRET_CONFIG["BLOCK_M"] % tconv.INTERPRET_STAT_ROWS == 0
     assert tconv.heuristic_config(3, 64)["BLOCK_K"] == 16
     assert tconv.heuristic_config(256, 512) == dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3)
+    assert tconv.heuristic_config(3, 64, 7, 7)["BLOCK_K"] == 32  # packed stem: 147 of 160 K lanes used
+
+
+def test_autotune_key_and_pruning():
+    """The tune key ignores the batch size; configs over the shared-memory or register budget, or wider than
+    the channels, are pruned before timing, and at most TUNE_TOP_K remain."""
+    from fusedres.triton import conv_bn_act as tconv
+    flags = dict(KH=3, KW=3, PROLOGUE=True, STATS=True, STAT_ROWS=64, UPCAST=False)
+    key = lambda n: tconv.tune_key(torch.bfloat16, n, 56, 56, 64, 64, 64, 3, 3, (1, 1), flags)  # noqa: E731
+    assert key(256) == key(143) == key(1)
+    assert key(256) != tconv.tune_key(torch.bfloat16, 256, 28, 28, 64, 64, 64, 3, 3, (1, 1), flags)
+    cfgs = [tconv._cfg(128, 128, 64, 8, 3), tconv._cfg(128, 256, 64, 8, 3), tconv._cfg(128, 128, 32, 4, 4),
+            tconv._cfg(64, 64, 64, 4, 4), tconv._cfg(64, 64, 32, 4, 4)]
+    kept = lambda *a: [tconv.config_label(c.all_kwargs()) for c in tconv.prune_configs(cfgs, *a)]  # noqa: E731
+    # 128x256 and 128x128 on 4 warps: accumulators of 128 and 128 registers per thread
+    assert kept(2, 256, 256, 3, 3, 227 * 1024) == ["128x128x64", "64x64x64", "64x64x32"]
+    assert kept(2, 256, 256, 3, 3, 90 * 1024) == ["64x64x64", "64x64x32"]     # 3 stages x 32 KB > 90 KB
+    assert kept(2, 256, 64, 3, 3, 227 * 1024) == ["64x64x64", "64x64x32"]     # BLOCK_N 128 > C_out/g = 64
+    assert kept(2, 8, 64, 1, 1, 227 * 1024) == []                             # BLOCK_K 32 > C_in/g = 8
+    assert len(tconv.prune_configs(cfgs * 3, 2, 256, 256, 3, 3, 227 * 1024)) == tconv.TUNE_TOP_K
+
+
+def test_autotune_disk_cache(tmp_path, monkeypatch):
+    """A winner is timed once, written to the cache file under its GPU + Triton scope, and a fresh process
+    (emptied memory) reads it back without timing."""
+    import json
+    from fusedres.triton import conv_bn_act as tconv
+    monkeypatch.setenv("FUSEDRES_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(tconv, "_WINNERS", {})
+    monkeypatch.setattr(tconv, "_LOADED", set())
+    timed = []
+    cands = [dict(BLOCK_M=64, v=0), dict(BLOCK_M=128, v=1), dict(BLOCK_M=32, v=2)]
+    bench = lambda fn: fn() or [3.0, 1.0, 2.0][timed[-1]]  # noqa: E731
+    launch = lambda cfg: timed.append(cfg["v"])  # noqa: E731
+    assert tconv._autotuned_config("k1", "GPU X|triton 9", cands, launch, bench) == cands[1]
+    assert timed == [0, 1, 2]
+    data = json.loads((tmp_path / "conv_autotune.json").read_text())
+    assert data == {"GPU X|triton 9": {"k1": cands[1]}}
+    monkeypatch.setattr(tconv, "_WINNERS", {})
+    monkeypatch.setattr(tconv, "_LOADED", set())
+    assert tconv._autotuned_config("k1", "GPU X|triton 9", cands, launch, bench) == cands[1]
+    assert timed == [0, 1, 2]                                                  # no timing: read from disk
+    assert tconv._autotuned_config("k1", "GPU Y|triton 9", cands, launch, bench) == cands[1]
+    assert timed == [0, 1, 2, 0, 1, 2]                                         # another GPU: timed again

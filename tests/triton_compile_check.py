@@ -1,8 +1,11 @@
 """Compile every Triton kernel variant to a cubin for sm_80 and sm_90 without a GPU (run as a script, with
 TRITON_INTERPRET unset). The interpreter accepts code the real compiler rejects (types of loop-carried values,
-int64 casts, constexpr masks); this catches those on machines with no GPU."""
+int64 casts, constexpr masks); this catches those on machines with no GPU. Each variant is bound by Triton's own
+launch specialiser (16-byte-aligned pointers, integer divisibility) as in scripts/kernel_resources.py, which
+also records each one's registers, spills and occupancy."""
 import itertools
 import sys
+from pathlib import Path
 
 import triton
 import triton.language as tl
@@ -11,6 +14,9 @@ from triton.compiler import ASTSource
 
 import fusedres.triton.bn_act as T
 import fusedres.triton.conv_bn_act as TC
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+import kernel_resources as KR  # noqa: E402
 
 PTR = {"float16": "*fp16", "bfloat16": "*bf16", "float32": "*fp32", "float64": "*fp64"}
 ACC = {"float16": "float32", "bfloat16": "float32", "float32": "float32", "float64": "float64"}
@@ -24,19 +30,18 @@ ACC_PTRS = {"cnt_ptr", "mean_ptr", "m2_ptr", "mean_part_ptr", "m2_part_ptr", "va
 
 
 def compile_variant(fn, dtype, constexprs, target):
-    names = fn.arg_names
-    sig = {}
-    for name in names:
-        if name in constexprs:
-            sig[name] = "constexpr"
-        elif name.endswith("_ptr"):
-            sig[name] = PTR[ACC[dtype]] if name in ACC_PTRS else PTR[dtype]
-        else:
-            sig[name] = "i64" if constexprs.get("IDX64") else "i32"
+    import torch
+    tdtype = getattr(torch, dtype)
     consts = dict(constexprs)
     if "ACC" in consts:
         consts["ACC"] = getattr(tl, ACC[dtype])
-    return triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts), target=target)
+    ptrs = {name: getattr(torch, ACC[dtype]) for name in ACC_PTRS}
+    options = {}
+    if "BLOCK_M" in consts:
+        cfg = dict(consts, num_warps=8 if consts["BLOCK_M"] * consts["BLOCK_N"] >= 128 * 128 else 4, num_stages=3)
+        consts.update(TC.conv_constexprs(cfg, 64, consts["KH"], consts["KW"]))
+        options = dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    return KR.compile_launch(fn, target, KR.launch_args(fn, ptrs, {}, consts, tdtype), options)
 
 
 def variants():
@@ -89,7 +94,8 @@ def conv_variants():
                                                                                       "BLOCK_K"), cfg)))
     yield TC._conv_kernel, "bfloat16", dict(combos[6], KH=3, KW=3, PRECISION="ieee", IDX64=True, **gpu_tile)
     yield TC._conv_kernel, "float32", dict(combos[6], KH=3, KW=3, PRECISION="ieee", IDX64=False,
-                                           STAT_ROWS=TC.INTERPRET_STAT_ROWS, **TC.INTERPRET_CONFIG)
+                                           STAT_ROWS=TC.INTERPRET_STAT_ROWS,
+                                           **{k: v for k, v in TC.INTERPRET_CONFIG.items() if k.startswith("BLOCK")})
     yield TC._stats_merge_kernel, "float32", dict(STAT_ROWS=TC.GPU_STAT_ROWS, BLOCK_P=64, BLOCK_C=64)
 
 

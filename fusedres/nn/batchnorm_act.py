@@ -49,12 +49,27 @@ def batch_norm_args(bn: nn.modules.batchnorm._BatchNorm) -> dict:
     so call once per forward). `momentum=None` gives the cumulative average 1 / num_batches_tracked."""
     factor = 0.0 if bn.momentum is None else bn.momentum
     if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
+        known = _host_count(bn)
         bn.num_batches_tracked.add_(1)
-        factor = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
+        if bn.momentum is None:
+            count = known + 1 if known is not None else int(bn.num_batches_tracked)
+            bn.__dict__["_fusedres_count"] = (bn.num_batches_tracked, bn.num_batches_tracked._version, count)
+            factor = 1.0 / count
     use_buffers = not bn.training or bn.track_running_stats
     return dict(running_mean=bn.running_mean if use_buffers else None,
                 running_var=bn.running_var if use_buffers else None,
                 training=_uses_batch_stats(bn), momentum=factor)
+
+
+def _host_count(bn) -> int | None:
+    """num_batches_tracked as a Python int kept on the host next to the buffer, so momentum=None needs no
+    device-to-host copy each step; None (read it once) when something else wrote the buffer since (a loaded
+    state_dict, a reset: the tensor's version counter moved) or it was never read."""
+    cached = bn.__dict__.get("_fusedres_count")
+    t = bn.num_batches_tracked
+    if cached is None or cached[0] is not t or cached[1] != t._version:
+        return None
+    return cached[2]
 
 
 def _uses_batch_stats(bn) -> bool:

@@ -298,6 +298,12 @@ def _sm_count(device) -> int:
     return _SM_COUNT[index]
 
 
+def reduce_warps(res_mode: int) -> int:
+    """Warps of the backward reduction: its dual-BN variant (dy, x and xb tiles of 4096 elements) spills with
+    4 warps in float32 and fits with 8; the others fit in 4 (docs/kernels.md)."""
+    return 8 if res_mode == 2 else 4
+
+
 def _res_mode(residual, xb) -> int:
     return 1 if residual is not None else 2 if xb is not None else 0
 
@@ -348,7 +354,8 @@ def backward_reduce(dy, x, mean, scale, shift, residual, xb, mean_b, scale_b, sh
         mean, scale, shift, *_second(xb, mean, scale, shift, mean_b, scale_b, shift_b),
         parts[0], parts[1], parts[n_sums - 1],
         *geo.tile_args(), CL=geo.cl, RES_MODE=_res_mode(residual, xb), RELU=relu, WRITE_DRES=d_res is not None,
-        ACC=geo.tl_acc, IDX64=geo.idx64, BLOCK_R=geo.block_r, BLOCK_C=geo.block_c)
+        ACC=geo.tl_acc, IDX64=geo.idx64, BLOCK_R=geo.block_r, BLOCK_C=geo.block_c,
+        num_warps=reduce_warps(_res_mode(residual, xb)))
     sums = [part.sum(0) for part in parts]
     return sums[0], sums[1], sums[2] if xb is not None else None, d_res
 

@@ -13,14 +13,22 @@ the weight already is one, as `fusedres.fold` arranges), so a K-tile is contiguo
 BN statistics are deterministic and independent of the tile configuration: every group of STAT_ROWS output
 rows writes its own partial (sum and sum of squared deviations from the group's own mean) and the launcher
 merges the [M / STAT_ROWS, C_out] partials in float64 with the exact parallel-variance formula
-(`_stats_merge_kernel`, fixed order, no atomics). Configs are
-kept per GPU generation in `CONFIGS` (autotuned per GEMM shape and fused options on first use; set
-FUSEDRES_CONV_AUTOTUNE=0 to skip tuning and use `heuristic_config`; `torch.use_deterministic_algorithms(True)`
-does the same, so results are bitwise reproducible across processes); under the interpreter one small fixed
-config is used.
+(`_stats_merge_kernel`, fixed order, no atomics).
+
+Programs run in grouped order (GROUP_M row tiles share L2 across all column tiles). A small C_in/groups with a
+spatial filter (the 7x7 stem's 3 channels) reduces over the flat (kh, kw, c) index (`PACKED`) so K lanes are
+not wasted on padding channels.
+
+Configs are kept per GPU generation in `CONFIGS`. Autotuning (`tune_key`: independent of the batch size)
+prunes them by shared memory, registers and channel counts before timing at most TUNE_TOP_K, and keeps each
+winner in memory and in an on-disk cache per GPU name and Triton version (`cache_path()`;
+`fusedres.tune` fills it ahead of training). FUSEDRES_CONV_AUTOTUNE=0 skips tuning and uses
+`heuristic_config`; `torch.use_deterministic_algorithms(True)` does the same, so results are bitwise
+reproducible across processes. Under the interpreter one small fixed config is used.
 """
 from __future__ import annotations
 
+import json
 import os
 
 import torch
@@ -40,23 +48,30 @@ def _cfg(bm, bn, bk, warps, stages):
     return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=warps, num_stages=stages)
 
 
-# Autotune candidates per GPU generation (compute capability major). Every BLOCK_M is a multiple of
-# GPU_STAT_ROWS. Keyed on the GEMM shape (see `_KEY`).
+# Autotune candidates per GPU generation (compute capability major), every one within the budgets of
+# docs/kernels.md (no spill, shared memory within sm_80/sm_90 limits, >= 2 CTAs per SM; checked by
+# tests/test_kernel_resources.py). Every BLOCK_M is a multiple of GPU_STAT_ROWS.
 CONFIGS = {
     9: [  # Hopper
-        _cfg(128, 128, 64, 8, 3), _cfg(128, 256, 64, 8, 3), _cfg(256, 128, 64, 8, 3), _cfg(128, 64, 64, 4, 4),
-        _cfg(64, 128, 64, 4, 4), _cfg(128, 128, 32, 4, 4), _cfg(64, 64, 64, 4, 4), _cfg(128, 64, 32, 4, 4),
-        _cfg(128, 64, 16, 4, 4),
+        _cfg(128, 128, 64, 8, 3), _cfg(128, 64, 64, 4, 4), _cfg(64, 128, 64, 4, 4), _cfg(64, 64, 64, 4, 4),
+        _cfg(128, 64, 32, 4, 4), _cfg(128, 64, 16, 4, 4),
     ],
     8: [  # Ampere / Ada
-        _cfg(128, 128, 32, 4, 3), _cfg(128, 64, 32, 4, 4), _cfg(64, 128, 32, 4, 4), _cfg(64, 64, 32, 4, 4),
-        _cfg(128, 128, 64, 8, 3), _cfg(64, 64, 16, 4, 4),
+        _cfg(128, 128, 32, 8, 3), _cfg(128, 64, 32, 4, 4), _cfg(64, 128, 32, 4, 4), _cfg(64, 64, 32, 4, 4),
+        _cfg(64, 64, 16, 4, 4),
     ],
 }
 CONFIGS[10] = CONFIGS[9]  # Blackwell: start from the Hopper list until measured
+# Autotuning budget: configs whose fp32 accumulator needs more registers per thread than this are pruned
+# before timing (the measured no-spill bound with the kernel's address and prologue registers), and at most
+# TUNE_TOP_K configs are timed per key.
+ACC_REGS_PER_THREAD = 64
+TUNE_TOP_K = 4
+GROUP_M = 8  # row tiles per group of the grouped (L2-friendly) program order
+_PLAN = None  # a fusedres.triton.plan.Plan while counting compilations on the CPU (kernels do not run)
 GPU_STAT_ROWS = 64
 # Under the interpreter (tests): one config, small so tiny shapes span several tiles and masked tails.
-INTERPRET_CONFIG = dict(BLOCK_M=32, BLOCK_N=16, BLOCK_K=16)
+INTERPRET_CONFIG = dict(BLOCK_M=32, BLOCK_N=16, BLOCK_K=16, num_warps=4, num_stages=1)
 INTERPRET_STAT_ROWS = 16
 
 
@@ -68,7 +83,8 @@ def not_supported_reasons(x: torch.Tensor) -> list[str]:
 
 
 # ------------------------------------------------------------------------------------------------- kernel
-@triton.jit
+@triton.jit(do_not_specialize=["H", "W", "OH", "OW", "M", "stride_h", "stride_w", "pad_h", "pad_w", "dil_h",
+                               "dil_w"])
 def _conv_kernel(
     x_ptr,                        # [N, H, W, C_in] input, NHWC dense
     w_ptr,                        # [C_out, KH, KW, C_in/groups] weights (channels_last [C_out, C_in/g, KH, KW])
@@ -79,8 +95,8 @@ def _conv_kernel(
     r_ptr,                        # [N, OH, OW, C_out] residual, NHWC dense, x's dtype (RESIDUAL)
     res_scale_ptr, res_shift_ptr,  # [C_out] fp32 residual affine r * res_scale + res_shift (RES_AFFINE)
     sum_ptr, m2_ptr,              # [cdiv(M, STAT_ROWS), C_out] fp32 out: per-row-group sum and centred M2 (STATS)
-    H, W, C_in, OH, OW, C_out,
-    M,                            # N * OH * OW output pixels
+    H, W, C_in, OH, OW, C_out,    # sizes and geometry that vary with the input resolution and batch are not
+    M,                            # specialised (one compiled variant per layer type), N * OH * OW output pixels
     CIN_G, COUT_G,                # channels per group (input, output)
     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
     KH: tl.constexpr, KW: tl.constexpr,
@@ -90,11 +106,21 @@ def _conv_kernel(
     PRECISION: tl.constexpr,      # "tf32" or "ieee" (fp32 inputs; ignored by fp16/bf16)
     IDX64: tl.constexpr,
     UPCAST: tl.constexpr,         # interpreter only: its bf16 tl.dot is wrong, so multiply bf16 values in fp32
+    PACKED: tl.constexpr,         # small C_in/groups: the reduction runs over flat (kh, kw, c) (see below)
+    GROUP_M: tl.constexpr,        # row tiles per group of the L2-friendly program order
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    g = tl.program_id(2)
+    # Grouped program order: GROUP_M row tiles sweep every column tile before the next group starts, so the
+    # A rows (activations) of a group stay in L2 while all N tiles read them, and the weights are shared too.
+    pid = tl.program_id(0)
+    g = tl.program_id(1)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(COUT_G, BLOCK_N)
+    per_group = GROUP_M * num_pid_n
+    first_m = (pid // per_group) * GROUP_M
+    group_rows = tl.minimum(num_pid_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % per_group) % group_rows
+    pid_n = (pid % per_group) // group_rows
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     m_mask = rm < M
     if IDX64:
@@ -108,36 +134,66 @@ def _conv_kernel(
     co = g * COUT_G + rn
     rk = tl.arange(0, BLOCK_K)
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    # One flat loop over (kh, kw, input-channel block), so the compiler pipelines loads across filter taps
-    # (a nested loop would leave 1x1-per-tap inner loops of one iteration with nothing to overlap).
-    c_iters = tl.cdiv(CIN_G, BLOCK_K)
-    for it in range(0, KH * KW * c_iters):
-        tap = it // c_iters
-        k0 = (it - tap * c_iters) * BLOCK_K
-        kh = tap // KW
-        kw = tap - kh * KW
-        ih = oh * stride_h - pad_h + kh * dil_h
-        iw = ow * stride_w - pad_w + kw * dil_w
-        valid = m_mask & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-        x_row = ((n * H + ih) * W + iw) * C_in + g * CIN_G   # [BLOCK_M]
-        ck = k0 + rk
-        k_mask = ck < CIN_G
-        a_mask = valid[:, None] & k_mask[None, :]
-        a = tl.load(x_ptr + x_row[:, None] + ck[None, :], mask=a_mask, other=0.0)
-        if PROLOGUE:
-            s_in = tl.load(in_scale_ptr + g * CIN_G + ck, mask=k_mask, other=0.0)
-            b_in = tl.load(in_shift_ptr + g * CIN_G + ck, mask=k_mask, other=0.0)
-            af = a.to(tl.float32) * s_in[None, :] + b_in[None, :]
-            if IN_RELU:
-                af = tl.where(af < 0, 0.0, af)  # NaN passes, like torch.relu (tl.maximum would give 0)
-            # zero padding (and masked tails) after the prologue: contribute exactly 0
-            a = tl.where(a_mask, af, 0.0).to(x_ptr.dtype.element_ty)
-        w_offs = co[None, :] * (KH * KW * CIN_G) + (tap * CIN_G + ck)[:, None]
-        b = tl.load(w_ptr + w_offs, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
-        if UPCAST:
-            acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
-        else:
-            acc = tl.dot(a, b, acc, input_precision=PRECISION)
+    if PACKED:
+        # Flat reduction index k = (kh * KW + kw) * CIN_G + c, which is also the weight's contiguous inner
+        # order: every K lane carries a useful (tap, channel) pair (the 7x7 stem's 147 = 3 * 49 values fill
+        # 147 of 160 lanes, not 3 of 16 per tap). A is gathered per lane.
+        K_TOT = KH * KW * CIN_G
+        for k0 in range(0, K_TOT, BLOCK_K):
+            kk = k0 + rk
+            k_mask = kk < K_TOT
+            tap = kk // CIN_G
+            ck = kk - tap * CIN_G
+            kh = tap // KW
+            kw = tap - kh * KW
+            ih = (oh * stride_h - pad_h)[:, None] + (kh * dil_h)[None, :]
+            iw = (ow * stride_w - pad_w)[:, None] + (kw * dil_w)[None, :]
+            a_mask = m_mask[:, None] & k_mask[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+            a_offs = ((n[:, None] * H + ih) * W + iw) * C_in + (g * CIN_G + ck)[None, :]
+            a = tl.load(x_ptr + a_offs, mask=a_mask, other=0.0)
+            if PROLOGUE:
+                s_in = tl.load(in_scale_ptr + g * CIN_G + ck, mask=k_mask, other=0.0)
+                b_in = tl.load(in_shift_ptr + g * CIN_G + ck, mask=k_mask, other=0.0)
+                af = a.to(tl.float32) * s_in[None, :] + b_in[None, :]
+                if IN_RELU:
+                    af = tl.where(af < 0, 0.0, af)
+                a = tl.where(a_mask, af, 0.0).to(x_ptr.dtype.element_ty)
+            b = tl.load(w_ptr + co[None, :] * K_TOT + kk[:, None], mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+            if UPCAST:
+                acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+            else:
+                acc = tl.dot(a, b, acc, input_precision=PRECISION)
+    else:
+        # One flat loop over (kh, kw, input-channel block), so the compiler pipelines loads across filter taps
+        # (a nested loop would leave 1x1-per-tap inner loops of one iteration with nothing to overlap).
+        c_iters = tl.cdiv(CIN_G, BLOCK_K)
+        for it in range(0, KH * KW * c_iters):
+            tap = it // c_iters
+            k0 = (it - tap * c_iters) * BLOCK_K
+            kh = tap // KW
+            kw = tap - kh * KW
+            ih = oh * stride_h - pad_h + kh * dil_h
+            iw = ow * stride_w - pad_w + kw * dil_w
+            valid = m_mask & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+            x_row = ((n * H + ih) * W + iw) * C_in + g * CIN_G   # [BLOCK_M]
+            ck = k0 + rk
+            k_mask = ck < CIN_G
+            a_mask = valid[:, None] & k_mask[None, :]
+            a = tl.load(x_ptr + x_row[:, None] + ck[None, :], mask=a_mask, other=0.0)
+            if PROLOGUE:
+                s_in = tl.load(in_scale_ptr + g * CIN_G + ck, mask=k_mask, other=0.0)
+                b_in = tl.load(in_shift_ptr + g * CIN_G + ck, mask=k_mask, other=0.0)
+                af = a.to(tl.float32) * s_in[None, :] + b_in[None, :]
+                if IN_RELU:
+                    af = tl.where(af < 0, 0.0, af)  # NaN passes, like torch.relu (tl.maximum would give 0)
+                # zero padding (and masked tails) after the prologue: contribute exactly 0
+                a = tl.where(a_mask, af, 0.0).to(x_ptr.dtype.element_ty)
+            w_offs = co[None, :] * (KH * KW * CIN_G) + (tap * CIN_G + ck)[:, None]
+            b = tl.load(w_ptr + w_offs, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+            if UPCAST:
+                acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+            else:
+                acc = tl.dot(a, b, acc, input_precision=PRECISION)
 
     out_mask = m_mask[:, None] & n_mask[None, :]
     if STATS:
@@ -206,24 +262,139 @@ def _stats_merge_kernel(
     tl.store(var_ptr + c, (m2 / M).to(tl.float32), mask=c_mask)
 
 
-def heuristic_config(cin_g: int, cout_g: int) -> dict:
-    """One reasonable config without tuning (FUSEDRES_CONV_AUTOTUNE=0): tiles sized to the channel counts."""
+def heuristic_config(cin_g: int, cout_g: int, kh: int = 1, kw: int = 1) -> dict:
+    """One config without tuning (FUSEDRES_CONV_AUTOTUNE=0, deterministic mode): tiles sized to the channel
+    counts, from configs within the resource budgets of docs/kernels.md."""
+    if packed(cin_g, kh, kw):  # the gathered A tile's per-lane index math: 128-row tiles spill on sm_80
+        return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, num_warps=4, num_stages=3)
     block_n = 128 if cout_g >= 128 else 64
     block_k = 64 if cin_g >= 64 else 32 if cin_g >= 32 else 16
     return dict(BLOCK_M=128, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=8 if block_n == 128 else 4,
                 num_stages=3)
 
 
-_KEY = ["M", "C_out", "CIN_G", "COUT_G", "KH", "KW", "stride_h", "PROLOGUE", "STATS", "RESIDUAL"]
-_TUNED: dict = {}
+def packed(cin_g: int, kh: int, kw: int) -> bool:
+    """Whether the flat (kh, kw, c) reduction is used: a channel block would leave most K lanes idle."""
+    return cin_g < 16 and kh * kw > 1
 
 
-def _tuned_kernel(device):
-    major = torch.cuda.get_device_capability(device)[0]
-    configs = CONFIGS.get(major, CONFIGS[8])
-    if major not in _TUNED:
-        _TUNED[major] = triton.autotune(configs=configs, key=_KEY)(_conv_kernel)
-    return _TUNED[major]
+def conv_constexprs(cfg: dict, cin_g: int, kh: int, kw: int, interpret: bool = False) -> dict:
+    """The launch's tile constexprs for config `cfg` (BLOCK_* and the derived PACKED / GROUP_M)."""
+    return dict(BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
+                PACKED=packed(cin_g, kh, kw), GROUP_M=2 if interpret else GROUP_M)
+
+
+def config_label(cfg: dict) -> str:
+    return "x".join(str(cfg[k]) for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K") if k in cfg) or "-"
+
+
+def configs_for(major: int) -> list:
+    return CONFIGS.get(major, CONFIGS[8])
+
+
+# ---------------------------------------------------------------------------------------------- autotuning
+def tune_key(x_dtype, N, OH, OW, C_out, cin_g, cout_g, KH, KW, stride, flags) -> str:
+    """What a tuned winner is stored under. M enters only as the per-image row count OH * OW (M / N): the
+    batch size is not in the key, so a partial last batch and eval batches reuse the training batch's winner
+    (no new timing, no new compiles), and the key is stable across processes and runs (the on-disk cache)."""
+    opts = ",".join(f"{k}={int(v) if isinstance(v, bool) else v}" for k, v in sorted(flags.items())
+                    if k not in ("STAT_ROWS", "UPCAST"))
+    return f"{str(x_dtype).split('.')[-1]}|rows{OH * OW}|co{C_out}|g{cin_g}x{cout_g}|k{KH}x{KW}|s{stride[0]}x{stride[1]}|{opts}"
+
+
+def _device_limits(device) -> tuple[int, int]:
+    """(shared memory per block, SM count) of device."""
+    props = torch.cuda.get_device_properties(device)
+    smem = getattr(props, "shared_memory_per_block_optin", 0) or (227 * 1024 if props.major >= 9 else 163 * 1024 if
+                                                                 props.major == 8 else 96 * 1024)
+    return smem, props.multi_processor_count
+
+
+def prune_configs(configs, elem_bytes: int, cin_g: int, cout_g: int, kh: int, kw: int, smem_limit: int) -> list:
+    """Configs worth timing for one GEMM shape, before any is compiled: within the shared-memory budget
+    (num_stages buffered A and B tiles) and the register budget (fp32 accumulator <= ACC_REGS_PER_THREAD per
+    thread, the measured no-spill bound), and not wider than the channels (a BLOCK_N / BLOCK_K beyond the next
+    power of two of C_out/g / C_in/g only masks lanes off). At most TUNE_TOP_K remain, in list order."""
+    kept = []
+    k_extent = kh * kw * cin_g if packed(cin_g, kh, kw) else cin_g
+    for cfg in configs:
+        kw_ = cfg.all_kwargs() if hasattr(cfg, "all_kwargs") else cfg
+        bm, bn, bk = kw_["BLOCK_M"], kw_["BLOCK_N"], kw_["BLOCK_K"]
+        smem = kw_["num_stages"] * (bm * bk + bk * bn) * elem_bytes
+        acc_regs = bm * bn // (32 * kw_["num_warps"])
+        if smem > smem_limit or acc_regs > ACC_REGS_PER_THREAD:
+            continue
+        if bn > max(32, triton.next_power_of_2(cout_g)) or bk > max(16, triton.next_power_of_2(k_extent)):
+            continue
+        kept.append(cfg)
+    return kept[:TUNE_TOP_K]
+
+
+def cache_path() -> str:
+    """The on-disk cache of tuned winners: $FUSEDRES_CACHE_DIR/conv_autotune.json (default
+    ~/.cache/fusedres)."""
+    root = os.environ.get("FUSEDRES_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "fusedres")
+    return os.path.join(root, "conv_autotune.json")
+
+
+def _cache_scope(device) -> str:
+    """Winners are valid for one GPU model and one Triton version (codegen changes move the best tile)."""
+    return f"{torch.cuda.get_device_name(device)}|triton {triton.__version__}"
+
+
+_WINNERS: dict = {}       # scope -> {tune key -> config kwargs}; loaded from and written to cache_path()
+_LOADED: set = set()
+
+
+def _winners(scope: str) -> dict:
+    if scope not in _LOADED:
+        _LOADED.add(scope)
+        try:
+            with open(cache_path()) as f:
+                _WINNERS.setdefault(scope, {}).update(json.load(f).get(scope, {}))
+        except (OSError, ValueError):
+            pass
+    return _WINNERS.setdefault(scope, {})
+
+
+def _save(scope: str) -> None:
+    path = cache_path()
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        try:
+            with open(path) as f:
+                data = json.load(f)
+        except (OSError, ValueError):
+            data = {}
+        data.setdefault(scope, {}).update(_WINNERS[scope])
+        tmp = f"{path}.{os.getpid()}.tmp"
+        with open(tmp, "w") as f:
+            json.dump(data, f, indent=1, sort_keys=True)
+        os.replace(tmp, path)
+    except OSError:
+        pass  # a read-only home: winners stay in memory for this process
+
+
+def _autotuned_config(key, scope, candidates, launch, bench=None) -> dict:
+    """The cached winner for `key` in `scope` (GPU name + Triton version), else time each candidate once
+    (`bench`: triton.testing.do_bench) and cache the fastest in memory and on disk."""
+    winners = _winners(scope)
+    if key not in winners:
+        if len(candidates) == 1:
+            winners[key] = candidates[0]
+        else:
+            if bench is None:
+                from triton.testing import do_bench
+                bench = lambda fn: do_bench(fn, warmup=5, rep=20)  # noqa: E731
+            times = []
+            for cfg in candidates:
+                try:
+                    times.append(bench(lambda: launch(cfg)))
+                except Exception:  # noqa: BLE001 (a config this GPU cannot run: out of resources)
+                    times.append(float("inf"))
+            winners[key] = candidates[min(range(len(candidates)), key=times.__getitem__)]
+        _save(scope)
+    return winners[key]
 
 
 def config_choice(device) -> str:
@@ -270,7 +441,8 @@ def conv_bn_act(x, weight, in_scale, in_shift, in_relu, out_scale, out_shift, re
         res_shift = res_shift if res_shift is not None else torch.zeros(C_out, **f32)
     if residual is not None:
         residual = residual.to(x.dtype).contiguous(memory_format=cl)
-    interp = x.device.type == "cpu"
+    plan = _PLAN
+    interp = x.device.type == "cpu" and plan is None
     stat_rows = INTERPRET_STAT_ROWS if interp else GPU_STAT_ROWS
     n_parts = triton.cdiv(M, stat_rows)
     if stats:
@@ -295,20 +467,43 @@ def conv_bn_act(x, weight, in_scale, in_shift, in_relu, out_scale, out_shift, re
                  UPCAST=interp and x.dtype == torch.bfloat16)
     cout_g = C_out // groups
 
-    def grid(meta):
-        return (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(cout_g, meta["BLOCK_N"]), groups)
+    def launch(cfg):
+        consts = conv_constexprs(cfg, cin_g, KH, KW, interpret=interp)
+        grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(cout_g, cfg["BLOCK_N"]), groups)
+        opts = {} if interp else dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        _conv_kernel[grid](*args, **flags, **consts, **opts)
 
-    how = config_choice(x.device)
+    how = plan.choice if plan is not None else config_choice(x.device)
     if how == "interpret":
-        _conv_kernel[grid(INTERPRET_CONFIG)](*args, **flags, **INTERPRET_CONFIG)
+        launch(INTERPRET_CONFIG)
     elif how == "heuristic":
-        cfg = heuristic_config(cin_g, cout_g)
-        with torch.cuda.device(x.device):
-            _conv_kernel[grid(cfg)](*args, **flags, **cfg)
+        cfg = heuristic_config(cin_g, cout_g, KH, KW)
+        if plan is not None:
+            launch(cfg)
+        else:
+            with torch.cuda.device(x.device):
+                launch(cfg)
     else:
-        with torch.cuda.device(x.device):
-            _tuned_kernel(x.device)[grid](*args, **flags)
+        key = tune_key(x.dtype, N, OH, OW, C_out, cin_g, cout_g, KH, KW, stride, flags)
+        if plan is not None:
+            cfg = plan.tune(key, _candidates(plan.major, plan.smem, x.dtype, cin_g, cout_g, KH, KW), launch)
+            launch(cfg)
+        else:
+            with torch.cuda.device(x.device):
+                major = torch.cuda.get_device_capability(x.device)[0]
+                smem = _device_limits(x.device)[0]
+                cfg = _autotuned_config(key, _cache_scope(x.device),
+                                        _candidates(major, smem, x.dtype, cin_g, cout_g, KH, KW), launch)
+                launch(cfg)
     return y, *_merge(sums, m2s, M, stat_rows, C_out, stats, x.device)
+
+
+def _candidates(major, smem, dtype, cin_g, cout_g, kh, kw) -> list[dict]:
+    """Configs autotuning times for one shape; the packed path runs its one budget-checked config."""
+    if packed(cin_g, kh, kw):
+        return [heuristic_config(cin_g, cout_g, kh, kw)]
+    cands = [c.all_kwargs() for c in prune_configs(configs_for(major), dtype.itemsize, cin_g, cout_g, kh, kw, smem)]
+    return cands or [heuristic_config(cin_g, cout_g, kh, kw)]
 
 
 def _merge(sums, m2s, M, stat_rows, C_out, stats, device):

@@ -123,13 +123,14 @@ def ptxas_path() -> str:
     return get_ptxas(90).path
 
 
-def run_ptxas(ptx: str, arch: int, ptxas: str | None = None) -> dict[str, dict[str, int]]:
-    """ptxas -v on `ptx` (Triton's bundled ptxas unless `ptxas` names another, e.g. nvcc's for its own PTX)."""
+def run_ptxas(ptx: str, arch: int, ptxas: str | None = None, opts=("--regAllocOptLevel=2",)) -> dict[str, dict[str, int]]:
+    """ptxas -v on `ptx` (Triton's bundled ptxas with Triton's options unless `ptxas` names another, e.g. nvcc's
+    for its own PTX with the build's (default) options)."""
     suffix = "a" if arch == 90 else ""  # Triton (and wgmma) target sm_90a
     with tempfile.TemporaryDirectory() as tmp:
         src = Path(tmp, "k.ptx")
         src.write_text(ptx)
-        done = subprocess.run([ptxas or ptxas_path(), "-v", "--regAllocOptLevel=2", f"--gpu-name=sm_{arch}{suffix}",
+        done = subprocess.run([ptxas or ptxas_path(), "-v", *opts, f"--gpu-name=sm_{arch}{suffix}",
                                str(src), "-o", str(Path(tmp, "k.o"))], capture_output=True, text=True)
     if done.returncode:
         raise RuntimeError(f"ptxas failed: {done.stderr[-2000:]}")
@@ -303,13 +304,14 @@ def cuda_rows(arch: int) -> list[Row]:
     for src in sorted((ROOT / "csrc").glob("*.cu")):
         with tempfile.TemporaryDirectory() as tmp:
             ptx = Path(tmp, "k.ptx")
-            subprocess.run([nvcc, "-O3", "-std=c++17", f"-arch=compute_{arch}", "-ptx", "-I", str(ROOT / "csrc"),
+            # the build's own flags (CMakeLists.txt): --fmad=false changes register allocation
+            subprocess.run([nvcc, "-O3", "--fmad=false", "-std=c++17", f"-arch=compute_{arch}", "-ptx", "-I", str(ROOT / "csrc"),
                             str(src), "-o", str(ptx)], check=True, capture_output=True, text=True)
             text = ptx.read_text()
         threads = {}
         for m in re.finditer(r"\.entry (\S+)\(.*?\)\s*(\.maxntid (\d+), (\d+), (\d+))?", text, re.S):
             threads[m.group(1)] = int(m.group(3)) * int(m.group(4)) * int(m.group(5)) if m.group(2) else 0
-        res = run_ptxas(text, arch, str(Path(nvcc).with_name("ptxas")))
+        res = run_ptxas(text, arch, str(Path(nvcc).with_name("ptxas")), opts=())
         names = sorted(res)
         for mangled, pretty in zip(names, _demangle(names)):
             r = res[mangled]

@@ -18,10 +18,12 @@ _DIMS = (0, 2, 3)
 
 
 def bn_act_reference(x, running_mean, running_var, weight=None, bias=None, training=False, momentum=0.1,
-                     eps=1e-5, residual=None, relu=False):
-    """act(BN(x) [+ residual]) with stock PyTorch ops."""
+                     eps=1e-5, residual=None, relu=False, residual_weight=None):
+    """act(BN(x) [+ residual [* residual_weight]]) with stock PyTorch ops."""
     y = F.batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps)
     if residual is not None:
+        if residual_weight is not None:
+            residual = residual * _channel(residual_weight.to(residual.dtype))
         y = y + residual
     return torch.relu(y) if relu else y
 

@@ -52,8 +52,8 @@ def check_channels(v, x, name: str) -> None:
 
 
 def check_batch_size(x, name: str = "x") -> None:
-    """Training needs at least two values per channel, as nn.BatchNorm2d does."""
-    if x.shape[0] * x.shape[2] * x.shape[3] <= 1:
+    """Training refuses exactly one value per channel, as nn.BatchNorm2d does (an empty batch passes)."""
+    if x.shape[0] * x.shape[2] * x.shape[3] == 1:
         raise ValueError(f"fusedres: expected more than 1 value per channel when training, got {name} of "
                          f"shape {tuple(x.shape)}")
 
@@ -153,7 +153,9 @@ def update_running_stats(running_mean, running_var, mean, var, count: int, momen
 
 
 def fake_like(x):
-    """Fake-tensor output with the layout the real kernels produce for x."""
+    """Fake-tensor output with the layout the real kernels produce for x (an empty x's own strides, as stock)."""
+    if x.numel() == 0:
+        return torch.empty_like(x)
     return torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=memory_format_of(x))
 
 

@@ -1,0 +1,32 @@
+"""torch.func and forward-mode AD for the fused ops: detect them and take stock's own math instead.
+
+The registered ops (`torch.ops.fusedres.*`) carry a backward formula (reverse mode) but no forward-mode (jvp)
+formula and no batching rule, so under `torch.func.jvp` / `torch.autograd.forward_ad` they would lose the
+tangent, and under `vmap` they would run once per sample. The public entry points (`bn_act`, `dual_bn_act`,
+`scale_shift_act`, `conv_bn_act`, `batch_stats` and the modules built on them) therefore check their tensor
+arguments first: when one is a functorch-wrapped tensor (inside `torch.func.vmap`, `grad`, `vjp`, `jvp`,
+`jacrev`, `jacfwd`, `hessian`) or carries a forward-mode tangent (`torch.autograd.forward_ad.make_dual`), the
+call runs the composite reference in `fusedres.reference` (`F.batch_norm`, `F.conv2d`, `torch.relu`, ...),
+which every transform supports exactly as it supports stock PyTorch: same results, same running-statistic
+updates, same errors (e.g. vmap over training BatchNorm with unbatched running statistics).
+Under `torch.compile` the check is skipped (Dynamo traces the fused ops themselves).
+"""
+from __future__ import annotations
+
+import torch
+from torch.autograd import forward_ad
+
+
+def _is_dual(t: torch.Tensor) -> bool:
+    return forward_ad._current_level >= 0 and forward_ad.unpack_dual(t).tangent is not None
+
+
+def transformed(*tensors) -> bool:
+    """True when any tensor in `tensors` (None allowed) is inside a torch.func transform or carries a
+    forward-mode tangent: the caller must then run its composite reference path."""
+    if torch.compiler.is_compiling():
+        return False
+    for t in tensors:
+        if isinstance(t, torch.Tensor) and (torch._C._functorch.is_functorch_wrapped_tensor(t) or _is_dual(t)):
+            return True
+    return False

@@ -107,7 +107,7 @@ def backward_apply(dy, x, mean, scale, shift, residual, xb, mean_b, scale_b, shi
 # Appended section owned by the conv work; see fusedres/ops/conv_bn_act.py for the op.
 def conv_bn_act_reference(x, weight, in_scale=None, in_shift=None, in_relu=False, out_scale=None,
                           out_shift=None, residual=None, res_scale=None, res_shift=None, relu=False, stride=1,
-                          padding=0, dilation=1, groups=1, stats=False):
+                          padding=0, dilation=1, groups=1, stats=False, channels_last=True):
     """(y, mean, var) of the fused conv with stock ops, computed in the accumulation dtype (float64 for float64
     inputs); y in x's dtype and channels_last, mean/var the biased batch statistics of the raw conv output
     (empty when `stats` is False). Autograd flows through it (tests differentiate it in float64).
@@ -140,7 +140,9 @@ def conv_bn_act_reference(x, weight, in_scale=None, in_shift=None, in_relu=False
         z = z + r
     if relu:
         z = torch.relu(z)
-    y = z.to(x.dtype).contiguous(memory_format=torch.channels_last)
+    y = z.to(x.dtype)
+    if channels_last:  # as the kernel writes it; False keeps F.conv2d's layout (vmap cannot set channels_last)
+        y = y.contiguous(memory_format=torch.channels_last)
     if not stats:
         e = x.new_empty(0, dtype=acc)
         return y, e, e

@@ -17,16 +17,24 @@ import torch
 from torch.autograd import forward_ad
 
 
-def _is_dual(t: torch.Tensor) -> bool:
-    return forward_ad._current_level >= 0 and forward_ad.unpack_dual(t).tangent is not None
-
-
 def transformed(*tensors) -> bool:
-    """True when any tensor in `tensors` (None allowed) is inside a torch.func transform or carries a
-    forward-mode tangent: the caller must then run its composite reference path."""
+    """True inside forward-mode AD (a `forward_ad.dual_level`, which `torch.func.jvp` also opens) or when any
+    tensor in `tensors` (None allowed) is a functorch-wrapped tensor (vmap, grad, ...): the caller must then
+    run its composite reference path."""
     if torch.compiler.is_compiling():
         return False
-    for t in tensors:
-        if isinstance(t, torch.Tensor) and (torch._C._functorch.is_functorch_wrapped_tensor(t) or _is_dual(t)):
-            return True
-    return False
+    if forward_ad._current_level >= 0:
+        return True
+    return any(isinstance(t, torch.Tensor) and torch._C._functorch.is_functorch_wrapped_tensor(t) for t in tensors)
+
+
+def refuse_forward_ad(op: str) -> None:
+    """Called first in each registered op's implementation: forward-mode AD reaching a `torch.ops.fusedres.*`
+    op directly (not through a public entry point) would silently lose the tangent, since custom ops have no
+    jvp formula, so it raises instead."""
+    if forward_ad._current_level >= 0 and not torch.compiler.is_compiling():
+        raise RuntimeError(f"fusedres: torch.ops.fusedres.{op} has no forward-mode AD (jvp) formula, so "
+                           f"torch.func.jvp / jacfwd / torch.autograd.forward_ad through it would drop the "
+                           f"tangent; call the public function instead (fusedres.bn_act, dual_bn_act, "
+                           f"scale_shift_act, conv_bn_act, fusedres.ops.batch_stats.batch_stats, or the "
+                           f"fusedres.nn modules), which runs stock PyTorch ops under forward-mode AD")

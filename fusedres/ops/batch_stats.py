@@ -16,13 +16,14 @@ from torch import Tensor
 from fusedres import backends
 from fusedres._layout import acc_dtype
 from fusedres.ops._common import channel_count, check_activation, densify, fake_channels
-from fusedres.ops._transforms import transformed
+from fusedres.ops._transforms import refuse_forward_ad, transformed
 
 _DIMS = (0, 2, 3)
 
 
 @torch.library.custom_op("fusedres::batch_stats", mutates_args=())
 def batch_stats_op(x: Tensor) -> tuple[Tensor, Tensor]:
+    refuse_forward_ad("batch_stats")
     check_activation(x, "x")
     if x.numel() == 0:
         return _reference_stats(x)

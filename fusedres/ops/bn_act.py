@@ -22,7 +22,7 @@ from torch import Tensor
 from fusedres import backends
 from fusedres._layout import acc_dtype
 from fusedres.ops._common import check_bn_call, check_flag
-from fusedres.ops._transforms import transformed
+from fusedres.ops._transforms import refuse_forward_ad, transformed
 from fusedres.reference import bn_act_reference
 from fusedres.ops._common import (cast_param_grad, channel_count, check_batch_size, check_bn, check_channels,
                                   check_like, densify, fake_channels, fake_like, grad_coefficients, scale_shift,
@@ -54,6 +54,7 @@ def residual_args(x, residual, residual_weight):
 @torch.library.custom_op("fusedres::bn_act_train", mutates_args=())
 def bn_act_train(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], residual: Optional[Tensor],
                  eps: float, relu: bool, residual_weight: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor]:
+    refuse_forward_ad("bn_act_train")
     _check(x, weight, bias, residual, residual_weight=residual_weight)
     if x.numel() == 0:
         zeros = x.new_zeros((x.shape[1],), dtype=acc_dtype(x.dtype))
@@ -76,6 +77,7 @@ def _(x, weight, bias, residual, eps, relu, residual_weight=None):
 def bn_act_eval(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], residual: Optional[Tensor],
                 running_mean: Tensor, running_var: Tensor, eps: float, relu: bool,
                 residual_weight: Optional[Tensor] = None) -> Tensor:
+    refuse_forward_ad("bn_act_eval")
     _check(x, weight, bias, residual, running_mean, running_var, training=False, residual_weight=residual_weight)
     if x.numel() == 0:
         return fake_like(x)
@@ -97,6 +99,7 @@ def bn_act_backward(grad_y: Tensor, x: Tensor, weight: Optional[Tensor], bias: O
                     residual: Optional[Tensor], mean: Tensor, var: Tensor, eps: float, relu: bool,
                     training: bool, grad_residual: bool, residual_weight: Optional[Tensor] = None
                     ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    refuse_forward_ad("bn_act_backward")
     check_like(grad_y, x, "grad_y")
     if x.numel() == 0:
         zero = fake_channels(x).zero_()

@@ -26,7 +26,7 @@ from torch import Tensor
 from fusedres import backends
 from fusedres._layout import acc_dtype
 from fusedres.ops._common import check_activation, check_channels, check_flag
-from fusedres.ops._transforms import transformed
+from fusedres.ops._transforms import refuse_forward_ad, transformed
 
 _DIMS = (0, 2, 3)
 
@@ -141,6 +141,7 @@ def conv_bn_act_op(x: Tensor, weight: Tensor, in_scale: Optional[Tensor], in_shi
                    res_scale: Optional[Tensor], res_shift: Optional[Tensor], stride: list[int], padding: list[int],
                    dilation: list[int], groups: int, in_relu: bool, relu: bool, stats: bool,
                    allow_tf32: bool) -> tuple[Tensor, Tensor, Tensor]:
+    refuse_forward_ad("conv_bn_act")
     _check(x, weight, in_scale, in_shift, out_scale, out_shift, residual, res_scale, res_shift, stride, padding,
            dilation, groups, in_relu)
     if x.numel() == 0:
@@ -305,7 +306,8 @@ def conv_bn_act(x: Tensor, weight: Tensor, *, stride=1, padding=0, dilation=1, g
         from fusedres.reference import conv_bn_act_reference
 
         y, mean, var = conv_bn_act_reference(x, weight, in_scale, in_shift, in_relu, out_scale, out_shift, residual,
-                                             res_scale, res_shift, relu, stride, padding, dilation, groups, stats)
+                                             res_scale, res_shift, relu, stride, padding, dilation, groups, stats,
+                                             channels_last=False)
         return (y, mean, var) if stats else y
     y, mean, var = torch.ops.fusedres.conv_bn_act(x, weight, in_scale, in_shift, out_scale, out_shift, residual,
                                                   res_scale, res_shift, stride, padding, dilation, groups,

@@ -19,7 +19,7 @@ from torch import Tensor
 from fusedres import backends
 from fusedres._layout import acc_dtype
 from fusedres.ops._common import check_bn_call, check_flag
-from fusedres.ops._transforms import transformed
+from fusedres.ops._transforms import refuse_forward_ad, transformed
 from fusedres.reference import dual_bn_act_reference
 from fusedres.ops._common import (cast_param_grad, channel_count, check_batch_size, check_bn, check_like,
                                   densify, fake_channels, fake_like, grad_coefficients, scale_shift,
@@ -38,6 +38,7 @@ def _check(x, weight, bias, r, weight_r, bias_r, stats=(None,) * 4, training=Tru
 def dual_bn_act_train(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float, r: Tensor,
                       weight_r: Optional[Tensor], bias_r: Optional[Tensor], eps_r: float,
                       relu: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    refuse_forward_ad("dual_bn_act_train")
     _check(x, weight, bias, r, weight_r, bias_r)
     if x.numel() == 0:
         zero = fake_channels(x).zero_()
@@ -63,6 +64,7 @@ def dual_bn_act_eval(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor]
                      running_var: Tensor, eps: float, r: Tensor, weight_r: Optional[Tensor],
                      bias_r: Optional[Tensor], running_mean_r: Tensor, running_var_r: Tensor, eps_r: float,
                      relu: bool) -> Tensor:
+    refuse_forward_ad("dual_bn_act_eval")
     _check(x, weight, bias, r, weight_r, bias_r, (running_mean, running_var, running_mean_r, running_var_r),
            training=False)
     if x.numel() == 0:
@@ -88,6 +90,7 @@ def dual_bn_act_backward(grad_y: Tensor, x: Tensor, weight: Optional[Tensor], bi
                          mean: Tensor, var: Tensor, eps: float, r: Tensor, weight_r: Optional[Tensor],
                          bias_r: Optional[Tensor], mean_r: Tensor, var_r: Tensor, eps_r: float, relu: bool,
                          training: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    refuse_forward_ad("dual_bn_act_backward")
     check_like(grad_y, x, "grad_y")
     if x.numel() == 0:
         zero = fake_channels(x).zero_()

@@ -22,7 +22,7 @@ from fusedres import backends, reference
 from fusedres._layout import acc_dtype
 from fusedres.ops._common import (check_activation, check_channels, check_flag, check_like, densify, fake_channels,
                                   fake_like)
-from fusedres.ops._transforms import transformed
+from fusedres.ops._transforms import refuse_forward_ad, transformed
 
 
 def _check(x, mean, scale, shift, residual, xb, mean_b, scale_b, shift_b):
@@ -54,6 +54,7 @@ def _vecs(x, *vs):
 def scale_shift_act_op(x: Tensor, mean: Tensor, scale: Tensor, shift: Tensor, residual: Optional[Tensor],
                        xb: Optional[Tensor], mean_b: Optional[Tensor], scale_b: Optional[Tensor],
                        shift_b: Optional[Tensor], relu: bool) -> Tensor:
+    refuse_forward_ad("scale_shift_act")
     _check(x, mean, scale, shift, residual, xb, mean_b, scale_b, shift_b)
     if x.numel() == 0:
         return fake_like(x)
@@ -73,6 +74,7 @@ def scale_shift_act_backward(grad_y: Tensor, x: Tensor, mean: Tensor, scale: Ten
                              residual: Optional[Tensor], xb: Optional[Tensor], mean_b: Optional[Tensor],
                              scale_b: Optional[Tensor], shift_b: Optional[Tensor], relu: bool
                              ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    refuse_forward_ad("scale_shift_act_backward")
     check_like(grad_y, x, "grad_y")
     if x.numel() == 0:
         return _empty_grads(x, residual is not None, xb is not None, lambda: fake_channels(x).zero_())

@@ -146,5 +146,7 @@ def conv_bn_act_reference(x, weight, in_scale=None, in_shift=None, in_relu=False
     if not stats:
         e = x.new_empty(0, dtype=acc)
         return y, e, e
+    if c.numel() == 0:  # no values: zeros (finite, so an empty batch's BatchNorm has zero gradients)
+        return y, c.new_zeros(c.shape[1]), c.new_zeros(c.shape[1])
     var, mean = torch.var_mean(c, dim=_DIMS, unbiased=False)
     return y, mean, var

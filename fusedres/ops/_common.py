@@ -145,8 +145,9 @@ def cast_param_grad(grad, param):
 
 @torch.no_grad()
 def update_running_stats(running_mean, running_var, mean, var, count: int, momentum: float) -> None:
-    """nn.BatchNorm2d's update: exponential average of the batch mean and the unbiased batch variance."""
-    if running_mean is None:
+    """nn.BatchNorm2d's update: exponential average of the batch mean and the unbiased batch variance; none for
+    an empty batch (count 0), as stock."""
+    if running_mean is None or count == 0:
         return
     running_mean.lerp_(mean.to(running_mean.dtype), momentum)
     running_var.lerp_((var * (count / (count - 1))).to(running_var.dtype), momentum)

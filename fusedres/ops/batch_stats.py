@@ -57,13 +57,16 @@ batch_stats_op.register_autograd(_backward, setup_context=_save)
 
 
 def _reference_stats(x):
-    var, mean = torch.var_mean(x.to(acc_dtype(x.dtype)), dim=_DIMS, unbiased=False)
+    x = x.to(acc_dtype(x.dtype))
+    if x.numel() == 0:  # no values: zeros (finite, so an empty batch's BatchNorm has zero gradients)
+        return x.new_zeros(x.shape[1]), x.new_zeros(x.shape[1])
+    var, mean = torch.var_mean(x, dim=_DIMS, unbiased=False)
     return mean, var
 
 
 def batch_stats(x: Tensor):
-    """(mean, biased var) of x over (N, H, W), differentiable (module docstring); an empty batch gives NaN, as
-    torch.var_mean. Under torch.func transforms or forward-mode AD it is torch.var_mean itself."""
+    """(mean, biased var) of x over (N, H, W), differentiable (module docstring); an empty batch gives zeros
+    (finite, unlike torch.var_mean's NaN, so a BatchNorm over it has zero parameter gradients, as stock). Under torch.func transforms or forward-mode AD it is torch.var_mean itself."""
     check_activation(x, "x")
     if transformed(x):
         return _reference_stats(x)

@@ -195,7 +195,7 @@ def bn_act(input: Optional[Tensor] = None, running_mean: Optional[Tensor] = None
                                 relu, residual_weight)
     if training:
         y, mean, var = torch.ops.fusedres.bn_act_train(x, weight, bias, residual, eps, relu, residual_weight)
-        if running_mean is not None and x.numel() > 0:
+        if running_mean is not None:
             update_running_stats(running_mean, running_var, mean, var, channel_count(x), momentum)
         return y
     if running_mean is None or running_var is None:

@@ -159,14 +159,15 @@ def conv_bn_act_op(x: Tensor, weight: Tensor, in_scale: Optional[Tensor], in_shi
 
 
 def _empty_batch(x, weight, stride, padding, dilation, stats):
-    """An empty batch's (y, mean, var), as the reference gives them: an empty y, and the statistics of no values
-    (NaN, as torch.var_mean) when `stats`."""
+    """An empty batch's (y, mean, var), as the reference gives them: an empty y and, when `stats`, zeros for
+    the statistics of no values (finite, so a BatchNorm over the empty batch has zero parameter gradients, as
+    stock's)."""
     oh, ow = _out_hw(x, weight, stride, padding, dilation)
     y = torch.empty((x.shape[0], weight.shape[0], oh, ow), dtype=x.dtype, device=x.device,
                     memory_format=torch.channels_last)
     c = weight.shape[0] if stats else 0
     acc = acc_dtype(x.dtype)
-    return y, x.new_full((c,), float("nan"), dtype=acc), x.new_full((c,), float("nan"), dtype=acc)
+    return y, x.new_zeros((c,), dtype=acc), x.new_zeros((c,), dtype=acc)
 
 
 @conv_bn_act_op.register_fake

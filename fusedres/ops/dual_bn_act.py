@@ -176,9 +176,8 @@ def dual_bn_act(x: Tensor, r: Tensor, *, weight: Optional[Tensor], bias: Optiona
         y, mean, var, mean_r, var_r = torch.ops.fusedres.dual_bn_act_train(x, weight, bias, eps, r, weight_r,
                                                                            bias_r, eps_r, relu)
         count = channel_count(x)
-        if count > 0:
-            update_running_stats(running_mean, running_var, mean, var, count, momentum)
-            update_running_stats(running_mean_r, running_var_r, mean_r, var_r, count, momentum_r)
+        update_running_stats(running_mean, running_var, mean, var, count, momentum)
+        update_running_stats(running_mean_r, running_var_r, mean_r, var_r, count, momentum_r)
         return y
     if running_mean is None or running_mean_r is None:
         raise ValueError("fusedres: dual_bn_act with training=False needs the running statistics of both BNs")

@@ -13,6 +13,8 @@ from fusedres.nn import BatchNormAct2d
 from fusedres.reference import conv_bn_act_reference
 from helpers import backend_names, channel_params
 
+pytestmark = pytest.mark.usefixtures("on_test_device")  # every tensor on the test device (the GPU if any)
+BACKENDS = backend_names("cuda" if torch.cuda.is_available() else "cpu")
 C = 3
 EMPTY_SHAPES = [(0, C, 4, 5), (2, C, 0, 3)]
 
@@ -42,7 +44,7 @@ def _assert_grads_equal(got, want):
             torch.testing.assert_close(g, w, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("backend", backend_names("cpu"))
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("shape", EMPTY_SHAPES)
 @pytest.mark.parametrize("channels_last", [False, True])
 @pytest.mark.parametrize("training", [True, False])
@@ -50,7 +52,7 @@ def _assert_grads_equal(got, want):
 def test_bn_act(backend, shape, channels_last, training, residual, relu):
     x = _layout(torch.randn(shape), channels_last).requires_grad_()
     r = _layout(torch.randn(shape), channels_last).requires_grad_() if residual else None
-    w, b, rm, rv = (t.requires_grad_() if i < 2 else t for i, t in enumerate(channel_params(C, "cpu")))
+    w, b, rm, rv = (t.requires_grad_() if i < 2 else t for i, t in enumerate(channel_params(C, None)))
     rm_s, rv_s = rm.clone(), rv.clone()
     want = F.batch_norm(x, rm_s, rv_s, w, b, training, 0.1, 1e-5)
     if residual:
@@ -65,13 +67,13 @@ def test_bn_act(backend, shape, channels_last, training, residual, relu):
     torch.testing.assert_close((rm, rv), (rm_s, rv_s), rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("backend", backend_names("cpu"))
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("channels_last", [False, True])
 @pytest.mark.parametrize("training", [True, False])
 def test_dual_bn_act(backend, channels_last, training):
     x = _layout(torch.randn(0, C, 3, 3), channels_last).requires_grad_()
     r = _layout(torch.randn(0, C, 3, 3), channels_last).requires_grad_()
-    pa, pb = channel_params(C, "cpu"), channel_params(C, "cpu")
+    pa, pb = channel_params(C, None), channel_params(C, None)
     for p in (pa, pb):
         p[0].requires_grad_(), p[1].requires_grad_()
     stats = [t.clone() for t in (pa[2], pa[3], pb[2], pb[3])]
@@ -86,7 +88,7 @@ def test_dual_bn_act(backend, channels_last, training):
     torch.testing.assert_close([pa[2], pa[3], pb[2], pb[3]], stats, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("backend", backend_names("cpu"))
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("channels_last", [False, True])
 @pytest.mark.parametrize("second", ["none", "residual", "xb"])
 def test_scale_shift_act(backend, channels_last, second):
@@ -105,7 +107,7 @@ def test_scale_shift_act(backend, channels_last, second):
                         + [None if other is None else torch.empty_like(other)])
 
 
-@pytest.mark.parametrize("backend", ["triton", "reference"])
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "cuda"])  # no CUDA conv
 @pytest.mark.parametrize("stats", [False, True])
 def test_conv_bn_act(backend, stats):
     x = torch.randn(0, 4, 5, 5).contiguous(memory_format=torch.channels_last).requires_grad_()
@@ -126,7 +128,7 @@ def test_conv_bn_act(backend, stats):
     _assert_grads_equal(grads, want_grads)
 
 
-@pytest.mark.parametrize("backend", backend_names("cpu"))
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("shape", EMPTY_SHAPES)
 @pytest.mark.parametrize("channels_last", [False, True])
 @pytest.mark.parametrize("momentum", [0.1, None])

@@ -66,7 +66,8 @@ def _reference_stats(x):
 
 def batch_stats(x: Tensor):
     """(mean, biased var) of x over (N, H, W), differentiable (module docstring); an empty batch gives zeros
-    (finite, unlike torch.var_mean's NaN, so a BatchNorm over it has zero parameter gradients, as stock). Under torch.func transforms or forward-mode AD it is torch.var_mean itself."""
+    (finite, unlike torch.var_mean's NaN, so a BatchNorm over it has zero parameter gradients, as stock).
+    Under torch.func transforms or forward-mode AD it is torch.var_mean itself."""
     check_activation(x, "x")
     if transformed(x):
         return _reference_stats(x)

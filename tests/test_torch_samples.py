@@ -1,7 +1,8 @@
 """PyTorch's own test data for BatchNorm, run through fusedres: the `nn.BatchNorm2d` ModuleInfo samples (and its
 error inputs) drive `fusedres.nn.BatchNormAct2d`, the `nn.functional.batch_norm` OpInfo samples drive
 `fusedres.bn_act` (4-D samples as they are, the others reshaped to [N, C, L, 1]), in every dtype the infos
-offer, both memory formats, train and eval, on every backend that accepts the input.
+offer, both memory formats, train and eval, on the test device (the GPU where there is one) and every backend
+that accepts the input.
 
 Outputs, gradients, running statistics and num_batches_tracked are compared with stock under one rule: within
 the dtype's tolerance of stock, or no further from a float64 run on the same (rounded) inputs than 2x stock's
@@ -23,7 +24,8 @@ from helpers import TOLERANCES, backend_names
 
 OPINFO = next(o for o in op_db if o.name == "nn.functional.batch_norm" and o.variant_test_name == "")
 MODULEINFO = next(m for m in module_db if m.module_cls is nn.BatchNorm2d)
-BACKENDS = backend_names("cpu")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # the test device, as conftest's
+BACKENDS = backend_names(DEVICE)
 LAYOUTS = {"nchw": torch.contiguous_format, "channels_last": torch.channels_last}
 VARIANTS = {"plain": (False, False), "residual": (True, False), "residual_relu": (True, True)}
 
@@ -81,7 +83,7 @@ def _to_4d(x):
 
 
 def _op_samples(dtype):
-    return list(OPINFO.sample_inputs("cpu", dtype, requires_grad=True))
+    return list(OPINFO.sample_inputs(DEVICE, dtype, requires_grad=True))
 
 
 def _run_functional(fn, x, args, kwargs, r, relu, dy, dtype, fmt):
@@ -104,7 +106,7 @@ def _fused_bn_act(x, rm, rv, w, b, r, relu, kwargs):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("dtype", _sorted(OPINFO.supported_dtypes("cpu")))
+@pytest.mark.parametrize("dtype", _sorted(OPINFO.supported_dtypes(DEVICE)))
 def test_functional_batch_norm_samples(backend, dtype):
     torch.manual_seed(0)
     ran = 0
@@ -116,8 +118,8 @@ def test_functional_batch_norm_samples(backend, dtype):
             continue
         for (name, (has_res, relu)), (layout, fmt) in _cases(backend):
             what = f"sample {i} {tuple(sample.input.shape)} {sample.kwargs} {name} {layout}"
-            r = torch.randn(x4.shape).to(dtype) if has_res else None
-            dy = torch.randn(x4.shape).to(dtype)
+            r = torch.randn(x4.shape, device=DEVICE).to(dtype) if has_res else None
+            dy = torch.randn(x4.shape, device=DEVICE).to(dtype)
             stock = _run_functional(_stock_bn_act, x4, sample.args, sample.kwargs, r, relu, dy, dtype, fmt)
             exact = _run_functional(_stock_bn_act, x4, sample.args, sample.kwargs, r, relu, dy, torch.float64,
                                     fmt)
@@ -163,18 +165,18 @@ def _run_module(module, x, r, relu, dy, dtype, fmt):
 @pytest.mark.parametrize("training", [True, False])
 def test_batchnorm2d_module_samples(backend, dtype, training):
     torch.manual_seed(0)
-    inputs = MODULEINFO.module_inputs_func(MODULEINFO, device="cpu", dtype=dtype, requires_grad=True,
+    inputs = MODULEINFO.module_inputs_func(MODULEINFO, device=DEVICE, dtype=dtype, requires_grad=True,
                                            training=training)
     assert inputs
     for mi in inputs:
         args, kwargs = mi.constructor_input.args, mi.constructor_input.kwargs
         x = mi.forward_input.args[0]
-        stock = _randomise(nn.BatchNorm2d(*args, **kwargs, dtype=dtype)).train(training)
+        stock = _randomise(nn.BatchNorm2d(*args, **kwargs, dtype=dtype, device=DEVICE)).train(training)
         for (name, (has_res, relu)), (layout, fmt) in _cases(backend):
             what = f"{mi.desc or 'default'} {args} {kwargs} training={training} {name} {layout}"
             fused = BatchNormAct2d.from_bn(copy.deepcopy(stock), act="relu" if relu else None)
-            r = torch.randn(x.shape).to(dtype) if has_res else None
-            dy = torch.randn(x.shape).to(dtype)
+            r = torch.randn(x.shape, device=DEVICE).to(dtype) if has_res else None
+            dy = torch.randn(x.shape, device=DEVICE).to(dtype)
             want, want_state = _run_module(stock, x, r, relu, dy, dtype, fmt)
             exact, exact_state = _run_module(stock, x, r, relu, dy, torch.float64, fmt)
             with fusedres.use_backend(backend):
@@ -196,15 +198,15 @@ def test_batchnorm2d_module_samples(backend, dtype, training):
 def test_batchnorm2d_module_error_inputs(dtype, training):
     """Each error input fails for BatchNormAct2d exactly when it fails for nn.BatchNorm2d, with the same
     exception type (and, for the errors the info declares, a message matching its regex)."""
-    errors = MODULEINFO.module_error_inputs_func(MODULEINFO, device="cpu", dtype=dtype, requires_grad=False,
+    errors = MODULEINFO.module_error_inputs_func(MODULEINFO, device=DEVICE, dtype=dtype, requires_grad=False,
                                                  training=training)
     assert errors
     for e in errors:
         mi = e.module_error_input
         args, kwargs = mi.constructor_input.args, mi.constructor_input.kwargs
         x = mi.forward_input.args[0]
-        stock = nn.BatchNorm2d(*args, **kwargs, dtype=dtype).train(training)
-        fused = BatchNormAct2d(*args, **kwargs, dtype=dtype).train(training)
+        stock = nn.BatchNorm2d(*args, **kwargs, dtype=dtype, device=DEVICE).train(training)
+        fused = BatchNormAct2d(*args, **kwargs, dtype=dtype, device=DEVICE).train(training)
         try:
             stock(x)
         except Exception as stock_error:  # noqa: BLE001  (whatever stock raises, fusedres must raise too)

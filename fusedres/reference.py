@@ -18,10 +18,12 @@ _DIMS = (0, 2, 3)
 
 
 def bn_act_reference(x, running_mean, running_var, weight=None, bias=None, training=False, momentum=0.1,
-                     eps=1e-5, residual=None, relu=False):
-    """act(BN(x) [+ residual]) with stock PyTorch ops."""
+                     eps=1e-5, residual=None, relu=False, residual_weight=None):
+    """act(BN(x) [+ residual [* residual_weight]]) with stock PyTorch ops."""
     y = F.batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps)
     if residual is not None:
+        if residual_weight is not None:
+            residual = residual * _channel(residual_weight.to(residual.dtype))
         y = y + residual
     return torch.relu(y) if relu else y
 
@@ -105,7 +107,7 @@ def backward_apply(dy, x, mean, scale, shift, residual, xb, mean_b, scale_b, shi
 # Appended section owned by the conv work; see fusedres/ops/conv_bn_act.py for the op.
 def conv_bn_act_reference(x, weight, in_scale=None, in_shift=None, in_relu=False, out_scale=None,
                           out_shift=None, residual=None, res_scale=None, res_shift=None, relu=False, stride=1,
-                          padding=0, dilation=1, groups=1, stats=False):
+                          padding=0, dilation=1, groups=1, stats=False, channels_last=True):
     """(y, mean, var) of the fused conv with stock ops, computed in the accumulation dtype (float64 for float64
     inputs); y in x's dtype and channels_last, mean/var the biased batch statistics of the raw conv output
     (empty when `stats` is False). Autograd flows through it (tests differentiate it in float64).
@@ -138,9 +140,13 @@ def conv_bn_act_reference(x, weight, in_scale=None, in_shift=None, in_relu=False
         z = z + r
     if relu:
         z = torch.relu(z)
-    y = z.to(x.dtype).contiguous(memory_format=torch.channels_last)
+    y = z.to(x.dtype)
+    if channels_last:  # as the kernel writes it; False keeps F.conv2d's layout (vmap cannot set channels_last)
+        y = y.contiguous(memory_format=torch.channels_last)
     if not stats:
         e = x.new_empty(0, dtype=acc)
         return y, e, e
+    if c.numel() == 0:  # no values: zeros (finite, so an empty batch's BatchNorm has zero gradients)
+        return y, c.new_zeros(c.shape[1]), c.new_zeros(c.shape[1])
     var, mean = torch.var_mean(c, dim=_DIMS, unbiased=False)
     return y, mean, var

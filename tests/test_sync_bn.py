@@ -431,7 +431,8 @@ def test_without_process_group_is_batchnormact(monkeypatch):
     monkeypatch.setattr(dist, "all_reduce", refuse)
     assert not dist.is_initialized()
     ref = _stock_bn(0.1, True, True, 2).float()
-    plain, sync = BatchNormAct2d.from_bn(copy.deepcopy(ref)), SyncBatchNormAct2d.from_bn(copy.deepcopy(ref))
+    plain = BatchNormAct2d.from_bn(copy.deepcopy(ref), act="relu")
+    sync = SyncBatchNormAct2d.from_bn(copy.deepcopy(ref), act="relu")
     x, r = torch.randn(3, C, H, W), torch.randn(3, C, H, W)
     for training in (True, False):
         plain.train(training), sync.train(training)
@@ -500,7 +501,7 @@ def test_to_sync_bn_subclasses():
     assert [type(m) for m in model] == [TimmBatchNormAct2d, OwnForward, nn.SyncBatchNorm, BatchNormAct2d]
     assert model[0].relu_inplace is False and model[0].running_var is timm_bn.running_var
     assert model[3].act is None
-    direct = from_sync_bn(nn.Sequential(SyncBatchNormAct2d(4), SyncBatchNormAct2d(4, act=None)))
+    direct = from_sync_bn(nn.Sequential(SyncBatchNormAct2d(4, act="relu"), SyncBatchNormAct2d(4, act=None)))
     assert [type(m) for m in direct] == [BatchNormAct2d, nn.BatchNorm2d]
 
 

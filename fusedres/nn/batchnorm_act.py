@@ -81,20 +81,22 @@ class BatchNormAct2d(nn.BatchNorm2d):
     """Drop-in `nn.BatchNorm2d` that also adds an optional residual and applies an optional ReLU, fused:
     `forward(x, residual=None) = act(BatchNorm2d(x) + residual)`.
 
-    Same constructor as `nn.BatchNorm2d` plus `act` ("relu" or None); same parameters, buffers and
-    state_dict keys, so BatchNorm2d checkpoints load unchanged. `residual` must have x's shape, dtype and
+    Same constructor as `nn.BatchNorm2d` plus `act` ("relu" or None, default None: `BatchNormAct2d(C)` computes
+    exactly what `nn.BatchNorm2d(C)` does); same parameters, buffers and state_dict keys, so BatchNorm2d
+    checkpoints load unchanged. An empty batch behaves as in stock (empty output, running statistics unchanged,
+    `num_batches_tracked` still counts). `residual` must have x's shape, dtype and
     device. The fused op saves x (and the residual when act is on) for backward and recomputes the ReLU
     mask, so unlike BatchNorm2d + ReLU the output is never kept alive by autograd.
     """
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: Optional[float] = 0.1,
                  affine: bool = True, track_running_stats: bool = True, device=None, dtype=None, *,
-                 act: Optional[str] = "relu", **kwargs) -> None:
+                 act: Optional[str] = None, **kwargs) -> None:
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype, **kwargs)
         self.act = _check_act(act)
 
     @classmethod
-    def from_bn(cls, bn: nn.BatchNorm2d, act: Optional[str] = "relu") -> "BatchNormAct2d":
+    def from_bn(cls, bn: nn.BatchNorm2d, act: Optional[str] = None) -> "BatchNormAct2d":
         """A BatchNormAct2d sharing bn's Parameter and buffer tensors (no copies) and its training mode."""
         if not isinstance(bn, nn.BatchNorm2d):
             raise TypeError(f"fusedres: from_bn needs an nn.BatchNorm2d, got {type(bn).__name__}")

@@ -33,14 +33,14 @@ class SyncBatchNormAct2d(BatchNormAct2d):
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: Optional[float] = 0.1,
                  affine: bool = True, track_running_stats: bool = True, device=None, dtype=None, *,
-                 act: Optional[str] = "relu", process_group=None) -> None:
+                 act: Optional[str] = None, process_group=None) -> None:
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype, act=act)
         self.process_group = process_group
         # what `from_sync_bn` turns this layer back into: a class, and that class's extra plain attributes
         self._unsynced_cls, self._unsynced_attrs = (nn.BatchNorm2d if act is None else BatchNormAct2d), {}
 
     @classmethod
-    def from_bn(cls, bn: nn.BatchNorm2d, act: Optional[str] = "relu",
+    def from_bn(cls, bn: nn.BatchNorm2d, act: Optional[str] = None,
                 process_group=None) -> "SyncBatchNormAct2d":
         """A SyncBatchNormAct2d sharing bn's tensors and training mode; `process_group` defaults to bn's own
         (when bn is a SyncBatchNormAct2d), else None (the default group). It remembers bn's class (and a

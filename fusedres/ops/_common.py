@@ -52,8 +52,8 @@ def check_channels(v, x, name: str) -> None:
 
 
 def check_batch_size(x, name: str = "x") -> None:
-    """Training needs at least two values per channel, as nn.BatchNorm2d does."""
-    if x.shape[0] * x.shape[2] * x.shape[3] <= 1:
+    """Training refuses exactly one value per channel, as nn.BatchNorm2d does (an empty batch passes)."""
+    if x.shape[0] * x.shape[2] * x.shape[3] == 1:
         raise ValueError(f"fusedres: expected more than 1 value per channel when training, got {name} of "
                          f"shape {tuple(x.shape)}")
 
@@ -145,15 +145,18 @@ def cast_param_grad(grad, param):
 
 @torch.no_grad()
 def update_running_stats(running_mean, running_var, mean, var, count: int, momentum: float) -> None:
-    """nn.BatchNorm2d's update: exponential average of the batch mean and the unbiased batch variance."""
-    if running_mean is None:
+    """nn.BatchNorm2d's update: exponential average of the batch mean and the unbiased batch variance; none for
+    an empty batch (count 0), as stock."""
+    if running_mean is None or count == 0:
         return
     running_mean.lerp_(mean.to(running_mean.dtype), momentum)
     running_var.lerp_((var * (count / (count - 1))).to(running_var.dtype), momentum)
 
 
 def fake_like(x):
-    """Fake-tensor output with the layout the real kernels produce for x."""
+    """Fake-tensor output with the layout the real kernels produce for x (an empty x's own strides, as stock)."""
+    if x.numel() == 0:
+        return torch.empty_like(x)
     return torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=memory_format_of(x))
 
 

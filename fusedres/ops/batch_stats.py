@@ -16,15 +16,17 @@ from torch import Tensor
 from fusedres import backends
 from fusedres._layout import acc_dtype
 from fusedres.ops._common import channel_count, check_activation, densify, fake_channels
+from fusedres.ops._transforms import refuse_forward_ad, transformed
 
 _DIMS = (0, 2, 3)
 
 
 @torch.library.custom_op("fusedres::batch_stats", mutates_args=())
 def batch_stats_op(x: Tensor) -> tuple[Tensor, Tensor]:
+    refuse_forward_ad("batch_stats")
     check_activation(x, "x")
     if x.numel() == 0:
-        raise ValueError(f"fusedres: batch_stats of an empty batch (x of shape {tuple(x.shape)})")
+        return _reference_stats(x)
     (x,) = densify(x)
     mean, var = backends.select(x).batch_stats(x)
     acc = acc_dtype(x.dtype)
@@ -54,7 +56,19 @@ def _backward(ctx, gmean, gvar):
 batch_stats_op.register_autograd(_backward, setup_context=_save)
 
 
+def _reference_stats(x):
+    x = x.to(acc_dtype(x.dtype))
+    if x.numel() == 0:  # no values: zeros (finite, so an empty batch's BatchNorm has zero gradients)
+        return x.new_zeros(x.shape[1]), x.new_zeros(x.shape[1])
+    var, mean = torch.var_mean(x, dim=_DIMS, unbiased=False)
+    return mean, var
+
+
 def batch_stats(x: Tensor):
-    """(mean, biased var) of x over (N, H, W), differentiable (module docstring)."""
+    """(mean, biased var) of x over (N, H, W), differentiable (module docstring); an empty batch gives zeros
+    (finite, unlike torch.var_mean's NaN, so a BatchNorm over it has zero parameter gradients, as stock).
+    Under torch.func transforms or forward-mode AD it is torch.var_mean itself."""
     check_activation(x, "x")
+    if transformed(x):
+        return _reference_stats(x)
     return torch.ops.fusedres.batch_stats(x)

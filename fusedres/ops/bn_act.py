@@ -22,6 +22,8 @@ from torch import Tensor
 from fusedres import backends
 from fusedres._layout import acc_dtype
 from fusedres.ops._common import check_bn_call, check_flag
+from fusedres.ops._transforms import refuse_forward_ad, transformed
+from fusedres.reference import bn_act_reference
 from fusedres.ops._common import (cast_param_grad, channel_count, check_batch_size, check_bn, check_channels,
                                   check_like, densify, fake_channels, fake_like, grad_coefficients, scale_shift,
                                   update_running_stats)
@@ -52,7 +54,11 @@ def residual_args(x, residual, residual_weight):
 @torch.library.custom_op("fusedres::bn_act_train", mutates_args=())
 def bn_act_train(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], residual: Optional[Tensor],
                  eps: float, relu: bool, residual_weight: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor]:
+    refuse_forward_ad("bn_act_train")
     _check(x, weight, bias, residual, residual_weight=residual_weight)
+    if x.numel() == 0:
+        zeros = x.new_zeros((x.shape[1],), dtype=acc_dtype(x.dtype))
+        return fake_like(x), zeros, zeros.clone()
     x, residual = densify(x, residual)
     backend = backends.select(x)
     mean, var = backend.batch_stats(x)
@@ -71,7 +77,10 @@ def _(x, weight, bias, residual, eps, relu, residual_weight=None):
 def bn_act_eval(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], residual: Optional[Tensor],
                 running_mean: Tensor, running_var: Tensor, eps: float, relu: bool,
                 residual_weight: Optional[Tensor] = None) -> Tensor:
+    refuse_forward_ad("bn_act_eval")
     _check(x, weight, bias, residual, running_mean, running_var, training=False, residual_weight=residual_weight)
+    if x.numel() == 0:
+        return fake_like(x)
     x, residual = densify(x, residual)
     acc = acc_dtype(x.dtype)
     mean = running_mean.to(acc)
@@ -90,7 +99,12 @@ def bn_act_backward(grad_y: Tensor, x: Tensor, weight: Optional[Tensor], bias: O
                     residual: Optional[Tensor], mean: Tensor, var: Tensor, eps: float, relu: bool,
                     training: bool, grad_residual: bool, residual_weight: Optional[Tensor] = None
                     ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    refuse_forward_ad("bn_act_backward")
     check_like(grad_y, x, "grad_y")
+    if x.numel() == 0:
+        zero = fake_channels(x).zero_()
+        return (fake_like(x), zero, zero.clone(), fake_like(x) if grad_residual else x.new_empty(0),
+                zero.clone() if residual_weight is not None else zero.new_empty(0))
     x, grad_y, residual = densify(x, grad_y, residual)
     backend = backends.select(x)
     acc = acc_dtype(x.dtype)
@@ -101,10 +115,12 @@ def bn_act_backward(grad_y: Tensor, x: Tensor, weight: Optional[Tensor], bias: O
     sum_g, sum_g_xc, sum_g_r, d_res = backend.backward_reduce(grad_y, x, mean, scale, shift, *res_args, relu,
                                                               grad_residual and not weighted)
     k_g, k_x, k_c, d_w, d_b = grad_coefficients(sum_g, sum_g_xc, invstd, scale, channel_count(x), training)
-    k_b = (res_args[3], res_args[2], res_args[2]) if weighted and grad_residual else (None, None, None)
+    # a weighted residual is the second input, whose gradient the kernels write anyway (the backends need
+    # its coefficients even when it is not wanted)
+    k_b = (res_args[3], res_args[2], res_args[2]) if weighted else (None, None, None)
     dx, d_res_w = backend.backward_apply(grad_y, x, mean, scale, shift, *res_args, relu, k_g, k_x, k_c, *k_b)
     if weighted:
-        d_res = d_res_w  # residual_weight * g, from the second-input path
+        d_res = d_res_w if grad_residual else None  # residual_weight * g, from the second-input path
     if d_res is None:
         d_res = x.new_empty(0)
     return dx, d_w, d_b, d_res, sum_g_r if weighted else d_w.new_empty(0)
@@ -161,15 +177,22 @@ bn_act_train.register_autograd(_backward_train, setup_context=_save_train)
 bn_act_eval.register_autograd(_backward_eval, setup_context=_save_eval)
 
 
-def bn_act(x: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor],
-           weight: Optional[Tensor] = None, bias: Optional[Tensor] = None, training: bool = False,
-           momentum: float = 0.1, eps: float = 1e-5, residual: Optional[Tensor] = None,
-           relu: bool = False, residual_weight: Optional[Tensor] = None) -> Tensor:
-    """act(F.batch_norm(x, ...) [+ residual [* residual_weight]]) as one fused op; same arguments and
-    running-stat update as `F.batch_norm`, plus `residual` (same shape, dtype, device as x), `relu`, and
-    `residual_weight`: C per-channel factors on the residual (a learned shortcut weight; differentiable)."""
+def bn_act(input: Optional[Tensor] = None, running_mean: Optional[Tensor] = None,
+           running_var: Optional[Tensor] = None, weight: Optional[Tensor] = None, bias: Optional[Tensor] = None,
+           training: bool = False, momentum: float = 0.1, eps: float = 1e-5, residual: Optional[Tensor] = None,
+           relu: bool = False, residual_weight: Optional[Tensor] = None, *, x: Optional[Tensor] = None) -> Tensor:
+    """act(F.batch_norm(input, ...) [+ residual [* residual_weight]]) as one fused op; same arguments and
+    running-stat update as `F.batch_norm` (`x=` is accepted for `input`), plus `residual` (same shape, dtype,
+    device as input), `relu`, and `residual_weight`: C per-channel factors on the residual (a learned shortcut
+    weight; differentiable). An empty batch gives an empty output and leaves the running statistics alone, as
+    stock. Under torch.func transforms or forward-mode AD it runs stock's own ops (`fusedres.ops._transforms`)."""
+    x = input_arg(input, x)
     check_bn_call(x, running_mean, running_var, weight, bias, training, momentum, eps)
     check_flag(relu, "relu")
+    if transformed(x, running_mean, running_var, weight, bias, residual, residual_weight):
+        _check(x, weight, bias, residual, running_mean, running_var, training, residual_weight)
+        return bn_act_reference(x, running_mean, running_var, weight, bias, training, momentum, eps, residual,
+                                relu, residual_weight)
     if training:
         y, mean, var = torch.ops.fusedres.bn_act_train(x, weight, bias, residual, eps, relu, residual_weight)
         if running_mean is not None:
@@ -179,3 +202,12 @@ def bn_act(x: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tens
         raise ValueError("fusedres: bn_act with training=False needs running_mean and running_var")
     return torch.ops.fusedres.bn_act_eval(x, weight, bias, residual, running_mean, running_var, eps, relu,
                                           residual_weight)
+
+
+def input_arg(input, x):
+    """F.batch_norm's first argument, given as `input` or (fusedres's older name) `x=`, not both."""
+    if x is not None:
+        if input is not None:
+            raise TypeError("fusedres: got both input and x (x is another name for input); pass one")
+        return x
+    return input

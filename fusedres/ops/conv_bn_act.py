@@ -26,6 +26,7 @@ from torch import Tensor
 from fusedres import backends
 from fusedres._layout import acc_dtype
 from fusedres.ops._common import check_activation, check_channels, check_flag
+from fusedres.ops._transforms import refuse_forward_ad, transformed
 
 _DIMS = (0, 2, 3)
 
@@ -140,8 +141,11 @@ def conv_bn_act_op(x: Tensor, weight: Tensor, in_scale: Optional[Tensor], in_shi
                    res_scale: Optional[Tensor], res_shift: Optional[Tensor], stride: list[int], padding: list[int],
                    dilation: list[int], groups: int, in_relu: bool, relu: bool, stats: bool,
                    allow_tf32: bool) -> tuple[Tensor, Tensor, Tensor]:
+    refuse_forward_ad("conv_bn_act")
     _check(x, weight, in_scale, in_shift, out_scale, out_shift, residual, res_scale, res_shift, stride, padding,
            dilation, groups, in_relu)
+    if x.numel() == 0:
+        return _empty_batch(x, weight, stride, padding, dilation, stats)
     if _use_triton(x):
         return _triton_module().conv_bn_act(x, weight, in_scale, in_shift, in_relu, out_scale, out_shift, residual,
                                  res_scale, res_shift, relu, stride, padding, dilation, groups, stats, allow_tf32)
@@ -152,6 +156,18 @@ def conv_bn_act_op(x: Tensor, weight: Tensor, in_scale: Optional[Tensor], in_shi
                                              residual, res_scale, res_shift, relu, stride, padding, dilation,
                                              groups, stats)
     return y.clone() if y is x else y, mean, var.clone() if var is mean else var
+
+
+def _empty_batch(x, weight, stride, padding, dilation, stats):
+    """An empty batch's (y, mean, var), as the reference gives them: an empty y and, when `stats`, zeros for
+    the statistics of no values (finite, so a BatchNorm over the empty batch has zero parameter gradients, as
+    stock's)."""
+    oh, ow = _out_hw(x, weight, stride, padding, dilation)
+    y = torch.empty((x.shape[0], weight.shape[0], oh, ow), dtype=x.dtype, device=x.device,
+                    memory_format=torch.channels_last)
+    c = weight.shape[0] if stats else 0
+    acc = acc_dtype(x.dtype)
+    return y, x.new_zeros((c,), dtype=acc), x.new_zeros((c,), dtype=acc)
 
 
 @conv_bn_act_op.register_fake
@@ -276,7 +292,8 @@ def conv_bn_act(x: Tensor, weight: Tensor, *, stride=1, padding=0, dilation=1, g
                 allow_tf32: Optional[bool] = None):
     """The fused convolution (module docstring). Returns y, or (y, mean, var) when `stats`. `allow_tf32`
     (float32 inputs only) defaults to `torch.backends.cudnn.allow_tf32`, as `F.conv2d` does; False computes
-    exact float32 products."""
+    exact float32 products. Under torch.func transforms or forward-mode AD it runs the same math with stock
+    ops (`fusedres.reference.conv_bn_act_reference`, F.conv2d)."""
     if allow_tf32 is None:
         allow_tf32 = bool(torch.backends.cudnn.allow_tf32)
     x, residual = _autocast(x, residual)
@@ -286,6 +303,13 @@ def conv_bn_act(x: Tensor, weight: Tensor, *, stride=1, padding=0, dilation=1, g
     # checked here too (not only inside the op) so a wrong argument type gets this message, not the dispatcher's
     _check(x, weight, in_scale, in_shift, out_scale, out_shift, residual, res_scale, res_shift, stride, padding,
            dilation, groups, in_relu)
+    if transformed(x, weight, in_scale, in_shift, out_scale, out_shift, residual, res_scale, res_shift):
+        from fusedres.reference import conv_bn_act_reference
+
+        y, mean, var = conv_bn_act_reference(x, weight, in_scale, in_shift, in_relu, out_scale, out_shift, residual,
+                                             res_scale, res_shift, relu, stride, padding, dilation, groups, stats,
+                                             channels_last=False)
+        return (y, mean, var) if stats else y
     y, mean, var = torch.ops.fusedres.conv_bn_act(x, weight, in_scale, in_shift, out_scale, out_shift, residual,
                                                   res_scale, res_shift, stride, padding, dilation, groups,
                                                   in_relu, relu, stats, allow_tf32)

@@ -19,6 +19,8 @@ from torch import Tensor
 from fusedres import backends
 from fusedres._layout import acc_dtype
 from fusedres.ops._common import check_bn_call, check_flag
+from fusedres.ops._transforms import refuse_forward_ad, transformed
+from fusedres.reference import dual_bn_act_reference
 from fusedres.ops._common import (cast_param_grad, channel_count, check_batch_size, check_bn, check_like,
                                   densify, fake_channels, fake_like, grad_coefficients, scale_shift,
                                   update_running_stats)
@@ -36,7 +38,11 @@ def _check(x, weight, bias, r, weight_r, bias_r, stats=(None,) * 4, training=Tru
 def dual_bn_act_train(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float, r: Tensor,
                       weight_r: Optional[Tensor], bias_r: Optional[Tensor], eps_r: float,
                       relu: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    refuse_forward_ad("dual_bn_act_train")
     _check(x, weight, bias, r, weight_r, bias_r)
+    if x.numel() == 0:
+        zero = fake_channels(x).zero_()
+        return fake_like(x), zero, zero.clone(), zero.clone(), zero.clone()
     x, r = densify(x, r)
     backend = backends.select(x)
     mean, var = backend.batch_stats(x)
@@ -58,8 +64,11 @@ def dual_bn_act_eval(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor]
                      running_var: Tensor, eps: float, r: Tensor, weight_r: Optional[Tensor],
                      bias_r: Optional[Tensor], running_mean_r: Tensor, running_var_r: Tensor, eps_r: float,
                      relu: bool) -> Tensor:
+    refuse_forward_ad("dual_bn_act_eval")
     _check(x, weight, bias, r, weight_r, bias_r, (running_mean, running_var, running_mean_r, running_var_r),
            training=False)
+    if x.numel() == 0:
+        return fake_like(x)
     x, r = densify(x, r)
     acc = acc_dtype(x.dtype)
     mean, mean_r = running_mean.to(acc), running_mean_r.to(acc)
@@ -81,7 +90,11 @@ def dual_bn_act_backward(grad_y: Tensor, x: Tensor, weight: Optional[Tensor], bi
                          mean: Tensor, var: Tensor, eps: float, r: Tensor, weight_r: Optional[Tensor],
                          bias_r: Optional[Tensor], mean_r: Tensor, var_r: Tensor, eps_r: float, relu: bool,
                          training: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    refuse_forward_ad("dual_bn_act_backward")
     check_like(grad_y, x, "grad_y")
+    if x.numel() == 0:
+        zero = fake_channels(x).zero_()
+        return fake_like(x), zero, zero.clone(), fake_like(r), zero.clone(), zero.clone()
     x, grad_y, r = densify(x, grad_y, r)
     backend = backends.select(x)
     acc = acc_dtype(x.dtype)
@@ -147,11 +160,18 @@ def dual_bn_act(x: Tensor, r: Tensor, *, weight: Optional[Tensor], bias: Optiona
                 running_mean_r: Optional[Tensor], running_var_r: Optional[Tensor], momentum_r: float = 0.1,
                 eps_r: float = 1e-5, training: bool = False, relu: bool = True) -> Tensor:
     """act(BN_a(x) + BN_b(r)) as one fused op; each BN's arguments as in `F.batch_norm` (`*_r` for r's BN).
-    Training uses batch statistics for both and updates whichever running statistics are given."""
+    Training uses batch statistics for both and updates whichever running statistics are given (not for an
+    empty batch, as stock). Under torch.func transforms or forward-mode AD it runs stock's own ops."""
     check_bn_call(x, running_mean, running_var, weight, bias, training, momentum, eps)
     check_bn_call(r, running_mean_r, running_var_r, weight_r, bias_r, training, momentum_r, eps_r, "r", "_r")
     check_like(r, x, "r (the shortcut input)")
     check_flag(relu, "relu")
+    if transformed(x, r, weight, bias, running_mean, running_var, weight_r, bias_r, running_mean_r, running_var_r):
+        return dual_bn_act_reference(
+            x, dict(running_mean=running_mean, running_var=running_var, weight=weight, bias=bias,
+                    momentum=momentum, eps=eps), r,
+            dict(running_mean=running_mean_r, running_var=running_var_r, weight=weight_r, bias=bias_r,
+                 momentum=momentum_r, eps=eps_r), training, relu)
     if training:
         y, mean, var, mean_r, var_r = torch.ops.fusedres.dual_bn_act_train(x, weight, bias, eps, r, weight_r,
                                                                            bias_r, eps_r, relu)

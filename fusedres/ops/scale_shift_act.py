@@ -18,10 +18,11 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from fusedres import backends
+from fusedres import backends, reference
 from fusedres._layout import acc_dtype
 from fusedres.ops._common import (check_activation, check_channels, check_flag, check_like, densify, fake_channels,
                                   fake_like)
+from fusedres.ops._transforms import refuse_forward_ad, transformed
 
 
 def _check(x, mean, scale, shift, residual, xb, mean_b, scale_b, shift_b):
@@ -53,7 +54,10 @@ def _vecs(x, *vs):
 def scale_shift_act_op(x: Tensor, mean: Tensor, scale: Tensor, shift: Tensor, residual: Optional[Tensor],
                        xb: Optional[Tensor], mean_b: Optional[Tensor], scale_b: Optional[Tensor],
                        shift_b: Optional[Tensor], relu: bool) -> Tensor:
+    refuse_forward_ad("scale_shift_act")
     _check(x, mean, scale, shift, residual, xb, mean_b, scale_b, shift_b)
+    if x.numel() == 0:
+        return fake_like(x)
     x, residual, xb = densify(x, residual, xb)
     return backends.select(x).apply(x, *_vecs(x, mean, scale, shift), residual, xb,
                                     *_vecs(x, mean_b, scale_b, shift_b), relu)
@@ -70,7 +74,10 @@ def scale_shift_act_backward(grad_y: Tensor, x: Tensor, mean: Tensor, scale: Ten
                              residual: Optional[Tensor], xb: Optional[Tensor], mean_b: Optional[Tensor],
                              scale_b: Optional[Tensor], shift_b: Optional[Tensor], relu: bool
                              ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    refuse_forward_ad("scale_shift_act_backward")
     check_like(grad_y, x, "grad_y")
+    if x.numel() == 0:
+        return _empty_grads(x, residual is not None, xb is not None, lambda: fake_channels(x).zero_())
     x, grad_y, residual, xb = densify(x, grad_y, residual, xb)
     backend = backends.select(x)
     mean, scale, shift = _vecs(x, mean, scale, shift)
@@ -92,11 +99,17 @@ def scale_shift_act_backward(grad_y: Tensor, x: Tensor, mean: Tensor, scale: Ten
 
 @scale_shift_act_backward.register_fake
 def _(grad_y, x, mean, scale, shift, residual, xb, mean_b, scale_b, shift_b, relu):
-    has_b = xb is not None
-    ev = fake_channels(x).new_empty(0)
-    return (fake_like(x), fake_channels(x), fake_channels(x), fake_channels(x),
-            fake_like(x) if residual is not None else x.new_empty(0), fake_like(x) if has_b else x.new_empty(0),
-            fake_channels(x) if has_b else ev, fake_channels(x) if has_b else ev, fake_channels(x) if has_b else ev)
+    return _empty_grads(x, residual is not None, xb is not None, lambda: fake_channels(x))
+
+
+def _empty_grads(x, has_residual, has_b, vector):
+    """scale_shift_act_backward's outputs as new tensors (none aliasing another): activation gradients
+    allocated in x's layout, C-vectors from `vector()` (uninitialised for the fake, zeros for an empty batch),
+    0-element tensors for the absent inputs."""
+    act = lambda present: fake_like(x) if present else x.new_empty(0)  # noqa: E731
+    vec = lambda present: vector() if present else fake_channels(x).new_empty(0)  # noqa: E731
+    return (act(True), vector(), vector(), vector(), act(has_residual), act(has_b), vec(has_b), vec(has_b),
+            vec(has_b))
 
 
 def _save(ctx, inputs, output):
@@ -123,6 +136,10 @@ def scale_shift_act(x: Tensor, mean: Tensor, scale: Tensor, shift: Tensor, resid
                     xb: Optional[Tensor] = None, mean_b: Optional[Tensor] = None, scale_b: Optional[Tensor] = None,
                     shift_b: Optional[Tensor] = None, relu: bool = True) -> Tensor:
     """act((x - mean) * scale + shift [+ residual | + (xb - mean_b) * scale_b + shift_b]), differentiable in
-    every tensor argument."""
+    every tensor argument. Under torch.func transforms or forward-mode AD it runs the same math in plain torch
+    ops (`fusedres.reference.apply`)."""
     check_flag(relu, "relu")
+    if transformed(x, mean, scale, shift, residual, xb, mean_b, scale_b, shift_b):
+        _check(x, mean, scale, shift, residual, xb, mean_b, scale_b, shift_b)
+        return reference.apply(x, mean, scale, shift, residual, xb, mean_b, scale_b, shift_b, relu)
     return torch.ops.fusedres.scale_shift_act(x, mean, scale, shift, residual, xb, mean_b, scale_b, shift_b, relu)

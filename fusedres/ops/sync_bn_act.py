@@ -38,6 +38,7 @@ from fusedres import backends
 from fusedres._layout import acc_dtype
 from fusedres.ops._common import (cast_param_grad, channel_count, check_bn, check_like, densify,
                                   grad_coefficients, scale_shift, update_running_stats)
+from fusedres.ops._transforms import transformed
 from fusedres.ops.bn_act import _check as check_bn_act_args, residual_args, bn_act
 from fusedres.ops.dual_bn_act import dual_bn_act
 
@@ -182,6 +183,15 @@ class _SyncDualBnAct(torch.autograd.Function):
                 dr, cast_param_grad(d_w_r, weight_r), cast_param_grad(d_b_r.clone(), bias_r), None, None, None)
 
 
+def _refuse_transforms(*tensors) -> None:
+    if transformed(*tensors):
+        raise RuntimeError("fusedres: synchronised BatchNorm training (SyncBatchNormAct2d, sync_bn_act, "
+                           "sync_dual_bn_act: statistics all-reduced over a process group) does not support "
+                           "torch.func transforms (vmap, grad, jvp, ...) or forward-mode AD, as "
+                           "torch.nn.SyncBatchNorm does not; use eval mode, or fusedres.nn.from_sync_bn(model) "
+                           "for per-process BatchNormAct2d layers, which support them")
+
+
 def sync_bn_act(x: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor],
                 weight: Optional[Tensor] = None, bias: Optional[Tensor] = None, training: bool = True,
                 momentum: float = 0.1, eps: float = 1e-5, residual: Optional[Tensor] = None, relu: bool = False,
@@ -192,6 +202,7 @@ def sync_bn_act(x: Tensor, running_mean: Optional[Tensor], running_var: Optional
     if not training:
         return bn_act(x, running_mean, running_var, weight, bias, False, momentum, eps, residual, relu,
                       residual_weight)
+    _refuse_transforms(x, weight, bias, residual, residual_weight)
     # the batch-size rule is checked on the global count, inside the Function
     check_bn_act_args(x, weight, bias, residual, running_mean, running_var, training=False,
                       residual_weight=residual_weight)
@@ -212,6 +223,7 @@ def sync_dual_bn_act(x: Tensor, r: Tensor, *, weight: Optional[Tensor], bias: Op
                            momentum=momentum, eps=eps, weight_r=weight_r, bias_r=bias_r,
                            running_mean_r=running_mean_r, running_var_r=running_var_r, momentum_r=momentum_r,
                            eps_r=eps_r, training=False, relu=relu)
+    _refuse_transforms(x, r, weight, bias, weight_r, bias_r)
     check_bn(x, "x", weight, bias, running_mean, running_var)
     check_like(r, x, "r (the shortcut input)")
     check_bn(r, "r", weight_r, bias_r, running_mean_r, running_var_r)

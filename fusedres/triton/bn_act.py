@@ -278,7 +278,7 @@ class _Geometry:
         c_blocks = triton.cdiv(self.C, self.block_c)
         target = 4 if x.device.type == "cpu" else 4 * _sm_count(x.device)
         programs = max(1, min(self.num_tiles, triton.cdiv(target, c_blocks)))
-        self.tiles_per_program = triton.cdiv(self.num_tiles, programs)
+        self.tiles_per_program = max(1, triton.cdiv(self.num_tiles, programs))  # an empty x has no tiles
         self.programs = triton.cdiv(self.num_tiles, self.tiles_per_program)
         self.reduce_grid = (self.programs, c_blocks)
         self.flat_grid = (triton.cdiv(self.numel, FLAT_BLOCK),)

@@ -28,17 +28,14 @@ from torch import Tensor, nn
 
 from fusedres.nn.batchnorm_act import BatchNormAct2d, _uses_batch_stats
 from fusedres.nn.conv_blocks import CONV_BLOCKS, _bn_prologue, _plain_conv
+from fusedres.nn.conv_blocks import _conv as _block_conv
 from fusedres.nn.preact_blocks import PreActBasicBlock, PreActBottleneck
 from fusedres.ops.batch_stats import batch_stats
-from fusedres.ops.conv_bn_act import conv_bn_act
 
 
 def _conv(conv: nn.Conv2d, x: Tensor, prologue, stats: bool, residual=None):
-    """conv(relu(x * scale + shift)) [+ residual], and the statistics of the raw conv output when `stats`
-    (always a (y, mean, var) triple; mean / var None without stats)."""
-    s, t = prologue
-    res = conv_bn_act(x, conv.weight, stride=conv.stride, padding=conv.padding, dilation=conv.dilation,
-                      groups=conv.groups, in_scale=s, in_shift=t, in_relu=True, residual=residual, stats=stats)
+    """conv(relu(prologue(x))) [+ residual] as a (y, mean, var) triple (mean / var None without stats)."""
+    res = _block_conv(conv, x, prologue, stats, residual)
     return res if stats else (res, None, None)
 
 
@@ -57,7 +54,8 @@ class _ConvPreActMixin:
         if not self._can_run(x):
             return super().forward(x)
         bn1 = getattr(self, self._pairs[0][0])
-        first = (x, *batch_stats(x)) if _uses_batch_stats(bn1) else (x, None, None)
+        # statistics without autograd: the prologues' BatchNorm backward already differentiates through them
+        first = (x, *batch_stats(x.detach())) if _uses_batch_stats(bn1) else (x, None, None)
         prologue = first_prologue = _bn_prologue(bn1, first)
         out = x
         for i, (_, conv_name) in enumerate(self._pairs[:-1]):

@@ -92,7 +92,7 @@ def test_block_convs_run_fused_in_training():
     assert names.count("conv_bn_act") == 12            # every block conv, downsample convs included
     assert names.count("convolution") == 1             # the stem
     assert not any("batch_norm" in n for n in names)   # BN: statistics in the conv epilogues
-    assert names.count("bn_act_train") == 1            # the stem's BN + ReLU (a max-pool follows)
+    assert names.count("bn_act_pool_train") == 1       # the stem's BN + ReLU + max-pool
     assert names.count("stats_bn_act") == 4            # one tail pass per block
     assert "dual_bn_act_train" not in names
 

@@ -22,10 +22,15 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from fusedres.nn.batchnorm_act import _per_channel, _uses_batch_stats, batch_norm_args, gained_affine
+import torch
+from torch.nn.modules.utils import _pair
+
+from fusedres.nn.batchnorm_act import (BatchNormAct2d, _check_input, _per_channel, _uses_batch_stats, batch_norm_args,
+                                       gained_affine)
 from fusedres.nn.blocks import BasicBlock, Bottleneck, _is_conv_bn
 from fusedres._layout import acc_dtype
-from fusedres.ops._common import check_batch_size, scale_shift, update_running_stats
+from fusedres.ops import bn_act_pool as _bn_act_pool  # noqa: F401  (registers fusedres::bn_act_pool_train)
+from fusedres.ops._common import channel_count, check_batch_size, scale_shift, update_running_stats
 from fusedres.ops.conv_bn_act import conv_bn_act
 from fusedres.ops.stats_bn_act import stats_bn_act
 
@@ -144,6 +149,46 @@ class ConvBottleneck(_ConvTrainMixin, Bottleneck):
 
 
 CONV_BLOCKS = {BasicBlock: ConvBasicBlock, Bottleneck: ConvBottleneck}
+
+
+class BatchNormActPool2d(BatchNormAct2d):
+    """A conv-mode torchvision stem's `bn1`: BatchNorm + ReLU + the stem's max-pool (`self.pool`, the model's
+    former `maxpool`, now `nn.Identity`) in training as `fusedres::bn_act_pool_train`, which keeps only the conv
+    output for backward (stock keeps it, the ReLU output and the pool's int64 indices). Same parameters,
+    buffers and state_dict keys as `bn1`; eval runs bn_act then the pool."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not _uses_batch_stats(self):
+            return self.pool(super().forward(x))
+        _check_input(self, x)
+        check_batch_size(x, "input")
+        args = batch_norm_args(self)
+        p = self.pool
+        stride = p.stride if p.stride is not None else p.kernel_size
+        y, mean, var = torch.ops.fusedres.bn_act_pool_train(
+            x, self.weight, self.bias, self.eps, self.act == "relu", list(_pair(p.kernel_size)), list(_pair(stride)),
+            list(_pair(p.padding)), list(_pair(p.dilation)), p.ceil_mode)
+        update_running_stats(args["running_mean"], args["running_var"], mean, var, channel_count(x),
+                             args["momentum"])
+        return y
+
+
+def fuse_stem_pool(model: nn.Module) -> None:
+    """A converted torchvision stem (`bn1: BatchNormAct2d`, `relu: Identity`, `maxpool: MaxPool2d`) gets a
+    `BatchNormActPool2d` bn1 running the pool, and `maxpool: Identity`. Idempotent; `unfuse_stem_pool` undoes it."""
+    bn, pool = model.bn1, model.maxpool
+    if (type(bn) is BatchNormAct2d and type(model.relu) is nn.Identity and type(pool) is nn.MaxPool2d
+            and not pool.return_indices):
+        new = BatchNormActPool2d.from_bn(bn, act=bn.act)
+        new.pool = pool
+        model.bn1, model.maxpool = new, nn.Identity()
+
+
+def unfuse_stem_pool(model: nn.Module) -> None:
+    bn = getattr(model, "bn1", None)
+    if type(bn) is BatchNormActPool2d and type(getattr(model, "maxpool", None)) is nn.Identity:
+        model.maxpool = bn.pool
+        model.bn1 = BatchNormAct2d.from_bn(bn, act=bn.act)
 
 # The conv-mode pre-activation units (built on the helpers above) add themselves to CONV_BLOCKS on import.
 import fusedres.nn.preact_conv  # noqa: E402,F401

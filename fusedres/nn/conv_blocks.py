@@ -4,19 +4,21 @@ In a `ConvBasicBlock` / `ConvBottleneck` (subclasses of the fused blocks, same a
 
 * each conv but the last emits its raw output plus the BN batch statistics of that output (epilogue of the
   `conv_bn_act` kernel); no BN or ReLU pass over it;
-* the next conv applies that BN + ReLU to its input tiles as it loads them (prologue), with
-  (scale, shift) = (gamma / sqrt(var + eps), beta - mean * scale) computed from the statistics as a few
-  per-channel ops, so autograd differentiates through the statistics exactly as BatchNorm does;
+* the next conv applies that BN + ReLU to its input tiles as it loads them (a BatchNorm prologue with the
+  batch statistics; its backward is BatchNorm's, the statistics' gradient included);
 * the last conv (and a projection shortcut's conv) emit their statistics too, and the block tail (last BN +
-  shortcut add [+ projection BN] + ReLU) is one `scale_shift_act` pass over the conv output(s), with the
-  statistics as differentiable inputs (no separate statistics pass). When a tail BN uses running statistics
+  shortcut add [+ projection BN] + ReLU) is one `stats_bn_act` pass over the conv output(s) with those
+  statistics (no separate statistics pass; backward is BatchNorm's). When a tail BN uses running statistics
   (eval) the tail is the fused block's `bn_act` / `dual_bn_act` op.
+* the torchvision stem's BN + ReLU + max-pool: `BatchNormActPool2d` (`fuse_stem_pool`), keeping only the
+  stem conv's output.
 
-Backward: `aten.convolution_backward` for dgrad/wgrad plus the per-channel prologue/epilogue derivatives; the
-raw conv output is saved (it is the next conv's input anyway) and BN + ReLU are recomputed from it, so the
-normalised activation is never stored. Running statistics, `momentum` (incl. None) and `num_batches_tracked`
-follow nn.BatchNorm2d. In eval mode (or when a BN uses running statistics) the prologue uses the running
-statistics. Blocks whose convs have a bias or non-zero padding modes run the parent fused forward.
+Backward: `aten.convolution_backward` for dgrad/wgrad plus the backends' BN backward kernels; each conv keeps
+its raw input (the previous conv's output) and recomputes the prologue from it, so the normalised activation
+is never stored (docs/conv_bn_act.md lists what each layer keeps). Running statistics, `momentum` (incl.
+None) and `num_batches_tracked` follow nn.BatchNorm2d. In eval mode (or when a BN uses running statistics) the
+prologue uses the running statistics. Blocks whose convs have a bias or non-zero padding modes run the parent
+fused forward.
 """
 from __future__ import annotations
 

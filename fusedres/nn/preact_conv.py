@@ -5,16 +5,17 @@ in the prologue of the conv that consumes it, so the normalised activation is ne
 attributes, state_dict keys; `to_stock` / `fusedres.unconvert` give back the stock `fusedres.preact` units). A
 training-mode bottleneck forward:
 
-* bn1's batch statistics of the unit input x: one differentiable `fusedres.ops.batch_stats` pass (running
-  statistics, momentum incl. None and num_batches_tracked as nn.BatchNorm2d);
+* bn1's batch statistics of the unit input x: one `fusedres.ops.batch_stats` pass, outside autograd (the
+  consumers' BatchNorm prologues differentiate through them); running statistics, momentum incl. None and
+  num_batches_tracked as nn.BatchNorm2d;
 * conv1 = `conv_bn_act(x, prologue relu(bn1(.)), stats=True)`: its raw output c1 and bn2's statistics of it;
 * conv2 = `conv_bn_act(c1, prologue relu(bn2(.)), stats=True)`; conv3 = `conv_bn_act(c2, prologue
   relu(bn3(.)))`;
 * identity shortcut: the add of x is conv3's epilogue (`residual=x`), one write of the unit output; projection
   shortcut: `conv_bn_act(x, w_sc, prologue relu(bn1(.)))` (the pre-activated input, as stock) and a plain add.
 
-The (scale, shift) of each prologue come from the statistics through a few per-channel ops, so autograd
-differentiates through the statistics exactly as BatchNorm does. What autograd keeps per unit: x, c1 and c2
+Each prologue is a BatchNorm prologue with the batch statistics: its backward is BatchNorm's, the
+statistics' gradient included. What autograd keeps per unit: x, c1 and c2
 (each conv saves its raw input and recomputes the prologue in backward) where stock keeps x, relu(bn1(x)), c1,
 relu(bn2(c1)), c2, relu(bn3(c2)): about half the activation bytes. The basic unit is the same with two convs.
 

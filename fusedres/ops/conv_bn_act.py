@@ -8,12 +8,14 @@ BN-statistics epilogue, in one pass over the input (Triton implicit GEMM; plain-
 
 Registered op (torch.ops.fusedres.*):
     conv_bn_act(x, weight, in_scale, in_shift, out_scale, out_shift, residual, res_scale, res_shift,
-                stride, padding, dilation, groups, in_relu, relu, stats, allow_tf32) -> (y, mean, var)
-y is channels_last in x's dtype; mean/var are float32 (float64 for float64 inputs). Backward: plain torch for
-the prologue/epilogue derivatives plus `aten.convolution_backward` for dgrad/wgrad; the prologue output is
-recomputed from x, the ReLU mask from y, and the raw conv output c is taken from y when the epilogue is empty
-(the training-mode case) or recomputed by one convolution otherwise, so no extra activation is saved.
-Gradients flow into mean and var (the BN that consumes them differentiates through its statistics).
+                stride, padding, dilation, groups, in_relu, relu, stats, allow_tf32,
+                in_weight=None, in_bias=None, in_mean=None, in_var=None, in_eps=1e-5) -> (y, mean, var)
+y is channels_last in x's dtype; mean/var are float32 (float64 for float64 inputs). A BatchNorm prologue
+(in_mean / in_var: x's batch statistics, in_weight / in_bias its affine) replaces in_scale / in_shift; its
+backward is BatchNorm's training backward with the statistics' gradient folded into dx (none returned for
+in_mean / in_var). Backward (`_backward`): the prologue output materialised once in x's dtype,
+`aten.convolution_backward` for dgrad/wgrad, the prologue's backward as one reduction + one elementwise pass
+of the backends' BN kernels (docs/conv_bn_act.md counts the passes). Gradients flow into mean and var.
 """
 from __future__ import annotations
 

@@ -395,3 +395,28 @@ def test_bn_prologue_backward_like_stock(dtype, geometry, channels_last):
         # floor: a few float32 ulps of the largest value (summation order of float32 reductions differs)
         floor = 1e-12 if dtype == torch.float64 else 4 * torch.finfo(torch.float32).eps
         assert err_ours <= 2 * err_stock + floor, f"{name}: error {err_ours:.2e} vs stock {err_stock:.2e}"
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(in_stats=(torch.zeros(4),)), "in_stats must be a \\(mean, var\\) pair"),
+    (dict(in_stats=(torch.zeros(4), torch.ones(3))), "in_var has shape"),
+    (dict(in_stats=(torch.zeros(4), torch.ones(4)), in_scale=torch.ones(4)), "not both"),
+    (dict(in_weight=torch.ones(4)), "need in_mean and in_var"),
+    (dict(in_stats=(torch.zeros(4), torch.ones(4)), in_eps=0.0), "in_eps must be positive"),
+], ids=["not_a_pair", "var_channels", "both_prologues", "weight_without_stats", "eps"])
+def test_bn_prologue_errors(kwargs, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        conv_bn_act(torch.randn(2, 4, 5, 5), torch.randn(6, 4, 3, 3), in_relu=True, **kwargs)
+
+
+def test_stats_bn_act_errors():
+    from fusedres.ops.stats_bn_act import stats_bn_act
+    x, m, v = torch.randn(2, 3, 4, 4), torch.zeros(3), torch.ones(3)
+    with pytest.raises(ValueError, match="residual or a second input xb, not both"):
+        stats_bn_act(x, m, v, residual=x, xb=x, stats_b=(m, v))
+    with pytest.raises(ValueError, match="needs mean_b and var_b"):
+        stats_bn_act(x, m, v, xb=x)
+    with pytest.raises(ValueError, match="mean \\(the batch statistics of x\\)"):
+        stats_bn_act(x, None, v)
+    with pytest.raises(ValueError, match="residual_weight was given without a residual"):
+        stats_bn_act(x, m, v, residual_weight=torch.ones(3))

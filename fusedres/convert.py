@@ -141,6 +141,10 @@ def _convert(model, inplace, mode, sync_bn, process_group, skip_weight, skip_on,
         swap_children(model, _to_conv_mode)
     if _is_stock_resnet(model):
         fuse_bn_relu(model, "bn1", "relu")
+        if mode == "conv":  # the stem's BN + ReLU + max-pool keep only the conv output
+            from fusedres.nn.conv_blocks import fuse_stem_pool
+
+            fuse_stem_pool(model)
     return to_sync_bn(model, process_group) if sync_bn else model
 
 
@@ -185,6 +189,9 @@ def _unconvert(model: nn.Module, inplace: bool) -> nn.Module:
         return root
     swap_children(model, _unconvert_module)
     if _is_stock_resnet(model):
+        from fusedres.nn.conv_blocks import unfuse_stem_pool
+
+        unfuse_stem_pool(model)
         unfuse_bn_relu(model, "bn1", "relu")
     return model
 

@@ -74,8 +74,11 @@ def _fold_stem(model: nn.Module) -> None:
     if isinstance(model.conv1, FoldedConv2d):
         model.conv1.refold()
         return
-    bn, relu = model.bn1, model.relu
     from fusedres.nn.batchnorm_act import BatchNormAct2d
+    from fusedres.nn.conv_blocks import unfuse_stem_pool
+
+    unfuse_stem_pool(model)  # a conv-mode stem's pool goes back to maxpool
+    bn, relu = model.bn1, model.relu
 
     if type(bn) is nn.BatchNorm2d and type(relu) is nn.ReLU:
         act = True

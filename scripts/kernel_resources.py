@@ -258,8 +258,15 @@ def triton_variants(arch: int):
            dict(num_warps=kw["num_warps"], num_stages=kw["num_stages"]))
     merge = {k: v for k, v in dict(STAT_ROWS=TC.GPU_STAT_ROWS, BLOCK_P=64, BLOCK_C=64).items()
              if k in TC._stats_merge_kernel.arg_names}
+    f64 = torch.float64
+    parts = 256 * 56 * 56 // 64
+    _, _, chunks, per_chunk = TC.merge_plan(parts, 64, False)
     yield ("finalize", TC._stats_merge_kernel, "float32", TC.config_label(merge),
-           launch_args(TC._stats_merge_kernel, {}, dict(P=256 * 56 * 56 // 64, C=64), merge, f32), {})
+           launch_args(TC._stats_merge_kernel, dict(cnt_ptr=f64, mean_ptr=f64, m2_out_ptr=f64),
+                       dict(P=parts, C=64, M=256 * 56 * 56, per_chunk=per_chunk), merge, f32), {})
+    yield ("finalize", TC._stats_finalize_kernel, "float64 chunks", "C64",
+           launch_args(TC._stats_finalize_kernel, dict(cnt_ptr=f64, mean_part_ptr=f64, m2_part_ptr=f64),
+                       dict(S=chunks, C=64), dict(BLOCK_C=64), f32), {})
 
 
 def _triton_row(arch: int, index: int) -> Row:

@@ -322,3 +322,101 @@ def test_autotune_disk_cache(tmp_path, monkeypatch):
     assert timed == [0, 1, 2]                                                  # no timing: read from disk
     assert tconv._autotuned_config("k1", "GPU Y|triton 9", cands, launch, bench) == cands[1]
     assert timed == [0, 1, 2, 0, 1, 2]                                         # another GPU: timed again
+
+
+@pytest.mark.parametrize("rows,channels", [(98, 6), (1000, 37), (4096, 13)])
+def test_statistics_merge_matches_float64(rows, channels):
+    """The two-stage merge (chunks of partials in parallel, then per channel) of per-row-group partials, several
+    chunks and a short last group, against float64 statistics of the rows."""
+    from fusedres.triton import conv_bn_act as tconv
+    c = torch.randn(rows, channels, dtype=torch.float64) * 3 + 50
+    stat_rows = tconv.INTERPRET_STAT_ROWS
+    groups = list(c.split(stat_rows))
+    sums = torch.stack([g.sum(0) for g in groups]).float()
+    m2s = torch.stack([((g - g.mean(0)) ** 2).sum(0) for g in groups]).float()
+    assert tconv.merge_plan(len(groups), channels, True)[2] > 1
+    mean, var = tconv._merge(sums, m2s, rows, stat_rows, channels, True, c.device)
+    torch.testing.assert_close(mean.double(), c.mean(0), rtol=1e-6, atol=0)
+    torch.testing.assert_close(var.double(), c.var(0, unbiased=False), rtol=1e-5, atol=0)
+
+
+def test_statistics_merge_parallel_at_resnet50_shapes():
+    """At batch 256 every ResNet-50 conv's statistics merge runs at least 132 programs (an H100 / H200's SMs)."""
+    from fusedres.triton import conv_bn_act as tconv
+    layers = [(112, 64)] + [(56, c) for c in (64, 256)] + [(28, c) for c in (128, 512)] \
+        + [(14, c) for c in (256, 1024)] + [(7, c) for c in (512, 2048)]
+    for hw, c_out in layers:
+        parts = -(-256 * hw * hw // tconv.GPU_STAT_ROWS)
+        block_c, _, chunks, per_chunk = tconv.merge_plan(parts, c_out, False)
+        assert -(-c_out // block_c) * chunks >= 132, (hw, c_out)
+        assert (chunks - 1) * per_chunk < parts <= chunks * per_chunk
+
+
+def _bn_relu_conv(x, w, gamma, beta, stats, geometry_kw, fused):
+    """relu(BatchNorm(x)) -> conv: fused (BatchNorm prologue with x's batch statistics `stats`) or stock ops."""
+    if fused:
+        return conv_bn_act(x, w, in_stats=stats, in_weight=gamma, in_bias=beta, in_eps=1e-5, in_relu=True,
+                           allow_tf32=False, **geometry_kw)
+    a = torch.relu(F.batch_norm(x, None, None, gamma.to(x.dtype), beta.to(x.dtype), True, 0.0, 1e-5))
+    return F.conv2d(a, w, None, **geometry_kw)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("geometry", ["3x3", "1x1s2", "3x3s2_groups"])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_bn_prologue_backward_like_stock(dtype, geometry, channels_last):
+    """A BatchNorm + ReLU prologue with batch statistics given (as the previous conv's epilogue emits them): y and
+    every gradient (x's through the statistics) within 2x stock PyTorch's own error against float64 (plus a
+    few float32 ulps)."""
+    shape, c_out, k, stride, pad, dil, groups = GEOMETRIES[geometry]
+    kw = dict(stride=stride, padding=pad, dilation=dil, groups=groups)
+    x = (torch.randn(shape, dtype=torch.float64) * 2 + 0.5)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    w = torch.randn(c_out, shape[1] // groups, k, k, dtype=torch.float64) / (shape[1] // groups * k * k) ** 0.5
+    gamma, beta = torch.randn(shape[1], dtype=torch.float64), torch.randn(shape[1], dtype=torch.float64)
+    gy = torch.randn(F.conv2d(x, w, None, **kw).shape, dtype=torch.float64)
+    vdtype = torch.float64 if dtype == torch.float64 else torch.float32
+
+    def run(dt, fused):
+        leaves = [t.to(d).detach().requires_grad_() for t, d in ((x, dt), (w, dt), (gamma, vdtype), (beta, vdtype))]
+        xl = leaves[0]
+        var, mean = torch.var_mean(xl.detach().to(vdtype), dim=(0, 2, 3), unbiased=False)
+        y = _bn_relu_conv(*leaves, (mean, var), kw, fused)
+        (y.double() * gy).sum().backward()
+        return [y] + [t.grad for t in leaves]
+
+    exact = run(torch.float64, False)
+    stock, ours = run(dtype, False), run(dtype, True)
+    for name, e, s, o in zip(("y", "grad x", "grad w", "grad gamma", "grad beta"), exact, stock, ours):
+        scale = e.abs().max().item()
+        err_stock = (s.double() - e).abs().max().item() / scale
+        err_ours = (o.double() - e).abs().max().item() / scale
+        # floor: a few float32 ulps of the largest value (summation order of float32 reductions differs)
+        floor = 1e-12 if dtype == torch.float64 else 4 * torch.finfo(torch.float32).eps
+        assert err_ours <= 2 * err_stock + floor, f"{name}: error {err_ours:.2e} vs stock {err_stock:.2e}"
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(in_stats=(torch.zeros(4),)), "in_stats must be a \\(mean, var\\) pair"),
+    (dict(in_stats=(torch.zeros(4), torch.ones(3))), "in_var has shape"),
+    (dict(in_stats=(torch.zeros(4), torch.ones(4)), in_scale=torch.ones(4)), "not both"),
+    (dict(in_weight=torch.ones(4)), "need in_mean and in_var"),
+    (dict(in_stats=(torch.zeros(4), torch.ones(4)), in_eps=0.0), "in_eps must be positive"),
+], ids=["not_a_pair", "var_channels", "both_prologues", "weight_without_stats", "eps"])
+def test_bn_prologue_errors(kwargs, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        conv_bn_act(torch.randn(2, 4, 5, 5), torch.randn(6, 4, 3, 3), in_relu=True, **kwargs)
+
+
+def test_stats_bn_act_errors():
+    from fusedres.ops.stats_bn_act import stats_bn_act
+    x, m, v = torch.randn(2, 3, 4, 4), torch.zeros(3), torch.ones(3)
+    with pytest.raises(ValueError, match="residual or a second input xb, not both"):
+        stats_bn_act(x, m, v, residual=x, xb=x, stats_b=(m, v))
+    with pytest.raises(ValueError, match="needs mean_b and var_b"):
+        stats_bn_act(x, m, v, xb=x)
+    with pytest.raises(ValueError, match="mean \\(the batch statistics of x\\)"):
+        stats_bn_act(x, None, v)
+    with pytest.raises(ValueError, match="residual_weight was given without a residual"):
+        stats_bn_act(x, m, v, residual_weight=torch.ones(3))

@@ -97,6 +97,7 @@ def conv_variants():
                                            STAT_ROWS=TC.INTERPRET_STAT_ROWS,
                                            **{k: v for k, v in TC.INTERPRET_CONFIG.items() if k.startswith("BLOCK")})
     yield TC._stats_merge_kernel, "float32", dict(STAT_ROWS=TC.GPU_STAT_ROWS, BLOCK_P=64, BLOCK_C=64)
+    yield TC._stats_finalize_kernel, "float64", dict(BLOCK_C=64)
 
 
 def main(archs):

@@ -4,31 +4,37 @@ In a `ConvBasicBlock` / `ConvBottleneck` (subclasses of the fused blocks, same a
 
 * each conv but the last emits its raw output plus the BN batch statistics of that output (epilogue of the
   `conv_bn_act` kernel); no BN or ReLU pass over it;
-* the next conv applies that BN + ReLU to its input tiles as it loads them (prologue), with
-  (scale, shift) = (gamma / sqrt(var + eps), beta - mean * scale) computed from the statistics as a few
-  per-channel ops, so autograd differentiates through the statistics exactly as BatchNorm does;
+* the next conv applies that BN + ReLU to its input tiles as it loads them (a BatchNorm prologue with the
+  batch statistics; its backward is BatchNorm's, the statistics' gradient included);
 * the last conv (and a projection shortcut's conv) emit their statistics too, and the block tail (last BN +
-  shortcut add [+ projection BN] + ReLU) is one `scale_shift_act` pass over the conv output(s), with the
-  statistics as differentiable inputs (no separate statistics pass). When a tail BN uses running statistics
+  shortcut add [+ projection BN] + ReLU) is one `stats_bn_act` pass over the conv output(s) with those
+  statistics (no separate statistics pass; backward is BatchNorm's). When a tail BN uses running statistics
   (eval) the tail is the fused block's `bn_act` / `dual_bn_act` op.
+* the torchvision stem's BN + ReLU + max-pool: `BatchNormActPool2d` (`fuse_stem_pool`), keeping only the
+  stem conv's output.
 
-Backward: `aten.convolution_backward` for dgrad/wgrad plus the per-channel prologue/epilogue derivatives; the
-raw conv output is saved (it is the next conv's input anyway) and BN + ReLU are recomputed from it, so the
-normalised activation is never stored. Running statistics, `momentum` (incl. None) and `num_batches_tracked`
-follow nn.BatchNorm2d. In eval mode (or when a BN uses running statistics) the prologue uses the running
-statistics. Blocks whose convs have a bias or non-zero padding modes run the parent fused forward.
+Backward: `aten.convolution_backward` for dgrad/wgrad plus the backends' BN backward kernels; each conv keeps
+its raw input (the previous conv's output) and recomputes the prologue from it, so the normalised activation
+is never stored (docs/conv_bn_act.md lists what each layer keeps). Running statistics, `momentum` (incl.
+None) and `num_batches_tracked` follow nn.BatchNorm2d. In eval mode (or when a BN uses running statistics) the
+prologue uses the running statistics. Blocks whose convs have a bias or non-zero padding modes run the parent
+fused forward.
 """
 from __future__ import annotations
 
 from torch import Tensor, nn
 
-from fusedres.nn.batchnorm_act import _per_channel, _uses_batch_stats, batch_norm_args, gained_affine
+import torch
+from torch.nn.modules.utils import _pair
+
+from fusedres.nn.batchnorm_act import (BatchNormAct2d, _check_input, _per_channel, _uses_batch_stats, batch_norm_args,
+                                       gained_affine)
 from fusedres.nn.blocks import BasicBlock, Bottleneck, _is_conv_bn
 from fusedres._layout import acc_dtype
-from fusedres.ops._common import check_batch_size, scale_shift, update_running_stats
-from fusedres.ops.bn_act import residual_args
+from fusedres.ops import bn_act_pool as _bn_act_pool  # noqa: F401  (registers fusedres::bn_act_pool_train)
+from fusedres.ops._common import channel_count, check_batch_size, scale_shift, update_running_stats
 from fusedres.ops.conv_bn_act import conv_bn_act
-from fusedres.ops.scale_shift_act import scale_shift_act
+from fusedres.ops.stats_bn_act import stats_bn_act
 
 
 def _plain_conv(conv) -> bool:
@@ -36,35 +42,40 @@ def _plain_conv(conv) -> bool:
             and not isinstance(conv.padding, str))
 
 
-def _conv(conv: nn.Conv2d, x: Tensor, prologue, stats: bool):
-    s, t = prologue if prologue is not None else (None, None)
+def _conv(conv: nn.Conv2d, x: Tensor, prologue, stats: bool, residual=None):
+    """conv(relu(prologue(x))) [+ residual]; (y, mean, var) of the raw output when `stats`, else y. `prologue`
+    is None or the keyword arguments of `_bn_prologue`."""
     return conv_bn_act(x, conv.weight, stride=conv.stride, padding=conv.padding, dilation=conv.dilation,
-                       groups=conv.groups, in_scale=s, in_shift=t, in_relu=prologue is not None, stats=stats)
+                       groups=conv.groups, in_relu=prologue is not None, residual=residual, stats=stats,
+                       **(prologue or {}))
 
 
-def _bn_stats(bn: nn.BatchNorm2d, out, gain=None):
-    """(mean, scale, shift) with gain * BN(c) = (c - mean) * scale + shift: from the batch statistics in
-    out = (c, mean, var) (training; running statistics updated as nn.BatchNorm2d does) or from the running
-    statistics (eval). The batch statistics stay differentiable; `gain` is an optional learned skip weight."""
+def _bn_stats(bn: nn.BatchNorm2d, out):
+    """The statistics BN normalises the conv output c with, out = (c, mean, var): the batch statistics in
+    training (the running statistics updated as nn.BatchNorm2d does; returned as they are, for an op whose
+    backward is BatchNorm's) or the running statistics (eval). Returns (mean, var, is_batch)."""
     c = out[0]
     if _uses_batch_stats(bn):  # as nn.BatchNorm2d, before num_batches_tracked is touched
         check_batch_size(c, "the conv output")
     args = batch_norm_args(bn)  # num_batches_tracked bookkeeping, once per forward
-    acc = acc_dtype(c.dtype)
     if args["training"]:
         _, mean, var = out
         update_running_stats(args["running_mean"], args["running_var"], mean.detach(), var.detach(),
                              c.shape[0] * c.shape[2] * c.shape[3], args["momentum"])
-    else:
-        mean, var = args["running_mean"].to(acc), args["running_var"].to(acc)
-    _, scale, shift = scale_shift(mean, var, *gained_affine(bn, gain), bn.eps)
-    return mean, scale, shift
+        return mean, var, True
+    acc = acc_dtype(c.dtype)
+    return args["running_mean"].to(acc), args["running_var"].to(acc), False
 
 
 def _bn_prologue(bn: nn.BatchNorm2d, out):
-    """(scale, shift') of bn for the next conv's prologue: BN(c) = c * scale + shift'."""
-    mean, scale, shift = _bn_stats(bn, out)
-    return scale, shift - mean * scale
+    """conv_bn_act keyword arguments for bn + ReLU in the next conv's prologue: a BatchNorm prologue with the
+    batch statistics (training: its backward is BatchNorm's, statistics gradient folded in), else the
+    running statistics as (in_scale, in_shift) with BN(c) = c * in_scale + in_shift."""
+    mean, var, is_batch = _bn_stats(bn, out)
+    if is_batch:
+        return dict(in_stats=(mean, var), in_weight=bn.weight, in_bias=bn.bias, in_eps=bn.eps)
+    _, scale, shift = scale_shift(mean, var, bn.weight, bn.bias, bn.eps)
+    return dict(in_scale=scale, in_shift=shift - mean * scale)
 
 
 class _ConvTrainMixin:
@@ -88,21 +99,25 @@ class _ConvTrainMixin:
         last_conv, last_bn = getattr(self, self._last_conv), getattr(self, self._last_bn)
         if not _uses_batch_stats(last_bn):
             return self._tail(x, _conv(last_conv, out, prologue, stats=False), last_bn)
-        # the last conv emits its statistics too; the tail is one scale_shift_act pass over its output
+        # the last conv emits its statistics too; the tail is one stats_bn_act pass over its output
         res = _conv(last_conv, out, prologue, stats=True)
-        gain, res_gain = self.skip_gains()  # learned skip weights fold into the tail's per-channel vectors
-        mean, scale, shift = _bn_stats(last_bn, res, gain)
+        gain, res_gain = self.skip_gains()  # learned skip weights fold into the tail's BN affine
+        mean, var, _ = _bn_stats(last_bn, res)
+        weight, bias = gained_affine(last_bn, gain)
         c = res[0]
         relu = getattr(last_bn, "act", "relu") == "relu"
         ds = self.downsample
         if _is_conv_bn(ds) and _plain_conv(ds[0]) and _uses_batch_stats(ds[1]):
             res_b = _conv(ds[0], x, None, stats=True)
-            mean_b, scale_b, shift_b = _bn_stats(ds[1], res_b, res_gain)
-            return scale_shift_act(c, mean, scale, shift, xb=res_b[0].to(c.dtype), mean_b=mean_b, scale_b=scale_b,
-                                   shift_b=shift_b, relu=relu)
+            mean_b, var_b, _ = _bn_stats(ds[1], res_b)
+            weight_b, bias_b = gained_affine(ds[1], res_gain)
+            return stats_bn_act(c, mean, var, weight, bias, last_bn.eps, xb=res_b[0].to(c.dtype),
+                                stats_b=(mean_b, var_b), weight_b=weight_b, bias_b=bias_b, eps_b=ds[1].eps,
+                                relu=relu)
         residual = (x if ds is None else ds(x)).to(c.dtype)
         res_weight = None if res_gain is None else _per_channel(res_gain, c.shape[1])
-        return scale_shift_act(c, mean, scale, shift, *residual_args(c, residual, res_weight), relu=relu)
+        return stats_bn_act(c, mean, var, weight, bias, last_bn.eps, residual=residual,
+                            residual_weight=res_weight, relu=relu)
 
     @classmethod
     def from_fused(cls, block: nn.Module) -> nn.Module:
@@ -136,6 +151,46 @@ class ConvBottleneck(_ConvTrainMixin, Bottleneck):
 
 
 CONV_BLOCKS = {BasicBlock: ConvBasicBlock, Bottleneck: ConvBottleneck}
+
+
+class BatchNormActPool2d(BatchNormAct2d):
+    """A conv-mode torchvision stem's `bn1`: BatchNorm + ReLU + the stem's max-pool (`self.pool`, the model's
+    former `maxpool`, now `nn.Identity`) in training as `fusedres::bn_act_pool_train`, which keeps only the conv
+    output for backward (stock keeps it, the ReLU output and the pool's int64 indices). Same parameters,
+    buffers and state_dict keys as `bn1`; eval runs bn_act then the pool."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not _uses_batch_stats(self):
+            return self.pool(super().forward(x))
+        _check_input(self, x)
+        check_batch_size(x, "input")
+        args = batch_norm_args(self)
+        p = self.pool
+        stride = p.stride if p.stride is not None else p.kernel_size
+        y, mean, var = torch.ops.fusedres.bn_act_pool_train(
+            x, self.weight, self.bias, self.eps, self.act == "relu", list(_pair(p.kernel_size)), list(_pair(stride)),
+            list(_pair(p.padding)), list(_pair(p.dilation)), p.ceil_mode)
+        update_running_stats(args["running_mean"], args["running_var"], mean, var, channel_count(x),
+                             args["momentum"])
+        return y
+
+
+def fuse_stem_pool(model: nn.Module) -> None:
+    """A converted torchvision stem (`bn1: BatchNormAct2d`, `relu: Identity`, `maxpool: MaxPool2d`) gets a
+    `BatchNormActPool2d` bn1 running the pool, and `maxpool: Identity`. Idempotent; `unfuse_stem_pool` undoes it."""
+    bn, pool = model.bn1, model.maxpool
+    if (type(bn) is BatchNormAct2d and type(model.relu) is nn.Identity and type(pool) is nn.MaxPool2d
+            and not pool.return_indices):
+        new = BatchNormActPool2d.from_bn(bn, act=bn.act)
+        new.pool = pool
+        model.bn1, model.maxpool = new, nn.Identity()
+
+
+def unfuse_stem_pool(model: nn.Module) -> None:
+    bn = getattr(model, "bn1", None)
+    if type(bn) is BatchNormActPool2d and type(getattr(model, "maxpool", None)) is nn.Identity:
+        model.maxpool = bn.pool
+        model.bn1 = BatchNormAct2d.from_bn(bn, act=bn.act)
 
 # The conv-mode pre-activation units (built on the helpers above) add themselves to CONV_BLOCKS on import.
 import fusedres.nn.preact_conv  # noqa: E402,F401

@@ -5,16 +5,17 @@ in the prologue of the conv that consumes it, so the normalised activation is ne
 attributes, state_dict keys; `to_stock` / `fusedres.unconvert` give back the stock `fusedres.preact` units). A
 training-mode bottleneck forward:
 
-* bn1's batch statistics of the unit input x: one differentiable `fusedres.ops.batch_stats` pass (running
-  statistics, momentum incl. None and num_batches_tracked as nn.BatchNorm2d);
+* bn1's batch statistics of the unit input x: one `fusedres.ops.batch_stats` pass, outside autograd (the
+  consumers' BatchNorm prologues differentiate through them); running statistics, momentum incl. None and
+  num_batches_tracked as nn.BatchNorm2d;
 * conv1 = `conv_bn_act(x, prologue relu(bn1(.)), stats=True)`: its raw output c1 and bn2's statistics of it;
 * conv2 = `conv_bn_act(c1, prologue relu(bn2(.)), stats=True)`; conv3 = `conv_bn_act(c2, prologue
   relu(bn3(.)))`;
 * identity shortcut: the add of x is conv3's epilogue (`residual=x`), one write of the unit output; projection
   shortcut: `conv_bn_act(x, w_sc, prologue relu(bn1(.)))` (the pre-activated input, as stock) and a plain add.
 
-The (scale, shift) of each prologue come from the statistics through a few per-channel ops, so autograd
-differentiates through the statistics exactly as BatchNorm does. What autograd keeps per unit: x, c1 and c2
+Each prologue is a BatchNorm prologue with the batch statistics: its backward is BatchNorm's, the
+statistics' gradient included. What autograd keeps per unit: x, c1 and c2
 (each conv saves its raw input and recomputes the prologue in backward) where stock keeps x, relu(bn1(x)), c1,
 relu(bn2(c1)), c2, relu(bn3(c2)): about half the activation bytes. The basic unit is the same with two convs.
 
@@ -28,17 +29,14 @@ from torch import Tensor, nn
 
 from fusedres.nn.batchnorm_act import BatchNormAct2d, _uses_batch_stats
 from fusedres.nn.conv_blocks import CONV_BLOCKS, _bn_prologue, _plain_conv
+from fusedres.nn.conv_blocks import _conv as _block_conv
 from fusedres.nn.preact_blocks import PreActBasicBlock, PreActBottleneck
 from fusedres.ops.batch_stats import batch_stats
-from fusedres.ops.conv_bn_act import conv_bn_act
 
 
 def _conv(conv: nn.Conv2d, x: Tensor, prologue, stats: bool, residual=None):
-    """conv(relu(x * scale + shift)) [+ residual], and the statistics of the raw conv output when `stats`
-    (always a (y, mean, var) triple; mean / var None without stats)."""
-    s, t = prologue
-    res = conv_bn_act(x, conv.weight, stride=conv.stride, padding=conv.padding, dilation=conv.dilation,
-                      groups=conv.groups, in_scale=s, in_shift=t, in_relu=True, residual=residual, stats=stats)
+    """conv(relu(prologue(x))) [+ residual] as a (y, mean, var) triple (mean / var None without stats)."""
+    res = _block_conv(conv, x, prologue, stats, residual)
     return res if stats else (res, None, None)
 
 
@@ -57,7 +55,8 @@ class _ConvPreActMixin:
         if not self._can_run(x):
             return super().forward(x)
         bn1 = getattr(self, self._pairs[0][0])
-        first = (x, *batch_stats(x)) if _uses_batch_stats(bn1) else (x, None, None)
+        # statistics without autograd: the prologues' BatchNorm backward already differentiates through them
+        first = (x, *batch_stats(x.detach())) if _uses_batch_stats(bn1) else (x, None, None)
         prologue = first_prologue = _bn_prologue(bn1, first)
         out = x
         for i, (_, conv_name) in enumerate(self._pairs[:-1]):

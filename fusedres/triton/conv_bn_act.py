@@ -13,7 +13,7 @@ the weight already is one, as `fusedres.fold` arranges), so a K-tile is contiguo
 BN statistics are deterministic and independent of the tile configuration: every group of STAT_ROWS output
 rows writes its own partial (sum and sum of squared deviations from the group's own mean) and the launcher
 merges the [M / STAT_ROWS, C_out] partials in float64 with the exact parallel-variance formula
-(`_stats_merge_kernel`, fixed order, no atomics).
+(`_stats_merge_kernel` over chunks of partials in parallel, then `_stats_finalize_kernel` per channel; fixed order, no atomics).
 
 Programs run in grouped order (GROUP_M row tiles share L2 across all column tiles). A small C_in/groups with a
 spatial filter (the 7x7 stem's 3 channels) reduces over the flat (kh, kw, c) index (`PACKED`) so K lanes are
@@ -28,6 +28,7 @@ reproducible across processes. Under the interpreter one small fixed config is u
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 
@@ -233,24 +234,29 @@ def _conv_kernel(
 @triton.jit
 def _stats_merge_kernel(
     sum_ptr, m2_ptr,      # [P, C_out] fp32 per-row-group partials from _conv_kernel
-    mean_ptr, var_ptr,    # [C_out] fp32 out: mean and biased variance
-    P, C, M,              # row groups, channels, rows (output pixels)
+    cnt_ptr, mean_ptr, m2_out_ptr,  # [S, C_out] fp64 out: rows, mean and M2 of each of the S chunks of partials
+    P, C, M, per_chunk,   # row groups, channels, rows (output pixels), row groups per chunk
     STAT_ROWS: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    """Exact parallel-variance merge in float64, partials in a fixed order: mean = sum(s_p) / M,
+    """Stage 1 of the statistics merge, one program per (channel block, chunk of partials): the exact
+    parallel-variance merge of its chunk in float64, partials in a fixed order: mean = sum(s_p) / n,
     M2 = sum(m2_p + n_p * (s_p / n_p - mean)^2)."""
     c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_mask = c < C
+    chunk = tl.program_id(1)
+    p_lo = chunk * per_chunk
+    p_hi = tl.minimum(p_lo + per_chunk, P)
+    rows = (tl.minimum(p_hi * STAT_ROWS, M) - p_lo * STAT_ROWS).to(tl.float64)
     total = tl.zeros([BLOCK_C], dtype=tl.float64)
-    for p0 in range(0, P, BLOCK_P):
+    for p0 in range(p_lo, p_hi, BLOCK_P):
         p = p0 + tl.arange(0, BLOCK_P)
-        mask = (p < P)[:, None] & c_mask[None, :]
+        mask = (p < p_hi)[:, None] & c_mask[None, :]
         total += tl.sum(tl.load(sum_ptr + p[:, None] * C + c[None, :], mask=mask, other=0.0).to(tl.float64), axis=0)
-    mean = total / M
+    mean = total / rows
     m2 = tl.zeros([BLOCK_C], dtype=tl.float64)
-    for p0 in range(0, P, BLOCK_P):
+    for p0 in range(p_lo, p_hi, BLOCK_P):
         p = p0 + tl.arange(0, BLOCK_P)
-        p_mask = p < P
+        p_mask = p < p_hi
         mask = p_mask[:, None] & c_mask[None, :]
         offs = p[:, None] * C + c[None, :]
         s = tl.load(sum_ptr + offs, mask=mask, other=0.0).to(tl.float64)
@@ -258,8 +264,37 @@ def _stats_merge_kernel(
         n = tl.where(p_mask, tl.minimum(M - p * STAT_ROWS, STAT_ROWS), 1).to(tl.float64)
         d = s / n[:, None] - mean[None, :]
         m2 += tl.sum(tl.where(mask, q + n[:, None] * d * d, 0.0), axis=0)
+    out = chunk * C + c
+    tl.store(cnt_ptr + out, tl.zeros([BLOCK_C], dtype=tl.float64) + rows, mask=c_mask)
+    tl.store(mean_ptr + out, mean, mask=c_mask)
+    tl.store(m2_out_ptr + out, m2, mask=c_mask)
+
+
+@triton.jit
+def _stats_finalize_kernel(
+    cnt_ptr, mean_part_ptr, m2_part_ptr,   # [S, C_out] fp64 chunk statistics from _stats_merge_kernel
+    mean_ptr, var_ptr,                     # [C_out] fp32 out: mean and biased variance
+    S, C,
+    BLOCK_C: tl.constexpr,
+):
+    """Stage 2: Chan's merge of the S chunk statistics in float64, chunks in order."""
+    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_mask = c < C
+    count = tl.zeros([BLOCK_C], dtype=tl.float64)
+    mean = tl.zeros([BLOCK_C], dtype=tl.float64)
+    m2 = tl.zeros([BLOCK_C], dtype=tl.float64)
+    for i in range(0, S):
+        n_i = tl.load(cnt_ptr + i * C + c, mask=c_mask, other=0.0)
+        mean_i = tl.load(mean_part_ptr + i * C + c, mask=c_mask, other=0.0)
+        m2_i = tl.load(m2_part_ptr + i * C + c, mask=c_mask, other=0.0)
+        total = count + n_i
+        frac = n_i / total
+        delta = mean_i - mean
+        mean += delta * frac
+        m2 += m2_i + delta * delta * count * frac
+        count = total
     tl.store(mean_ptr + c, mean.to(tl.float32), mask=c_mask)
-    tl.store(var_ptr + c, (m2 / M).to(tl.float32), mask=c_mask)
+    tl.store(var_ptr + c, (m2 / count).to(tl.float32), mask=c_mask)
 
 
 def heuristic_config(cin_g: int, cout_g: int, kh: int = 1, kw: int = 1) -> dict:
@@ -506,8 +541,26 @@ def _candidates(major, smem, dtype, cin_g, cout_g, kh, kw) -> list[dict]:
     return cands or [heuristic_config(cin_g, cout_g, kh, kw)]
 
 
+# Statistics merge: at least this many stage-1 programs when the partials allow (>= the SM count of current
+# GPUs, e.g. 132 on H100/H200); a constant, not the device's SM count, so the summation order (and the result)
+# does not depend on the GPU. The interpreter gets a small target so tiny shapes still span several chunks.
+MERGE_PROGRAMS = 264
+INTERPRET_MERGE_PROGRAMS = 4
+
+
+def merge_plan(P: int, C_out: int, interpret: bool) -> tuple[int, int, int, int]:
+    """(BLOCK_C, BLOCK_P, chunks, row groups per chunk) of the two-stage statistics merge."""
+    block_c = 16 if interpret else 64
+    block_p = 4 if interpret else 64
+    c_blocks = triton.cdiv(C_out, block_c)
+    target = INTERPRET_MERGE_PROGRAMS if interpret else MERGE_PROGRAMS
+    per_chunk = triton.cdiv(P, max(1, min(P, triton.cdiv(target, c_blocks))))
+    return block_c, block_p, triton.cdiv(P, per_chunk), per_chunk
+
+
 def _merge(sums, m2s, M, stat_rows, C_out, stats, device):
-    """mean and biased variance from the per-row-group partials (exact parallel-variance merge, fixed order)."""
+    """mean and biased variance from the per-row-group partials: the exact parallel-variance merge in float64
+    and a fixed order, in two launches (chunks of partials in parallel, then the chunks per channel)."""
     if not stats:
         return (torch.empty(0, dtype=torch.float32, device=device),
                 torch.empty(0, dtype=torch.float32, device=device))
@@ -515,17 +568,13 @@ def _merge(sums, m2s, M, stat_rows, C_out, stats, device):
         nan = torch.full((C_out,), float("nan"), dtype=torch.float32, device=device)
         return nan, nan.clone()
     P = sums.shape[0]
+    block_c, block_p, chunks, per_chunk = merge_plan(P, C_out, device.type == "cpu")
     mean = empty((C_out,), dtype=torch.float32, device=device)
     var = empty((C_out,), dtype=torch.float32, device=device)
-    # the interpreter gets small blocks so tiny test shapes span several partial and channel blocks
-    block_c = 16 if device.type == "cpu" else 64
-    block_p = 4 if device.type == "cpu" else 64
-    grid = (triton.cdiv(C_out, block_c),)
-    if device.type == "cuda":
-        with torch.cuda.device(device):
-            _stats_merge_kernel[grid](sums, m2s, mean, var, P, C_out, M, STAT_ROWS=stat_rows, BLOCK_P=block_p,
-                                      BLOCK_C=block_c)
-    else:
-        _stats_merge_kernel[grid](sums, m2s, mean, var, P, C_out, M, STAT_ROWS=stat_rows, BLOCK_P=block_p,
-                                  BLOCK_C=block_c)
+    parts = [empty((chunks, C_out), dtype=torch.float64, device=device) for _ in range(3)]
+    c_blocks = triton.cdiv(C_out, block_c)
+    with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
+        _stats_merge_kernel[(c_blocks, chunks)](sums, m2s, *parts, P, C_out, M, per_chunk, STAT_ROWS=stat_rows,
+                                                BLOCK_P=block_p, BLOCK_C=block_c)
+        _stats_finalize_kernel[(c_blocks,)](*parts, mean, var, chunks, C_out, BLOCK_C=block_c)
     return mean, var

@@ -94,6 +94,24 @@ def _scale_shift_cases(cl, shape):
     }
 
 
+def _conv_mode_cases(cl, shape):
+    """The conv-mode block tail (BatchNorm with statistics the conv epilogue computed) and stem (BN + ReLU +
+    max-pool keeping only the conv output)."""
+    x, r, xb = _act(cl, shape), _act(cl, shape), _act(cl, shape)
+    (w, b, _, _), (w2, b2, _, _) = _params(), _params()
+    rw = torch.rand(C).add_(0.5).requires_grad_()
+    m, v, m2, v2 = torch.randn(C), torch.rand(C) + 0.5, torch.randn(C), torch.rand(C) + 0.5
+    none_b = (None, None, None, None, None, 1e-5)
+    return {
+        "stats_bn_act_plain": (ops.stats_bn_act, (x, None, None, m, v, 1e-5, None, None, *none_b, False)),
+        "stats_bn_act_residual_relu": (ops.stats_bn_act, (x, w, b, m, v, 1e-5, r, None, *none_b, True)),
+        "stats_bn_act_residual_weighted": (ops.stats_bn_act, (x, w, b, m, v, 1e-5, r, rw, *none_b, True)),
+        "stats_bn_act_dual_relu": (ops.stats_bn_act, (x, w, b, m, v, 1e-5, None, None, xb, w2, b2, m2, v2, 1e-3,
+                                                       True)),
+        "bn_act_pool_train": (ops.bn_act_pool_train, (x, w, b, 1e-5, True, [3, 3], [2, 2], [1, 1], [1, 1], False)),
+    }
+
+
 def _conv_cases():
     x = _act(True, (2, 4, 5, 5))
     w = torch.randn(6, 4, 3, 3, requires_grad=True)
@@ -120,7 +138,8 @@ def _all_cases():
     cases = {}
     for cl in (False, True):  # bn_act in both layouts; the others share its layout code: channels_last only
         tag = "cl" if cl else "nchw"
-        for factory in (_bn_act_cases, _dual_cases, _scale_shift_cases) if cl else (_bn_act_cases,):
+        for factory in (_bn_act_cases, _dual_cases, _scale_shift_cases, _conv_mode_cases) if cl else \
+                (_bn_act_cases,):
             cases.update({f"{k}-{tag}": v for k, v in factory(cl, SHAPE).items()})
     for factory in (_bn_act_cases, _dual_cases, _scale_shift_cases):
         cases.update({f"{k}-empty": v for k, v in factory(False, (0, C, 3, 2)).items() if "batch_stats" not in k})

@@ -169,3 +169,34 @@ def backward_apply(dy, x, mean, scale, shift, residual, xb, mean_b, scale_b, shi
                        k_x.data_ptr(), k_c.data_ptr(), _ptr(mean_b), _ptr(k_g_b), _ptr(k_x_b), _ptr(k_c_b),
                        dx.data_ptr(), _ptr(dxb))
     return dx, dxb
+
+
+# ------------------------------------------------------------------------------------------------ traffic
+# The kernels each `fusedres._C` entry launches (csrc/*.cu: a main kernel, then a finalize kernel for the
+# reductions), each as (kernel, reads, writes) from the entry's arguments with pointers resolved to their tensors
+# (None for 0): fusedres.bench.count counts launches and bytes from these; tests/test_count.py checks that every
+# pointer the wrappers above pass is declared.
+def _stats_kernels(launch, x, mean, var, ws, ws_numel, splits):
+    return [("stats_kernel", [x], [ws]), ("stats_finalize_kernel", [ws], [mean, var])]
+
+
+def _apply_kernels(launch, x, mean, scale, shift, res, xb, mean_b, scale_b, shift_b, y, relu):
+    return [("apply_kernel", [x, mean, scale, shift, res, xb, mean_b, scale_b, shift_b], [y])]
+
+
+def _bwd_reduce_kernels(launch, dy, x, scale, shift, mean, res, xb, scale_b, shift_b, mean_b, relu, grad_res, sum_g,
+                        sum_g_xc, sum_g_xbc, ws, ws_numel, splits):
+    reads = [dy, x, mean, xb, mean_b] + ([scale, shift, res, scale_b, shift_b] if relu else [])
+    return [("bwd_reduce_kernel", reads, [grad_res, ws]),
+            ("sums_finalize_kernel", [ws], [sum_g, sum_g_xc, sum_g_xbc])]
+
+
+def _bwd_apply_kernels(launch, dy, x, scale, shift, res, xb, scale_b, shift_b, relu, mean, k_g, k_x, k_c, mean_b,
+                       k_g_b, k_x_b, k_c_b, dx, dxb):
+    reads = [dy, x, mean, k_g, k_x, k_c] + ([xb, mean_b, k_g_b, k_x_b, k_c_b] if xb is not None else []) \
+        + ([scale, shift, res, scale_b, shift_b] if relu else [])
+    return [("bwd_apply_kernel", reads, [dx, dxb])]
+
+
+KERNELS = {"batch_stats": _stats_kernels, "apply": _apply_kernels, "backward_reduce": _bwd_reduce_kernels,
+           "backward_apply": _bwd_apply_kernels}

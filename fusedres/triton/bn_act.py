@@ -376,3 +376,52 @@ def backward_apply(dy, x, mean, scale, shift, residual, xb, mean_b, scale_b, shi
         geo.numel, geo.C, geo.inner, CL=geo.cl, RES_MODE=_res_mode(residual, xb), RELU=relu, ACC=geo.tl_acc,
         IDX64=geo.idx64, BLOCK=FLAT_BLOCK)
     return dx, dxb
+
+
+# ------------------------------------------------------------------------------------------------ traffic
+# What one launch of each kernel reads and writes, from its arguments by parameter name: (reads, writes), each
+# tensor once (fusedres.bench.traffic counts the bytes; tests/test_count.py checks them against the addresses the
+# interpreter touches, so a kernel whose loads change fails there until this table follows).
+def _second_bn(a):
+    return [a["xb_ptr"], a["mean_b_ptr"], a["scale_b_ptr"], a["shift_b_ptr"]]
+
+
+def _pre_activation_reads(a):
+    """What _pre_activation loads besides x: the C vectors, and r or the second BN."""
+    mode = a["RES_MODE"]
+    return [a["mean_ptr"], a["scale_ptr"], a["shift_ptr"]] + ([a["r_ptr"]] if mode == 1 else []) \
+        + (_second_bn(a) if mode == 2 else [])
+
+
+def _apply_traffic(a):
+    return [a["x_ptr"]] + _pre_activation_reads(a), [a["y_ptr"]]
+
+
+def _bwd_reduce_traffic(a):
+    mode = a["RES_MODE"]
+    reads = [a["dy_ptr"], a["x_ptr"], a["mean_ptr"]] + ([a["xb_ptr"], a["mean_b_ptr"]] if mode == 2 else [])
+    if a["RELU"]:
+        reads += _pre_activation_reads(a)
+    writes = [a["sum_g_ptr"], a["sum_gx_ptr"]] + ([a["sum_gxb_ptr"]] if mode == 2 else []) \
+        + ([a["dres_ptr"]] if a["WRITE_DRES"] else [])
+    return reads, writes
+
+
+def _bwd_apply_traffic(a):
+    mode = a["RES_MODE"]
+    reads = [a["dy_ptr"], a["x_ptr"], a["mean_ptr"], a["kg_ptr"], a["kx_ptr"], a["kc_ptr"]]
+    if mode == 2:
+        reads += [a["xb_ptr"], a["mean_b_ptr"], a["kgb_ptr"], a["kxb_ptr"], a["kcb_ptr"]]
+    if a["RELU"]:
+        reads += _pre_activation_reads(a)
+    return reads, [a["dx_ptr"]] + ([a["dxb_ptr"]] if mode == 2 else [])
+
+
+TRAFFIC = {
+    "_stats_partial_kernel": lambda a: ([a["x_ptr"]], [a["cnt_ptr"], a["mean_ptr"], a["m2_ptr"]]),
+    "_stats_finalize_kernel": lambda a: ([a["cnt_ptr"], a["mean_part_ptr"], a["m2_part_ptr"]],
+                                         [a["mean_ptr"], a["var_ptr"]]),
+    "_apply_kernel": _apply_traffic,
+    "_bwd_reduce_kernel": _bwd_reduce_traffic,
+    "_bwd_apply_kernel": _bwd_apply_traffic,
+}

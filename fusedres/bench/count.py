@@ -313,18 +313,21 @@ class _CudaExtension:
 
 
 class _Pointers:
-    """Tensor.data_ptr() during a CUDA-backend count: a distinct fake address per tensor, resolvable back."""
+    """Tensor.data_ptr() during a CUDA-backend count: a distinct fake address per live tensor memory, resolvable
+    back to the tensor (weakly: the count must not keep activations alive)."""
     BASE = 1 << 44
 
     def __init__(self):
-        self._by_key, self._tensors = {}, {}
+        self._by_key, self._tensors, self._next = {}, weakref.WeakValueDictionary(), 0
 
     def address(self, t) -> int:
         key = traffic.storage_key(t)
-        if key not in self._by_key:
-            self._by_key[key] = self.BASE + 256 * len(self._by_key)
-            self._tensors[self._by_key[key]] = t
-        return self._by_key[key]
+        addr = self._by_key.get(key)
+        if addr is None or addr not in self._tensors:  # new, or the memory was freed and reused
+            self._next += 1
+            addr = self._by_key[key] = self.BASE + 256 * self._next
+        self._tensors[addr] = t
+        return addr
 
     def resolve(self, a):
         if isinstance(a, bool) or not isinstance(a, int):

@@ -283,6 +283,18 @@ def test_bottleneck_counted_by_hand():
         for ln in c.of("fwd", "bwd")))
 
 
+def test_minimum_by_hand():
+    """Bottleneck(16, 4) float32: forward I + W + O per conv, backward O + I + 2W (+ I but for the first)."""
+    from torchvision.models.resnet import Bottleneck
+
+    e16, e4 = 2 * 16 * 64 * 4, 2 * 4 * 64 * 4
+    convs = [(e16, e4, 4 * 16 * 4), (e4, e4, 4 * 4 * 9 * 4), (e4, e16, 16 * 4 * 4)]
+    want = sum(i + w + o + o + i + 2 * w for i, o, w in convs) + sum(i for i, _, _ in convs[1:])
+    m = C.minimum(Bottleneck(16, 4), torch.empty(2, 16, 8, 8))
+    assert m["bytes"] == want and m["layers"] == 3
+    assert m["flops"] == 3 * 2 * 128 * (4 * 16 + 4 * 4 * 9 + 16 * 4)
+
+
 def test_count_model_leaves_the_model_alone():
     from torchvision.models.resnet import BasicBlock
 

@@ -503,7 +503,7 @@ def plan(dtype: str, patterns: tuple[str, ...] = ()) -> list[Impl]:
     return [i for i in out if i.backend != "triton"]
 
 
-def build(base: torch.nn.Module, impl: Impl, mode: str) -> torch.nn.Module:
+def build(base: torch.nn.Module, impl: Impl) -> torch.nn.Module:
     """The model one impl runs: stock, fusedres.convert (bn or conv mode) or fusedres.fold."""
     import fusedres
 
@@ -512,7 +512,7 @@ def build(base: torch.nn.Module, impl: Impl, mode: str) -> torch.nn.Module:
         model = model.to(memory_format=torch.channels_last)
     if impl.variant == "fold":
         model.eval()
-        return fusedres.fold(fusedres.convert(model)) if hasattr(fusedres, "fold") else model
+        return fusedres.fold(fusedres.convert(model))
     if impl.backend is not None:
         model = fusedres.convert(model, mode=impl.variant)
     return model
@@ -537,10 +537,12 @@ def count_rows(name: str, base: torch.nn.Module, impls, batch: int, size: int, s
 
     rows = []
     for impl in impls:
+        model = None
         for mode in impl.modes:
             t0 = time.perf_counter()
             try:
-                model = build(base, impl, mode)
+                if model is None:
+                    model = build(base, impl)
                 x = torch.empty(batch, 3, size, size).contiguous(memory_format=MEMORY_FORMATS[impl.memory_format])
                 amp = DTYPES[impl.dtype] if impl.dtype != "fp32" else None
                 c = count_model(model, x, mode=mode, backend=impl.backend or "cuda", amp_dtype=amp, spec=spec)
@@ -570,7 +572,6 @@ def minimum(model: torch.nn.Module, x: torch.Tensor, amp_dtype=None, spec: GpuSp
     input and writes the input gradient (not for the first layer) and the weight gradient once. Modeled time:
     per layer and direction max(bytes / bandwidth, FLOPs / peak) + one launch overhead."""
     spec = GPU_SPECS[spec] if isinstance(spec, str) else spec
-    c = count_model(model, x, mode="train", amp_dtype=amp_dtype, optimizer=False, keep_detail=False, spec=spec)
     convs = _conv_shapes(model, x, amp_dtype)
     total, seconds, flops = 0, 0.0, 0
     peak = (spec.bf16_tflops if amp_dtype in LOW_PRECISION else spec.tf32_tflops) * 1e12
@@ -582,8 +583,7 @@ def minimum(model: torch.nn.Module, x: torch.Tensor, amp_dtype=None, spec: GpuSp
         seconds += max(fwd / (spec.hbm_gbps * 1e9), f / peak) + max(bwd / (spec.hbm_gbps * 1e9), 2 * f / peak)
         seconds += 2 * spec.launch_us * 1e-6
     return {"bytes": total, "flops": flops, "layers": len(convs), "modeled_ms": seconds * 1e3,
-            "modeled_img_per_s": x.shape[0] / seconds, "gpu_spec": spec.name,
-            "stock_flops": c.summary(spec)["flops"]}
+            "modeled_img_per_s": x.shape[0] / seconds, "gpu_spec": spec.name}
 
 
 def _conv_shapes(model, x, amp_dtype):

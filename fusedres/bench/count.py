@@ -64,7 +64,7 @@ ZERO_LAUNCH_OPS = frozenset({
     "unbind", "chunk", "narrow", "view_as", "lift_fresh", "lift_fresh_copy", "empty", "empty_like",
     "empty_strided", "new_empty", "new_empty_strided", "set_", "resize_", "sym_size", "sym_stride", "sym_numel",
     "sym_storage_offset", "is_same_size", "_has_compatible_shallow_copy_type", "is_contiguous", "stride", "size",
-    "dim", "device", "_local_scalar_dense", "_to_copy_noop",
+    "dim", "device", "_local_scalar_dense", "as_strided_", "squeeze_", "unsqueeze_", "t_", "transpose_", "detach_",
 })
 LOW_PRECISION = (torch.bfloat16, torch.float16)
 # in-place ops that overwrite their first argument without reading it (and *_like ops read nothing)

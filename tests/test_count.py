@@ -346,6 +346,17 @@ def test_cli_count_level(tmp_path):
     assert "modeled" in (tmp_path / path.name.replace(".json", ".md")).read_text()
 
 
+def test_variants_that_change_nothing_are_not_rows():
+    import timm
+
+    model = timm.create_model("resnet18", num_classes=4)
+    for impl in C.plan("bf16"):
+        built = C.build(model, impl)
+        assert C.applies(built, impl) == (impl.variant == "bn"), impl.name
+    tv = C.build_model("resnet18", 4)
+    assert all(C.applies(C.build(tv, impl), impl) for impl in C.plan("bf16"))
+
+
 def test_auto_level_counts_without_a_gpu():
     from fusedres.bench.cli import resolve_levels
 

@@ -518,6 +518,18 @@ def build(base: torch.nn.Module, impl: Impl) -> torch.nn.Module:
     return model
 
 
+VARIANT_MODULES = {"conv": ("fusedres.nn.conv_blocks", "fusedres.nn.preact_conv"), "fold": ("fusedres.nn.conv",)}
+
+
+def applies(model: torch.nn.Module, impl: Impl) -> bool:
+    """Whether conversion changed something for this variant (conv mode and fold skip blocks they do not know,
+    e.g. timm's: such a row would repeat bn mode's under another name)."""
+    wanted = VARIANT_MODULES.get(impl.variant)
+    if impl.backend is None or wanted is None:
+        return True
+    return any(type(m).__module__ in wanted for m in model.modules())
+
+
 def build_model(name: str, num_classes: int = 1000) -> torch.nn.Module:
     """torchvision / fusedres.preact models by name, timm models as 'timm/<name>'."""
     if name.startswith("timm/"):
@@ -543,6 +555,10 @@ def count_rows(name: str, base: torch.nn.Module, impls, batch: int, size: int, s
             try:
                 if model is None:
                     model = build(base, impl)
+                    if not applies(model, impl):
+                        if log is not None:
+                            log(f"  {name} {impl.name}: not applicable (no block of this model has that form)")
+                        break
                 x = torch.empty(batch, 3, size, size).contiguous(memory_format=MEMORY_FORMATS[impl.memory_format])
                 amp = DTYPES[impl.dtype] if impl.dtype != "fp32" else None
                 c = count_model(model, x, mode=mode, backend=impl.backend or "cuda", amp_dtype=amp, spec=spec)
@@ -668,17 +684,21 @@ def plot(rows: list[dict], path, log=print):
     if not rows:
         return None
     labels = [f"{r['name']} {r['mode']}\n{r['impl']} {r['dtype']}" for r in rows]
-    fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(rows) + 2), 5))
-    bottom = [0.0] * len(rows)
-    for cat in traffic.CATEGORIES:
-        vals = [r["bytes_by_category"][cat] / r["batch"] / 1e6 for r in rows]
-        ax.bar(range(len(rows)), vals, bottom=bottom, label=traffic.CATEGORY_LABELS[cat])
-        bottom = [b + v for b, v in zip(bottom, vals)]
-    ax.set_xticks(range(len(rows)))
-    ax.set_xticklabels(labels, rotation=60, ha="right", fontsize=7)
-    ax.set_ylabel("MB per image")
-    ax.set_title(f"DRAM bytes per image by category ({MODELED})")
-    ax.legend()
+    fig, axes = plt.subplots(1, 2, figsize=(2 * max(6, 0.6 * len(rows) + 2), 5.5))
+    panels = ((axes[0], "bytes_by_category", lambda r, v: v / r["batch"] / 1e6, "MB per image",
+               "DRAM bytes per image by category"),
+              (axes[1], "launches_by_category", lambda r, v: v, "launches", "launches by category"))
+    for ax, key, scale, ylabel, title in panels:
+        bottom = [0.0] * len(rows)
+        for cat in traffic.CATEGORIES:
+            vals = [scale(r, r[key][cat]) for r in rows]
+            ax.bar(range(len(rows)), vals, bottom=bottom, label=traffic.CATEGORY_LABELS[cat])
+            bottom = [b + v for b, v in zip(bottom, vals)]
+        ax.set_xticks(range(len(rows)))
+        ax.set_xticklabels(labels, rotation=60, ha="right", fontsize=7)
+        ax.set_ylabel(ylabel)
+        ax.set_title(f"{title} ({MODELED})", fontsize=10)
+        ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -25,6 +25,7 @@ import functools
 import inspect
 import math
 import time
+import warnings
 import weakref
 from collections import Counter as _Tally
 from dataclasses import dataclass, field
@@ -512,7 +513,9 @@ def build(base: torch.nn.Module, impl: Impl) -> torch.nn.Module:
         model = model.to(memory_format=torch.channels_last)
     if impl.variant == "fold":
         model.eval()
-        return fusedres.fold(fusedres.convert(model))
+        with warnings.catch_warnings():  # a model fold cannot change is reported by applies(), not warned about
+            warnings.simplefilter("ignore", UserWarning)
+            return fusedres.fold(fusedres.convert(model))
     if impl.backend is not None:
         model = fusedres.convert(model, mode=impl.variant)
     return model

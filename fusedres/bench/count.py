@@ -271,7 +271,8 @@ class _TritonLaunch:
             if declare is None:
                 raise RuntimeError(f"{self.module.__name__}.{self.name} was launched but has no entry in "
                                    f"{self.module.__name__}.TRAFFIC: declare what it reads and writes")
-            a = self.signature.bind_partial(*args, **kwargs).arguments
+            params = self.signature.parameters  # launch options (num_warps, num_stages, ...) are not arguments
+            a = self.signature.bind_partial(*args, **{k: v for k, v in kwargs.items() if k in params}).arguments
             reads, writes = declare(a)
             flops_of = getattr(self.module, "FLOPS", {}).get(self.name)
             detail = {"args": a, "reads": reads, "writes": writes, "grid": grid}

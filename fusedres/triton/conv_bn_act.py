@@ -613,6 +613,9 @@ def conv_flops(a) -> int:
 
 TRAFFIC = {
     "_conv_kernel": _conv_traffic,
-    "_stats_merge_kernel": lambda a: ([a["sum_ptr"], a["m2_ptr"]], [a["mean_ptr"], a["var_ptr"]]),
+    "_stats_merge_kernel": lambda a: ([a["sum_ptr"], a["m2_ptr"]],
+                                      [a["cnt_ptr"], a["mean_ptr"], a["m2_out_ptr"]]),
+    "_stats_finalize_kernel": lambda a: ([a["cnt_ptr"], a["mean_part_ptr"], a["m2_part_ptr"]],
+                                         [a["mean_ptr"], a["var_ptr"]]),
 }
 FLOPS = {"_conv_kernel": conv_flops}

@@ -20,7 +20,8 @@ from torch.testing._internal.common_modules import module_db
 
 # Importing torch.testing._internal freezes torch.backends flags for the whole process (its own suite's
 # disable_global_flags()); the rest of this suite sets cudnn.allow_tf32 in fixtures, so thaw them again.
-torch.backends.__allow_nonbracketed_mutation_flag = True
+torch.backends.flags_frozen.__globals__["__allow_nonbracketed_mutation_flag"] = True
+assert not torch.backends.flags_frozen()
 
 import fusedres
 from fusedres.nn import BatchNormAct2d

@@ -199,14 +199,19 @@ CASES = [
     ("conv_stats_not_bool", lambda d: conv(d, stats="yes"), TYPE, r"stats must be a bool"),
     # ---------------------------------------------------------------- torch.ops.fusedres.* called directly
     ("op_bn_act_train_weight_channels", plain(lambda d: torch.ops.fusedres.bn_act_train(
-        _x(d), torch.ones(4, device=d), None, None, 1e-5, False)), VALUE, r"weight \(of x\) has shape \(4,\)"),
+        _x(d), torch.ones(4, device=d), None, None, *_vecs(d), 1e-5, False)), VALUE,
+     r"weight \(of x\) has shape \(4,\)"),
+    ("op_bn_stats_running_channels", plain(lambda d: torch.ops.fusedres.bn_stats(
+        _x(d), None, None, torch.zeros(4, device=d), torch.ones(4, device=d), None, 0.1, 1e-5)), VALUE,
+     r"running_mean \(of x\) has shape \(4,\)"),
     ("op_bn_act_eval_residual_dtype", plain(lambda d: torch.ops.fusedres.bn_act_eval(
         _x(d), None, None, _x(d).double(), *_vecs(d)[2:], 1e-5, True)), TYPE, r"residual dtype torch\.float64"),
     ("op_bn_act_backward_grad_shape", plain(lambda d: torch.ops.fusedres.bn_act_backward(
-        _x(d, 2, C, 4, 2), _x(d), None, None, None, *_vecs(d)[2:], 1e-5, True, True, False)), VALUE,
+        _x(d, 2, C, 4, 2), _x(d), None, None, None, *_vecs(d), 1e-5, True, True, False)), VALUE,
      r"grad_y shape \(2, 3, 4, 2\) does not match x shape"),
     ("op_dual_bn_act_train_r_device", plain(lambda d: torch.ops.fusedres.dual_bn_act_train(
-        _x(d), None, None, 1e-5, torch.empty(2, C, 4, 4, device="meta"), None, None, 1e-5, True)), VALUE,
+        _x(d), None, None, *_vecs(d), 1e-5, torch.empty(2, C, 4, 4, device="meta"), None, None, *_vecs(d), 1e-5,
+        True)), VALUE,
      r"r \(the shortcut input\) is on meta"),
     ("op_scale_shift_act_xb_dtype", plain(lambda d: torch.ops.fusedres.scale_shift_act(
         _x(d), *_vecs(d)[:3], None, _x(d).half(), *_vecs(d)[:3], True)), TYPE, r"xb dtype torch\.float16"),

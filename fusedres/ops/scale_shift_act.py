@@ -4,7 +4,8 @@ came from the conv epilogue (`conv_bn_act(stats=True)`), so the tail is one read
 of a statistics pass plus an apply pass. Gradients flow into mean/scale/shift (and the xb ones), hence back
 through the statistics into the conv, as BatchNorm's do.
 
-Registered ops (torch.ops.fusedres.*), built on the dispatcher's primitives (cuda → triton → reference):
+Registered ops (torch.ops.fusedres.*), built on the dispatcher's primitives (cuda → triton → reference); one
+launch forward, three backward (reduce, finalize — the mean / scale / shift gradients —, apply):
     scale_shift_act(x, mean, scale, shift, residual, xb, mean_b, scale_b, shift_b, relu) -> y
     scale_shift_act_backward(grad_y, x, mean, scale, shift, residual, xb, mean_b, scale_b, shift_b, relu)
         -> (grad_x, grad_mean, grad_scale, grad_shift, grad_residual, grad_xb, grad_mean_b, grad_scale_b,
@@ -75,19 +76,15 @@ def scale_shift_act_backward(grad_y: Tensor, x: Tensor, mean: Tensor, scale: Ten
     backend = backends.select(x)
     mean, scale, shift = _vecs(x, mean, scale, shift)
     mean_b, scale_b, shift_b = _vecs(x, mean_b, scale_b, shift_b)
-    sum_g, sum_g_xc, sum_g_xbc, d_res = backend.backward_reduce(grad_y, x, mean, scale, shift, residual, xb,
-                                                                mean_b, scale_b, shift_b, relu,
-                                                                residual is not None)
-    zero = torch.zeros_like(scale)
     has_b = xb is not None
-    dx, dxb = backend.backward_apply(grad_y, x, mean, scale, shift, residual, xb, mean_b, scale_b, shift_b, relu,
-                                     scale, zero, zero, scale_b if has_b else None, zero if has_b else None,
-                                     zero if has_b else None)
+    dx, dxb, d_res, (d_mean, d_scale, d_shift), grads_b = backend.backward(
+        grad_y, x, mean, scale, shift, None, 0.0, residual, xb, mean_b, scale_b, shift_b, None, 0.0, relu, True,
+        residual is not None)
     e = lambda: x.new_empty(0)  # noqa: E731  (distinct empties: outputs must not alias)
     ev = lambda: scale.new_empty(0)  # noqa: E731
-    return (dx, -scale * sum_g, sum_g_xc, sum_g.clone(), d_res if d_res is not None else e(),
-            dxb if has_b else e(), -scale_b * sum_g if has_b else ev(), sum_g_xbc if has_b else ev(),
-            sum_g.clone() if has_b else ev())
+    d_mean_b, d_scale_b, d_shift_b = grads_b if has_b else (ev(), ev(), ev())
+    return (dx, d_mean, d_scale, d_shift, d_res if d_res is not None else e(), dxb if has_b else e(), d_mean_b,
+            d_scale_b, d_shift_b)
 
 
 @scale_shift_act_backward.register_fake

@@ -402,7 +402,8 @@ void bwd_apply_vx(const fr::BwdArgs<float>& a, const Shape& s, bool aligned, int
 
 py::tuple backward_apply(const F32& dy, const F32& x, const F32& scale, const F32& shift, const OptF32& res,
                          const OptF32& xb, const OptF32& scale_b, const OptF32& shift_b, bool relu, const F32& mean,
-                         const F32& k_g, const F32& k_x, const F32& k_c, const OptF32& mean_b, const OptF32& k_g_b,
+                         const F32& k_g, const OptF32& k_x, const OptF32& k_c, const OptF32& mean_b,
+                         const OptF32& k_g_b,
                          const OptF32& k_x_b, const OptF32& k_c_b, i64 n, int c, i64 hw, bool cl, int vec,
                          bool aligned, int sm_count) {
   const Shape s{n, hw, c, cl};

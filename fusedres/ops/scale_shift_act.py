@@ -1,4 +1,5 @@
-"""`scale_shift_act`: y = act((x - mean) * scale + shift [+ residual | + (xb - mean_b) * scale_b + shift_b]) with
+"""`scale_shift_act`: y = act((x - mean) * scale + shift [+ residual | + (xb - mean_b) * scale_b + shift_b |
++ xb * scale_b]) with
 per-channel vectors that are *differentiable inputs* — the BN-apply of a block tail whose batch statistics
 came from the conv epilogue (`conv_bn_act(stats=True)`), so the tail is one read of the conv output instead
 of a statistics pass plus an apply pass. Gradients flow into mean/scale/shift (and the xb ones), hence back
@@ -37,9 +38,12 @@ def _check(x, mean, scale, shift, residual, xb, mean_b, scale_b, shift_b):
         check_like(residual, x, "residual")
     if xb is not None:
         check_like(xb, x, "xb")
+        if scale_b is None:
+            raise ValueError("fusedres: scale_shift_act with xb needs scale_b")
+        if (mean_b is None) != (shift_b is None):
+            raise ValueError("fusedres: scale_shift_act with xb needs mean_b and shift_b both, or neither (a "
+                             "weighted residual xb * scale_b)")
         for v, name in ((mean_b, "mean_b"), (scale_b, "scale_b"), (shift_b, "shift_b")):
-            if v is None:
-                raise ValueError(f"fusedres: scale_shift_act with xb needs {name}")
             check_channels(v, x, name)
     elif mean_b is not None or scale_b is not None or shift_b is not None:
         raise ValueError("fusedres: scale_shift_act got mean_b / scale_b / shift_b without xb (the second input)")
@@ -82,7 +86,8 @@ def scale_shift_act_backward(grad_y: Tensor, x: Tensor, mean: Tensor, scale: Ten
         residual is not None)
     e = lambda: x.new_empty(0)  # noqa: E731  (distinct empties: outputs must not alias)
     ev = lambda: scale.new_empty(0)  # noqa: E731
-    d_mean_b, d_scale_b, d_shift_b = grads_b if has_b else (ev(), ev(), ev())
+    d_mean_b, d_scale_b, d_shift_b = (grads_b if len(grads_b) == 3 else (ev(), grads_b[0], ev())) if has_b \
+        else (ev(), ev(), ev())
     return (dx, d_mean, d_scale, d_shift, d_res if d_res is not None else e(), dxb if has_b else e(), d_mean_b,
             d_scale_b, d_shift_b)
 
@@ -93,7 +98,8 @@ def _(grad_y, x, mean, scale, shift, residual, xb, mean_b, scale_b, shift_b, rel
     ev = fake_channels(x).new_empty(0)
     return (fake_like(x), fake_channels(x), fake_channels(x), fake_channels(x),
             fake_like(x) if residual is not None else x.new_empty(0), fake_like(x) if has_b else x.new_empty(0),
-            fake_channels(x) if has_b else ev, fake_channels(x) if has_b else ev, fake_channels(x) if has_b else ev)
+            fake_channels(x) if has_b and mean_b is not None else ev, fake_channels(x) if has_b else ev,
+            fake_channels(x) if has_b and shift_b is not None else ev)
 
 
 def _save(ctx, inputs, output):

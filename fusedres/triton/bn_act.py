@@ -119,8 +119,10 @@ def _welford_merge(cnt_ptr, mean_part_ptr, m2_part_ptr, P, C, c_offs, c_mask, AC
 def _invstd(var, eps, ACC: tl.constexpr, BLOCK_C: tl.constexpr):
     """1 / sqrt(var + eps) with IEEE (round-to-nearest) square root and division, as the CUDA kernels."""
     if ACC == tl.float64:
-        return 1.0 / tl.sqrt(var + eps)
-    return tl.div_rn(tl.full([BLOCK_C], 1.0, ACC), tl.sqrt_rn(var + eps))
+        invstd = 1.0 / tl.sqrt(var + eps)
+    else:
+        invstd = tl.div_rn(tl.full([BLOCK_C], 1.0, ACC), tl.sqrt_rn(var + eps))
+    return invstd
 
 
 @triton.jit
@@ -295,11 +297,11 @@ def _centred_term(x, mean, kx, ACC: tl.constexpr):
 
 @triton.jit
 def _bwd_finalize_kernel(
-    sg_part, sgx_part, sgxb_part,   # [P, C] partial sum(g), sum(g*(x-mean)), sum(g*(xb-mean_b)) (per program)
+    sum_g_ptr, sum_gx_ptr, sum_gxb_ptr,  # [P, C] partial sum(g), sum(g*(x-mean)), sum(g*(xb-mean_b))
     scale_ptr, var_ptr,             # [C] side a: scale, and the biased variance (MODE_A 1: a BatchNorm)
     scale_b_ptr, var_b_ptr,         # [C] side b (xb), likewise
-    a0, a1, a2, a3,                 # [C] out, side a: MODE 1 (BN): k_x, k_c, grad_weight, grad_bias;
-    b0, b1, b2, b3,                 #   MODE 2 (affine): grad_mean, grad_scale, grad_shift; MODE 3: grad_scale
+    a0_ptr, a1_ptr, a2_ptr, a3_ptr,  # [C] out, side a: MODE 1 (BN): k_x, k_c, grad_weight, grad_bias;
+    b0_ptr, b1_ptr, b2_ptr, b3_ptr,  #   MODE 2 (affine): grad_mean, grad_scale, grad_shift; MODE 3: grad_scale
     P, C, eps, eps_b, count,
     MODE_A: tl.constexpr, MODE_B: tl.constexpr, TRAINING: tl.constexpr, ACC: tl.constexpr,
     BLOCK_C: tl.constexpr,
@@ -313,14 +315,14 @@ def _bwd_finalize_kernel(
     sgx = tl.zeros([BLOCK_C], dtype=ACC)
     sgxb = tl.zeros([BLOCK_C], dtype=ACC)
     for p in range(0, P):
-        sg += tl.load(sg_part + p * C + c_offs, mask=c_mask, other=0.0)
-        sgx += tl.load(sgx_part + p * C + c_offs, mask=c_mask, other=0.0)
+        sg += tl.load(sum_g_ptr + p * C + c_offs, mask=c_mask, other=0.0)
+        sgx += tl.load(sum_gx_ptr + p * C + c_offs, mask=c_mask, other=0.0)
         if MODE_B > 0:
-            sgxb += tl.load(sgxb_part + p * C + c_offs, mask=c_mask, other=0.0)
-    _side_grads(sg, sgx, scale_ptr, var_ptr, eps, count, a0, a1, a2, a3, c_offs, c_mask, MODE_A, TRAINING, ACC,
-                BLOCK_C)
-    _side_grads(sg, sgxb, scale_b_ptr, var_b_ptr, eps_b, count, b0, b1, b2, b3, c_offs, c_mask, MODE_B, TRAINING,
-                ACC, BLOCK_C)
+            sgxb += tl.load(sum_gxb_ptr + p * C + c_offs, mask=c_mask, other=0.0)
+    _side_grads(sg, sgx, scale_ptr, var_ptr, eps, count, a0_ptr, a1_ptr, a2_ptr, a3_ptr, c_offs, c_mask, MODE_A,
+                TRAINING, ACC, BLOCK_C)
+    _side_grads(sg, sgxb, scale_b_ptr, var_b_ptr, eps_b, count, b0_ptr, b1_ptr, b2_ptr, b3_ptr, c_offs, c_mask,
+                MODE_B, TRAINING, ACC, BLOCK_C)
 
 
 @triton.jit

@@ -499,9 +499,20 @@ def bn_stats(x, weight, bias, eps, running_mean, running_var, momentum, num_batc
     return mean, var, scale, shift
 
 
+class _Channels:
+    """The channel blocking of the finalize kernels alone (any batch size, empty included)."""
+
+    def __init__(self, x: torch.Tensor):
+        self.C = x.shape[1]
+        self.acc = acc_dtype(x.dtype)
+        self.tl_acc = _TL_ACC[self.acc]
+        self.block_c = min(triton.next_power_of_2(self.C), 64)
+        self.programs = 1
+
+
 def bn_params(x, mean, var, weight, bias, eps):
     """(scale, shift) of BatchNorm with the given (running) mean and variance: one launch."""
-    geo = _Geometry(x)
+    geo = _Channels(x)
     scale, shift = _channels(geo, x, 2)
     _finalize(geo, None, mean, var, weight, bias, eps, scale, shift)
     return scale, shift

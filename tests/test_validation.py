@@ -200,7 +200,7 @@ CASES = [
     ("conv_res_scale_without_residual", lambda d: conv(d, res_scale=torch.ones(4, device=d)), VALUE,
      r"res_scale / res_shift given without a residual"),
     ("conv_in_relu_without_prologue", lambda d: conv(d, in_relu=True), VALUE,
-     r"in_relu=True needs a prologue \(in_scale and/or in_shift\)"),
+     r"in_relu=True needs a prologue \(in_scale and/or in_shift, or in_mean and in_var\)"),
     ("conv_stats_not_bool", lambda d: conv(d, stats="yes"), TYPE, r"stats must be a bool"),
     # ---------------------------------------------------------------- torch.ops.fusedres.* called directly
     ("op_bn_act_train_weight_channels", plain(lambda d: torch.ops.fusedres.bn_act_train(

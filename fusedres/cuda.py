@@ -258,3 +258,58 @@ def backward(dy, x, mean, scale, shift, var, eps, residual, xb, mean_b, scale_b,
                        _ptr(outs_b[0]) if bn_b else 0, _ptr(outs_b[1]) if bn_b else 0, dx.data_ptr(), _ptr(dxb))
     return (dx, dxb, grad_residual, tuple(outs_a[i] for i in _SIDE_OUTPUTS[mode_a]),
             tuple(outs_b[i] for i in _SIDE_OUTPUTS[mode_b]))
+
+
+# ------------------------------------------------------------------------------------------------ traffic
+# The kernels each `fusedres._C` entry launches (csrc/*.cu: a main kernel, then a finalize kernel for the
+# reductions), each as (kernel, reads, writes) from the entry's arguments with pointers resolved to their tensors
+# (None for 0): fusedres.bench.count counts launches and bytes from these; tests/test_count.py checks that every
+# pointer the wrappers above pass is declared.
+def _stats_kernels(launch, x, mean, var, ws, ws_numel, splits):
+    return [("stats_kernel", [x], [ws]), ("stats_finalize_kernel", [ws], [mean, var])]
+
+
+def _apply_kernels(launch, x, mean, scale, shift, res, xb, mean_b, scale_b, shift_b, y, relu):
+    return [("apply_kernel", [x, mean, scale, shift, res, xb, mean_b, scale_b, shift_b], [y])]
+
+
+def _bwd_reduce_kernels(launch, dy, x, scale, shift, mean, res, xb, scale_b, shift_b, mean_b, relu, grad_res, sum_g,
+                        sum_g_xc, sum_g_xbc, ws, ws_numel, splits):
+    reads = [dy, x, mean, xb, mean_b] + ([scale, shift, res, scale_b, shift_b] if relu else [])
+    return [("bwd_reduce_kernel", reads, [grad_res, ws]),
+            ("sums_finalize_kernel", [ws], [sum_g, sum_g_xc, sum_g_xbc])]
+
+
+def _bwd_apply_kernels(launch, dy, x, scale, shift, res, xb, scale_b, shift_b, relu, mean, k_g, k_x, k_c, mean_b,
+                       k_g_b, k_x_b, k_c_b, dx, dxb):
+    reads = [dy, x, mean, k_g, k_x, k_c] + ([xb, mean_b, k_g_b, k_x_b, k_c_b] if xb is not None else []) \
+        + ([scale, shift, res, scale_b, shift_b] if relu else [])
+    return [("bwd_apply_kernel", reads, [dx, dxb])]
+
+
+def _stats_partials_kernels(launch, x, ws, ws_numel, splits):
+    return [("stats_kernel", [x], [ws])]
+
+
+def _stats_params_kernels(launch, ws, splits, mean, var, weight, bias, eps, scale, shift, running_mean, running_var,
+                          num_batches_tracked, momentum, unbias):
+    reads = ([ws] if ws is not None else [mean, var]) + [weight, bias, running_mean, running_var, num_batches_tracked]
+    return [("stats_params_kernel", reads, ([mean, var] if ws is not None else []) + [scale, shift, running_mean,
+                                                                                       running_var])]
+
+
+def _bwd_partials_kernels(launch, dy, x, scale, shift, mean, res, xb, scale_b, shift_b, mean_b, relu, grad_res, ws,
+                          ws_numel, splits):
+    reads = [dy, x, mean, xb, mean_b] + ([scale, shift, res, scale_b, shift_b] if relu else [])
+    return [("bwd_reduce_kernel", reads, [grad_res, ws])]
+
+
+def _bwd_finalize_kernels(launch, ws, splits, mode_a, mode_b, training, count, scale, var, eps, scale_b, var_b,
+                          eps_b, out_a, out_b):
+    return [("bwd_finalize_kernel", [ws, scale, var, scale_b, var_b], [t for t in out_a + out_b if t is not None])]
+
+
+KERNELS = {"batch_stats": _stats_kernels, "apply": _apply_kernels, "backward_reduce": _bwd_reduce_kernels,
+           "backward_apply": _bwd_apply_kernels, "stats_partials": _stats_partials_kernels,
+           "stats_finalize": _stats_params_kernels, "backward_partials": _bwd_partials_kernels,
+           "backward_finalize": _bwd_finalize_kernels}

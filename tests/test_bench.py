@@ -255,7 +255,7 @@ def test_cli_parsing():
         with pytest.raises(SystemExit):
             cli.parse_args(bad)
     assert cli.resolve_levels(("auto",), cuda=True) == ["kernels", "blocks", "models"]
-    assert cli.resolve_levels(("auto",), cuda=False) == ["demo"]
+    assert cli.resolve_levels(("auto",), cuda=False) == ["demo", "count"]
     assert cli.resolve_levels(("all", "demo", "kernels"), cuda=False) == ["kernels", "blocks", "models", "demo"]
 
 

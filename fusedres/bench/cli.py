@@ -1,8 +1,9 @@
 """`fusedres-bench` / `python -m fusedres.bench`: argument parsing and the run from levels to files.
 
 With CUDA: the requested levels are timed and written as JSON, CSV, markdown and PNG. Without CUDA, `auto`
-(the default) runs the correctness demo instead (fusedres.bench.demo), because a time measured on a CPU through
-the Triton interpreter says nothing about the kernels; a timed level asked for by name is refused.
+(the default) runs the correctness demo and the count level (fusedres.bench.demo, fusedres.bench.count) instead,
+because a time measured on a CPU through the Triton interpreter says nothing about the kernels; a timed level
+asked for by name is refused.
 
 Arguments are parsed before torch is imported (this module imports only the standard library and
 fusedres.bench.vocab at load time), so --help and argument errors come back at once.
@@ -36,6 +37,13 @@ def _csv(kind, choices=None):
     return parse
 
 
+def _models(text: str) -> tuple[str, ...]:
+    """Model names; the count level also takes timm models as timm/<name>."""
+    names = _csv("model")(text)
+    _csv("model", MODELS + EXTRA_MODELS + ("all",))(",".join(n for n in names if not n.startswith("timm/")) or "all")
+    return names
+
+
 def _size(text: str) -> tuple[int, int, int, int]:
     try:
         dims = tuple(int(t) for t in text.replace("x", ",").split(","))
@@ -60,13 +68,14 @@ def build_parser() -> argparse.ArgumentParser:
                     "without one, check that the fused ResNet matches stock through the Triton interpreter.")
     p.add_argument("--level", type=_csv("level", LEVEL_CHOICES), default=("auto",), metavar="LEVELS",
                    help=f"comma list of {', '.join(LEVEL_CHOICES)} (default auto: the timed levels "
-                        f"{', '.join(LEVELS)} with CUDA, the demo without; all: every timed level; a timed level "
-                        f"asked for on a machine without CUDA is an error)")
-    p.add_argument("--models", type=_csv("model", MODELS + EXTRA_MODELS + ("all",)), default=None, metavar="NAMES",
-                   help=f"models level: comma list of {', '.join(MODELS + EXTRA_MODELS)} or all (default all = "
-                        f"the torchvision ones; --quick: resnet50)")
+                        f"{', '.join(LEVELS)} with CUDA, the demo and the count without; all: every timed level; "
+                        f"a timed level asked for on a machine without CUDA is an error; count: launches, bytes, "
+                        f"FLOPs, saved memory and a modeled time, counted on fake tensors)")
+    p.add_argument("--models", type=_models, default=None, metavar="NAMES",
+                   help=f"models and count levels: comma list of {', '.join(MODELS + EXTRA_MODELS)} or all (default "
+                        f"all = the torchvision ones; --quick and count: resnet50); count also takes timm/<name>")
     p.add_argument("--batch", type=_positive, default=None, metavar="N",
-                   help="batch size of every timed level (default 128)")
+                   help="batch size of every timed level (default 128; count: 256)")
     p.add_argument("--dtype", type=_csv("dtype", DTYPE_NAMES), default=None, metavar="DTYPES",
                    help="dtypes of the fused and compiled candidates (default bf16); model baselines always "
                         "include eager fp32, bf16 and fp16")
@@ -95,6 +104,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --compare: compare two saved results without measuring anything")
     p.add_argument("--fail-threshold", type=float, default=None, metavar="PCT",
                    help="with --compare: exit 1 when a row got slower by more than PCT percent or now fails")
+    p.add_argument("--size", type=_positive, default=None, metavar="PIXELS",
+                   help="count: image size (default 224; the CIFAR pre-activation models always 32)")
+    p.add_argument("--gpu", default="H200", choices=("H100 SXM", "H200", "A100"), metavar="GPU",
+                   help="count: the GPU whose datasheet numbers model the time: H100 SXM, H200 (default) or A100")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     p.add_argument("--demo-model", default="resnet18", choices=MODELS, metavar="MODEL",
                    help=f"demo: model, one of {', '.join(MODELS)} (default resnet18)")
@@ -127,10 +140,11 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def resolve_levels(requested, cuda: bool) -> list[str]:
-    """The levels to run, in order: 'auto' is the timed levels with CUDA and the demo without."""
+    """The levels to run, in order: 'auto' is the timed levels with CUDA, the demo and the count without."""
     out = []
     for level in requested:
-        expanded = (LEVELS if cuda else ("demo",)) if level == "auto" else LEVELS if level == "all" else (level,)
+        expanded = (LEVELS if cuda else ("demo", "count")) if level == "auto" else LEVELS if level == "all" \
+            else (level,)
         out += [lv for lv in expanded if lv not in out]
     return out
 
@@ -322,10 +336,14 @@ def main(argv=None) -> int:
     levels = resolve_levels(args.level, cuda)
     timed = [lv for lv in levels if lv in LEVELS]
     rc = 0
-    if "demo" in levels or not cuda:
+    if "demo" in levels:
         rc = run_demo_job(args, timed, cuda)
     if cuda and timed:
         rc = run_timed(args, timed) or rc
+    if "count" in levels:
+        from fusedres.bench import count
+
+        rc = count.run(args) or rc
     return rc
 
 

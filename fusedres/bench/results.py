@@ -97,7 +97,10 @@ def validate(doc: dict) -> list[str]:
         problems += [f"row {i}: missing {k!r}" for k in ROW_KEYS if k not in row]
         if row.get("mode") not in MODES:
             problems.append(f"row {i}: mode {row.get('mode')!r} is not one of {MODES}")
-        if row.get("ms") is None and not row.get("error"):
+        if row.get("level") == "count":  # modeled, never timed (fusedres.bench.count)
+            if row.get("ms") is not None or (row.get("modeled_ms") is None and not row.get("error")):
+                problems.append(f"row {i}: a count row needs modeled_ms (or an error) and no time")
+        elif row.get("ms") is None and not row.get("error"):
             problems.append(f"row {i}: neither a time nor an error")
     return problems
 

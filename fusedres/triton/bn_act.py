@@ -627,3 +627,82 @@ def backward(dy, x, mean, scale, shift, var, eps, residual, xb, mean_b, scale_b,
                          scale_b, outs_b[0] if bn_b else None, outs_b[1] if bn_b else None)
     return (dx, dxb, d_res, tuple(outs_a[i] for i in _SIDE_OUTPUTS[mode_a]),
             tuple(outs_b[i] for i in _SIDE_OUTPUTS[mode_b]))
+
+
+# ------------------------------------------------------------------------------------------------ traffic
+# What one launch of each kernel reads and writes, from its arguments by parameter name: (reads, writes), each
+# tensor once (fusedres.bench.traffic counts the bytes; tests/test_count.py checks them against the addresses the
+# interpreter touches, so a kernel whose loads change fails there until this table follows).
+def _pre_activation_reads(a):
+    """What _pre_activation loads besides x: the C vectors, and r, the second BN or the weighted residual."""
+    mode = a["RES_MODE"]
+    reads = [a["mean_ptr"], a["scale_ptr"], a["shift_ptr"]]
+    if mode == 1:
+        reads.append(a["r_ptr"])
+    if mode == 2:
+        reads += [a["xb_ptr"], a["mean_b_ptr"], a["scale_b_ptr"], a["shift_b_ptr"]]
+    if mode == 3:
+        reads += [a["xb_ptr"], a["scale_b_ptr"]]
+    return reads
+
+
+def _apply_traffic(a):
+    return [a["x_ptr"]] + _pre_activation_reads(a), [a["y_ptr"]]
+
+
+def _stats_finalize_traffic(a):
+    partials = a["FROM_PARTIALS"]
+    reads = [a["cnt_ptr"], a["mean_part_ptr"], a["m2_part_ptr"]] if partials else [a["mean_ptr"], a["var_ptr"]]
+    writes = [a["mean_ptr"], a["var_ptr"]] if partials else []
+    if a["PARAMS"]:
+        reads += ([a["w_ptr"]] if a["HAS_W"] else []) + ([a["b_ptr"]] if a["HAS_B"] else [])
+        writes += [a["scale_ptr"], a["shift_ptr"]]
+    if a["RUNNING"]:
+        reads += [a["rm_ptr"], a["rv_ptr"]] + ([a["nbt_ptr"]] if a["RUNNING"] == 2 else [])
+        writes += [a["rm_ptr"], a["rv_ptr"]]
+    return reads, writes
+
+
+def _bwd_reduce_traffic(a):
+    mode = a["RES_MODE"]
+    reads = [a["dy_ptr"], a["x_ptr"], a["mean_ptr"]] + ([a["xb_ptr"]] if mode >= 2 else []) \
+        + ([a["mean_b_ptr"]] if mode == 2 else [])
+    if a["RELU"]:
+        reads += _pre_activation_reads(a)
+    writes = [a["sum_g_ptr"], a["sum_gx_ptr"]] + ([a["sum_gxb_ptr"]] if mode >= 2 else []) \
+        + ([a["dres_ptr"]] if a["WRITE_DRES"] else [])
+    return reads, writes
+
+
+_SIDE_TRAFFIC = {0: ((), ()), 1: ((0, 1), (0, 1, 2, 3)), 2: ((0,), (0, 1, 2)), 3: ((), (1,))}
+
+
+def _bwd_finalize_traffic(a):
+    reads = [a["sum_g_ptr"], a["sum_gx_ptr"]] + ([a["sum_gxb_ptr"]] if a["MODE_B"] > 0 else [])
+    writes = []
+    for mode, ins, outs in ((a["MODE_A"], ("scale_ptr", "var_ptr"), "a"), (a["MODE_B"], ("scale_b_ptr", "var_b_ptr"),
+                                                                            "b")):
+        read_idx, write_idx = _SIDE_TRAFFIC[mode]
+        reads += [a[ins[i]] for i in read_idx]
+        writes += [a[f"{outs}{i}_ptr"] for i in write_idx]
+    return reads, writes
+
+
+def _bwd_apply_traffic(a):
+    mode = a["RES_MODE"]
+    reads = [a["dy_ptr"], a["x_ptr"], a["kg_ptr"]] + ([a["mean_ptr"], a["kx_ptr"], a["kc_ptr"]] if a["K_A"] else [])
+    if mode >= 2:
+        reads += [a["xb_ptr"], a["kgb_ptr"]] + ([a["mean_b_ptr"], a["kxb_ptr"], a["kcb_ptr"]] if a["K_B"] else [])
+    if a["RELU"]:
+        reads += _pre_activation_reads(a)
+    return reads, [a["dx_ptr"]] + ([a["dxb_ptr"]] if mode >= 2 else [])
+
+
+TRAFFIC = {
+    "_stats_partial_kernel": lambda a: ([a["x_ptr"]], [a["cnt_ptr"], a["mean_ptr"], a["m2_ptr"]]),
+    "_stats_finalize_kernel": _stats_finalize_traffic,
+    "_apply_kernel": _apply_traffic,
+    "_bwd_reduce_kernel": _bwd_reduce_traffic,
+    "_bwd_finalize_kernel": _bwd_finalize_traffic,
+    "_bwd_apply_kernel": _bwd_apply_traffic,
+}

@@ -578,3 +578,44 @@ def _merge(sums, m2s, M, stat_rows, C_out, stats, device):
                                                 BLOCK_P=block_p, BLOCK_C=block_c)
         _stats_finalize_kernel[(c_blocks,)](*parts, mean, var, chunks, C_out, BLOCK_C=block_c)
     return mean, var
+
+
+# ------------------------------------------------------------------------------------------------ traffic
+def _touched(size: int, out: int, k: int, stride: int, pad: int, dil: int) -> int:
+    """Input rows (or columns) some output position reads: a strided 1x1 conv skips the others."""
+    return len({o * stride - pad + t * dil for o in range(out) for t in range(k)} & set(range(size)))
+
+
+def _conv_traffic(a):
+    """x where some output reads it, the weights, y; the C vectors and residual the flags switch on; the
+    statistics partials. A conv's FLOPs are counted as torch.utils.flop_counter counts its convolution."""
+    x, w = a["x_ptr"], a["w_ptr"]
+    n = x.shape[0]
+    rows = _touched(a["H"], a["OH"], a["KH"], a["stride_h"], a["pad_h"], a["dil_h"])
+    cols = _touched(a["W"], a["OW"], a["KW"], a["stride_w"], a["pad_w"], a["dil_w"])
+    reads = [(x, n * rows * cols * a["C_in"] * x.element_size()), w]
+    if a["PROLOGUE"]:
+        reads += [a["in_scale_ptr"], a["in_shift_ptr"]]
+    reads += [a["out_scale_ptr"]] if a["OUT_SCALE"] else []
+    reads += [a["out_shift_ptr"]] if a["OUT_SHIFT"] else []
+    reads += [a["r_ptr"]] if a["RESIDUAL"] else []
+    reads += [a["res_scale_ptr"], a["res_shift_ptr"]] if a["RES_AFFINE"] else []
+    writes = [a["y_ptr"]] + ([a["sum_ptr"], a["m2_ptr"]] if a["STATS"] else [])
+    return reads, writes
+
+
+def conv_flops(a) -> int:
+    from torch.utils.flop_counter import conv_flop_count
+
+    return conv_flop_count([a["x_ptr"].shape[0], a["C_in"], a["H"], a["W"]], list(a["w_ptr"].shape),
+                           [a["x_ptr"].shape[0], a["C_out"], a["OH"], a["OW"]], transposed=False)
+
+
+TRAFFIC = {
+    "_conv_kernel": _conv_traffic,
+    "_stats_merge_kernel": lambda a: ([a["sum_ptr"], a["m2_ptr"]],
+                                      [a["cnt_ptr"], a["mean_ptr"], a["m2_out_ptr"]]),
+    "_stats_finalize_kernel": lambda a: ([a["cnt_ptr"], a["mean_part_ptr"], a["m2_part_ptr"]],
+                                         [a["mean_ptr"], a["var_ptr"]]),
+}
+FLOPS = {"_conv_kernel": conv_flops}

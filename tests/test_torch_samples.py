@@ -18,6 +18,10 @@ from torch import nn
 from torch.testing._internal.common_methods_invocations import op_db
 from torch.testing._internal.common_modules import module_db
 
+# Importing torch.testing._internal freezes torch.backends flags for the whole process (its own suite's
+# disable_global_flags()); the rest of this suite sets cudnn.allow_tf32 in fixtures, so thaw them again.
+torch.backends.__allow_nonbracketed_mutation_flag = True
+
 import fusedres
 from fusedres.nn import BatchNormAct2d
 from helpers import TOLERANCES, backend_names

@@ -58,7 +58,11 @@ def _tile(t, N, C, HW, tiles_per_n, c_offs, CL: tl.constexpr, BLOCK_R: tl.conste
     return offs, mask, tl.sum(mask_r.to(tl.int32), axis=0)
 
 
-@triton.jit
+# Loop counts and the batch are not specialised: a partial or eval batch must not compile a new variant.
+_LOOP_ARGS = ["N", "num_tiles", "tiles_per_program", "tiles_per_n"]
+
+
+@triton.jit(do_not_specialize=_LOOP_ARGS)
 def _stats_partial_kernel(
     x_ptr,        # [N, C, H, W] input, NCHW or NHWC dense
     cnt_ptr,      # [P, C] out: rows seen by program p (acc dtype)
@@ -138,7 +142,7 @@ def _lerp(a, b, w):
     return tl.where(w < 0.5, a + w * (b - a), b - (b - a) * (1.0 - w))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["P"])
 def _stats_finalize_kernel(
     cnt_ptr, mean_part_ptr, m2_part_ptr,   # [P, C] partials from _stats_partial_kernel (FROM_PARTIALS)
     mean_ptr, var_ptr,                     # [C] out (FROM_PARTIALS) or in: mean and biased variance
@@ -244,7 +248,7 @@ def _apply_kernel(
     tl.store(y_ptr + offs, z.to(y_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_LOOP_ARGS)
 def _bwd_reduce_kernel(
     dy_ptr, x_ptr, r_ptr, xb_ptr,   # [N, C, H, W] grad of y, x, residual (RES_MODE 1), xb (RES_MODE 2)
     dres_ptr,                       # [N, C, H, W] out (WRITE_DRES): grad of the residual = masked dy
@@ -295,7 +299,7 @@ def _centred_term(x, mean, kx, ACC: tl.constexpr):
     return tl.where(kx == 0.0, 0.0, (x.to(ACC) - mean) * kx)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["P"])
 def _bwd_finalize_kernel(
     sum_g_ptr, sum_gx_ptr, sum_gxb_ptr,  # [P, C] partial sum(g), sum(g*(x-mean)), sum(g*(xb-mean_b))
     scale_ptr, var_ptr,             # [C] side a: scale, and the biased variance (MODE_A 1: a BatchNorm)

@@ -231,7 +231,7 @@ def _conv_kernel(
     tl.store(y_ptr + y_offs, z.to(y_ptr.dtype.element_ty), mask=out_mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["P", "M", "per_chunk"])
 def _stats_merge_kernel(
     sum_ptr, m2_ptr,      # [P, C_out] fp32 per-row-group partials from _conv_kernel
     cnt_ptr, mean_ptr, m2_out_ptr,  # [S, C_out] fp64 out: rows, mean and M2 of each of the S chunks of partials
@@ -270,7 +270,7 @@ def _stats_merge_kernel(
     tl.store(m2_out_ptr + out, m2, mask=c_mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["S"])
 def _stats_finalize_kernel(
     cnt_ptr, mean_part_ptr, m2_part_ptr,   # [S, C_out] fp64 chunk statistics from _stats_merge_kernel
     mean_ptr, var_ptr,                     # [C_out] fp32 out: mean and biased variance

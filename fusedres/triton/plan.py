@@ -14,9 +14,6 @@ import importlib
 import torch
 
 _MODULES = ("fusedres.triton.bn_act", "fusedres.triton.conv_bn_act")
-# integer arguments the kernels exclude from specialisation (Triton's do_not_specialize), per kernel name
-NO_SPECIALIZE = {"_conv_kernel": {"H", "W", "OH", "OW", "M", "stride_h", "stride_w", "pad_h", "pad_w", "dil_h",
-                                  "dil_w"}}
 
 
 def _spec(name, value, no_spec):
@@ -38,10 +35,13 @@ class _Recorder:
     def __init__(self, plan, fn, name):
         self.plan, self.fn, self.name = plan, fn, name
         self.arg_names = list(getattr(fn, "arg_names", None) or fn.fn.__code__.co_varnames[:fn.fn.__code__.co_argcount])
+        # the kernel's own opt-outs: a JITFunction's attribute, an InterpretedFunction's decorator kwargs
+        dns = getattr(fn, "do_not_specialize", None) or getattr(fn, "kwargs", {}).get("do_not_specialize") or ()
+        self.no_spec = {self.arg_names[a] if isinstance(a, int) else a for a in dns}
 
     def __getitem__(self, grid):
         def launch(*args, **kwargs):
-            no_spec = NO_SPECIALIZE.get(self.name, set())
+            no_spec = self.no_spec
             opts = {k: kwargs.pop(k) for k in ("num_warps", "num_stages") if k in kwargs}
             named = dict(zip(self.arg_names, args))
             spec = tuple((k, _spec(k, v, no_spec)) for k, v in named.items())

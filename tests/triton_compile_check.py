@@ -42,6 +42,8 @@ def compile_variant(fn, dtype, constexprs, target):
         consts["ACC"] = getattr(tl, ACC[dtype])
     ptrs = {name: getattr(torch, ACC[dtype]) for name in ACC_PTRS}
     ptrs.update({name: torch.int64 for name in INT64_PTRS})
+    if "BLOCK_M" in consts:  # the conv kernel's w_ptr is the conv weight, in the activation dtype
+        ptrs.pop("w_ptr")
     floats = {name: 1e-5 for name in FLOAT_ARGS}  # float arguments: specialised as fp32, as at launch
     options = {}
     if "BLOCK_M" in consts:

@@ -2,6 +2,9 @@
 // planning functions of fr_math.h, never CUDA or torch headers. Pointers arrive as Python ints
 // (tensor.data_ptr(), 0 for an absent optional tensor); fusedres/cuda.py allocates every output.
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <array>
 
 #include <cstdint>
 
@@ -93,6 +96,82 @@ PYBIND11_MODULE(_C, m) {
       py::arg("xb"), py::arg("scale_b"), py::arg("shift_b"), py::arg("relu"), py::arg("mean"), py::arg("k_g"),
       py::arg("k_x"), py::arg("k_c"), py::arg("mean_b"), py::arg("k_g_b"), py::arg("k_x_b"), py::arg("k_c_b"),
       py::arg("dx"), py::arg("dxb"));
+
+  m.def(
+      "stats_partials",
+      [](const fr::Launch& L, u x, u ws, std::int64_t ws_numel, int splits) {
+        fr::stats_partials(L, ptr<const void>(x), ptr<float>(ws), ws_numel, splits);
+      },
+      py::arg("launch"), py::arg("x"), py::arg("ws"), py::arg("ws_numel"), py::arg("splits"),
+      "One launch: the statistics partials of batch_stats into ws.");
+
+  m.def(
+      "stats_finalize",
+      [](const fr::Launch& L, u ws, int splits, u mean, u var, u weight, u bias, float eps, u scale, u shift,
+         u running_mean, u running_var, u num_batches_tracked, float momentum, float unbias) {
+        fr::StatsFinalizeArgs a;
+        a.ws = ptr<const float>(ws);
+        a.splits = splits;
+        a.mean = ptr<float>(mean);
+        a.var = ptr<float>(var);
+        a.weight = ptr<const float>(weight);
+        a.bias = ptr<const float>(bias);
+        a.eps = eps;
+        a.scale = ptr<float>(scale);
+        a.shift = ptr<float>(shift);
+        a.running_mean = ptr<float>(running_mean);
+        a.running_var = ptr<float>(running_var);
+        a.num_batches_tracked = ptr<const std::int64_t>(num_batches_tracked);
+        a.momentum = momentum;
+        a.unbias = unbias;
+        fr::stats_finalize(L, a);
+      },
+      py::arg("launch"), py::arg("ws"), py::arg("splits"), py::arg("mean"), py::arg("var"), py::arg("weight"),
+      py::arg("bias"), py::arg("eps"), py::arg("scale"), py::arg("shift"), py::arg("running_mean"),
+      py::arg("running_var"), py::arg("num_batches_tracked"), py::arg("momentum"), py::arg("unbias"),
+      "One launch: mean, var (ws = 0: read), scale, shift; running statistics updated (fr_api.h).");
+
+  m.def(
+      "backward_partials",
+      [](const fr::Launch& L, u dy, u x, u scale, u shift, u mean, u res, u xb, u scale_b, u shift_b, u mean_b,
+         bool relu, u grad_res, u ws, std::int64_t ws_numel, int splits) {
+        fr::backward_partials(L, ptr<const void>(dy), ptr<const void>(x), ptr<const float>(scale),
+                              ptr<const float>(shift), ptr<const float>(mean), ptr<const void>(res),
+                              ptr<const void>(xb), ptr<const float>(scale_b), ptr<const float>(shift_b),
+                              ptr<const float>(mean_b), relu, ptr<void>(grad_res), ptr<float>(ws), ws_numel, splits);
+      },
+      py::arg("launch"), py::arg("dy"), py::arg("x"), py::arg("scale"), py::arg("shift"), py::arg("mean"),
+      py::arg("res"), py::arg("xb"), py::arg("scale_b"), py::arg("shift_b"), py::arg("mean_b"), py::arg("relu"),
+      py::arg("grad_res"), py::arg("ws"), py::arg("ws_numel"), py::arg("splits"),
+      "One launch: the partial sums of backward_reduce into ws (and grad_res).");
+
+  m.def(
+      "backward_finalize",
+      [](const fr::Launch& L, u ws, int splits, int mode_a, int mode_b, bool training, float count, u scale, u var,
+         float eps, u scale_b, u var_b, float eps_b, std::array<u, 4> out_a, std::array<u, 4> out_b) {
+        fr::BwdFinalizeArgs a;
+        a.ws = ptr<const float>(ws);
+        a.splits = splits;
+        a.mode_a = mode_a;
+        a.mode_b = mode_b;
+        a.training = training;
+        a.count = count;
+        a.scale = ptr<const float>(scale);
+        a.var = ptr<const float>(var);
+        a.eps = eps;
+        a.scale_b = ptr<const float>(scale_b);
+        a.var_b = ptr<const float>(var_b);
+        a.eps_b = eps_b;
+        for (int i = 0; i < 4; ++i) {
+          a.out_a[i] = ptr<float>(out_a[i]);
+          a.out_b[i] = ptr<float>(out_b[i]);
+        }
+        fr::backward_finalize(L, a);
+      },
+      py::arg("launch"), py::arg("ws"), py::arg("splits"), py::arg("mode_a"), py::arg("mode_b"), py::arg("training"),
+      py::arg("count"), py::arg("scale"), py::arg("var"), py::arg("eps"), py::arg("scale_b"), py::arg("var_b"),
+      py::arg("eps_b"), py::arg("out_a"), py::arg("out_b"),
+      "One launch: coefficients and parameter gradients per side from the backward partials (fr_finalize.h).");
 
   m.def("build_info", &fr::build_info, "Compiled CUDA runtime version and architectures.");
   m.def("device_unsupported", &fr::device_unsupported, py::arg("device"),

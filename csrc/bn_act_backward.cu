@@ -100,10 +100,10 @@ void launch_bwd_reduce(const Launch& L, const BwdArgs<T>& a, int splits, float* 
   }
 }
 
-void backward_reduce(const Launch& L, const void* dy, const void* x, const float* scale, const float* shift,
-                     const float* mean, const void* res, const void* xb, const float* scale_b,
-                     const float* shift_b, const float* mean_b, bool relu, void* grad_res, float* sum_g,
-                     float* sum_g_xc, float* sum_g_xbc, float* ws, std::int64_t ws_numel, int splits) {
+void backward_partials(const Launch& L, const void* dy, const void* x, const float* scale, const float* shift,
+                       const float* mean, const void* res, const void* xb, const float* scale_b,
+                       const float* shift_b, const float* mean_b, bool relu, void* grad_res, float* ws,
+                       std::int64_t ws_numel, int splits) {
   DeviceGuard guard(L.device);
   const int Q = xb ? 3 : 2;
   if (splits < 1 || splits > kMaxSplits) throw std::runtime_error("fusedres._C: bad split count");
@@ -138,7 +138,16 @@ void backward_reduce(const Launch& L, const void* dy, const void* x, const float
       else launch_bwd_reduce<T, 1, 2>(L, a, splits, ws, st);
     }
   });
-  launch_sums_finalize(ws, Q, splits, L.c, sum_g, sum_g_xc, sum_g_xbc, st);
+}
+
+void backward_reduce(const Launch& L, const void* dy, const void* x, const float* scale, const float* shift,
+                     const float* mean, const void* res, const void* xb, const float* scale_b,
+                     const float* shift_b, const float* mean_b, bool relu, void* grad_res, float* sum_g,
+                     float* sum_g_xc, float* sum_g_xbc, float* ws, std::int64_t ws_numel, int splits) {
+  backward_partials(L, dy, x, scale, shift, mean, res, xb, scale_b, shift_b, mean_b, relu, grad_res, ws, ws_numel,
+                    splits);
+  DeviceGuard guard(L.device);
+  launch_sums_finalize(ws, xb ? 3 : 2, splits, L.c, sum_g, sum_g_xc, sum_g_xbc, stream_of(L));
 }
 
 // ------------------------------------------------------------------------------------------------ apply

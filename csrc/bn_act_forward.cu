@@ -76,8 +76,7 @@ void launch_stats_finalize(const float* ws, int splits, int C, float* mean, floa
   check_launch("stats_finalize_kernel");
 }
 
-void batch_stats(const Launch& L, const void* x, float* mean, float* var, float* ws, std::int64_t ws_numel,
-                 int splits) {
+void stats_partials(const Launch& L, const void* x, float* ws, std::int64_t ws_numel, int splits) {
   DeviceGuard guard(L.device);
   if (splits < 1 || splits > kMaxSplits) throw std::runtime_error("fusedres._C: bad split count");
   check_workspace(ws_numel, 3LL * splits * L.c);
@@ -111,7 +110,13 @@ void batch_stats(const Launch& L, const void* x, float* mean, float* var, float*
     }
     check_launch("stats kernel");
   });
-  launch_stats_finalize(ws, splits, L.c, mean, var, st);
+}
+
+void batch_stats(const Launch& L, const void* x, float* mean, float* var, float* ws, std::int64_t ws_numel,
+                 int splits) {
+  stats_partials(L, x, ws, ws_numel, splits);
+  DeviceGuard guard(L.device);
+  launch_stats_finalize(ws, splits, L.c, mean, var, stream_of(L));
 }
 
 // ------------------------------------------------------------------------------------------------ apply

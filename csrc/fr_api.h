@@ -45,6 +45,49 @@ void backward_apply(const Launch& L, const void* dy, const void* x, const float*
                     const float* mean, const float* k_g, const float* k_x, const float* k_c, const float* mean_b,
                     const float* k_g_b, const float* k_x_b, const float* k_c_b, void* dx, void* dxb);
 
+// The statistics pass alone (the first launch of batch_stats): partials into ws as batch_stats describes.
+void stats_partials(const Launch& L, const void* x, float* ws, std::int64_t ws_numel, int splits);
+
+// Forward finalize (one launch): per channel mean, biased var (from the partials ws[3][splits][C], or read from
+// mean / var when ws is null), scale = weight * invstd, shift = bias (weight / bias null: 1 / 0), and, when
+// running_mean is given, the running statistics (float32) updated with momentum, or with the factor
+// 1 / *num_batches_tracked (int64 on the device) when that pointer is given. unbias = count / (count - 1).
+struct StatsFinalizeArgs {
+  const float* ws = nullptr;
+  int splits = 0;
+  float *mean = nullptr, *var = nullptr;
+  const float *weight = nullptr, *bias = nullptr;
+  float eps = 0.f;
+  float *scale = nullptr, *shift = nullptr;
+  float *running_mean = nullptr, *running_var = nullptr;
+  const std::int64_t* num_batches_tracked = nullptr;
+  float momentum = 0.f, unbias = 1.f;
+};
+void stats_finalize(const Launch& L, const StatsFinalizeArgs& a);
+
+// The reduction pass of backward_reduce alone (its first launch): partials into ws[(xb ? 3 : 2)][splits][C].
+void backward_partials(const Launch& L, const void* dy, const void* x, const float* scale, const float* shift,
+                       const float* mean, const void* res, const void* xb, const float* scale_b,
+                       const float* shift_b, const float* mean_b, bool relu, void* grad_res, float* ws,
+                       std::int64_t ws_numel, int splits);
+
+// Backward finalize (one launch): the partial sums into each side's outputs (fr_finalize.h side_grads; modes
+// fr::SideMode). out_* entries may be null (not written).
+struct BwdFinalizeArgs {
+  const float* ws = nullptr;
+  int splits = 0;
+  int mode_a = 1, mode_b = 0;
+  bool training = true;
+  float count = 0.f;
+  const float *scale = nullptr, *var = nullptr;
+  float eps = 0.f;
+  const float *scale_b = nullptr, *var_b = nullptr;
+  float eps_b = 0.f;
+  float* out_a[4] = {nullptr, nullptr, nullptr, nullptr};
+  float* out_b[4] = {nullptr, nullptr, nullptr, nullptr};
+};
+void backward_finalize(const Launch& L, const BwdFinalizeArgs& a);
+
 // Build facts for fusedres.cuda (compiled architectures, CUDA runtime version).
 const char* build_info();
 

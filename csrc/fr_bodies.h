@@ -73,6 +73,10 @@ FR_HD float ldp(const float* p) {
 #endif
 }
 
+// An optional per-channel parameter: 0 where the vector is absent (null), e.g. mean_b and shift_b of a weighted
+// residual xb * scale_b, or k_x and k_c of an affine (scale_shift_act) or weighted-residual side.
+FR_HD float ldp0(const float* p, int c) { return p ? ldp(p + c) : 0.f; }
+
 // Every body splits its work on one vector into `load<NL>(In&, off)` (the memory reads, into registers) and
 // `finish<NL>(In&, off)` (the arithmetic and the stores), so the loops of fr_math.h issue the loads of U
 // vectors before the first store: several 16-byte loads in flight per thread. `run(off)` is the two in a row.
@@ -174,9 +178,9 @@ struct ApplyBody {
     sc[j] = ldp(a.scale + c);
     sh[j] = ldp(a.shift + c);
     if constexpr (XB) {
-      mub[j] = ldp(a.mean_b + c);
+      mub[j] = ldp0(a.mean_b, c);
       scb[j] = ldp(a.scale_b + c);
-      shb[j] = ldp(a.shift_b + c);
+      shb[j] = ldp0(a.shift_b, c);
     }
   }
   // Lane j is channel c0 + j*lane_stride.
@@ -282,8 +286,8 @@ struct BwdReduceBody {
       mu[j] = ldp(a.mean + c);
       if constexpr (XB) {
         scb[j] = ldp(a.scale_b + c);
-        shb[j] = ldp(a.shift_b + c);
-        mub[j] = ldp(a.mean_b + c);
+        shb[j] = ldp0(a.shift_b, c);
+        mub[j] = ldp0(a.mean_b, c);
       }
     }
   }
@@ -356,23 +360,23 @@ struct BwdApplyBody {
     mu[j] = ldp(a.mean + c);
     if constexpr (!KT) {
       kg[j] = ldp(a.k_g + c);
-      kx[j] = ldp(a.k_x + c);
-      kc[j] = ldp(a.k_c + c);
+      kx[j] = ldp0(a.k_x, c);
+      kc[j] = ldp0(a.k_c, c);
     }
     if constexpr (XB) {
       if (a.relu) {
         scb[j] = ldp(a.scale_b + c);
-        shb[j] = ldp(a.shift_b + c);
+        shb[j] = ldp0(a.shift_b, c);
       }
-      mub[j] = ldp(a.mean_b + c);
+      mub[j] = ldp0(a.mean_b, c);
       if (with_kb) param_kb(j, c);
     }
   }
   FR_HD void param_kb(int j, int c) {
     if constexpr (XB && !KT) {
       kgb[j] = ldp(a.k_g_b + c);
-      kxb[j] = ldp(a.k_x_b + c);
-      kcb[j] = ldp(a.k_c_b + c);
+      kxb[j] = ldp0(a.k_x_b, c);
+      kcb[j] = ldp0(a.k_c_b, c);
     }
   }
   FR_HD float coef(int q, int j, const float (&reg)[V]) const {
@@ -448,7 +452,7 @@ FR_HD void fill_coef_table(const BwdArgs<T>& a, int C, int c_base, int bx, float
     const int j = r / bx, tx = r - j * bx;
     const int c = c_base + tx * V + j;
     const float* src = q == 0 ? a.k_g : q == 1 ? a.k_x : q == 2 ? a.k_c : q == 3 ? a.k_g_b : q == 4 ? a.k_x_b : a.k_c_b;
-    tab[i] = c < C ? ldp(src + c) : 0.f;
+    tab[i] = c < C ? ldp0(src, c) : 0.f;  // absent k_x / k_c (null): 0
   }
 }
 

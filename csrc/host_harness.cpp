@@ -20,6 +20,7 @@
 #include <vector>
 
 #include "fr_bodies.h"
+#include "fr_finalize.h"
 #include "fr_math.h"
 
 namespace py = pybind11;
@@ -401,7 +402,8 @@ void bwd_apply_vx(const fr::BwdArgs<float>& a, const Shape& s, bool aligned, int
 
 py::tuple backward_apply(const F32& dy, const F32& x, const F32& scale, const F32& shift, const OptF32& res,
                          const OptF32& xb, const OptF32& scale_b, const OptF32& shift_b, bool relu, const F32& mean,
-                         const F32& k_g, const F32& k_x, const F32& k_c, const OptF32& mean_b, const OptF32& k_g_b,
+                         const F32& k_g, const OptF32& k_x, const OptF32& k_c, const OptF32& mean_b,
+                         const OptF32& k_g_b,
                          const OptF32& k_x_b, const OptF32& k_c_b, i64 n, int c, i64 hw, bool cl, int vec,
                          bool aligned, int sm_count) {
   const Shape s{n, hw, c, cl};
@@ -574,6 +576,51 @@ py::tuple channels_coverage(i64 N, i64 HW, int C, int vec, int gy, int unroll, b
   return to_arrays(visits, chan);
 }
 
+// ------------------------------------------------------------------------------------------------ finalize
+
+// stats_params_kernel after its merge (which is stats_finalize_kernel's, emulated by `stats`): per channel
+// scale, shift and the running-statistics update. Optional vectors absent = null pointers, as in the kernel.
+py::tuple stats_finalize(const F32& mean, const F32& var, const OptF32& weight, const OptF32& bias, float eps,
+                         const OptF32& running_mean, const OptF32& running_var, std::optional<std::int64_t> nbt,
+                         float momentum, float unbias) {
+  const int c = static_cast<int>(mean.size());
+  F32 scale = nan_array(c), shift = nan_array(c);
+  std::optional<F32> rm, rv;
+  if (running_mean) {
+    rm = F32(static_cast<py::ssize_t>(c), running_mean->data());
+    rv = F32(static_cast<py::ssize_t>(c), running_var->data());
+  }
+  for (int i = 0; i < c; ++i) {
+    const fr::StatsOut o = fr::bn_finish(mean.data()[i], var.data()[i], eps, data(weight), data(bias), i);
+    scale.mutable_data()[i] = o.scale;
+    shift.mutable_data()[i] = o.shift;
+    if (rm) {
+      const float factor = nbt ? 1.f / static_cast<float>(*nbt) : momentum;
+      fr::running_update(rm->mutable_data()[i], rv->mutable_data()[i], o.mean, o.var, unbias, factor);
+    }
+  }
+  py::object prm = rm ? py::object(*rm) : py::object(py::none());
+  py::object prv = rv ? py::object(*rv) : py::object(py::none());
+  return py::make_tuple(scale, shift, prm, prv);
+}
+
+// bwd_finalize_kernel after its merge (sums_finalize_kernel's tree, emulated by `backward_reduce`): one side's
+// four outputs per channel (NaN where the mode writes nothing).
+py::array_t<float> side_grads(int mode, const F32& sum_g, const F32& sum_gx, const OptF32& scale, const OptF32& var,
+                              float eps, float count, bool training) {
+  const i64 c = sum_g.size();
+  py::array_t<float> out({static_cast<py::ssize_t>(4), static_cast<py::ssize_t>(c)});
+  auto o = out.mutable_unchecked<2>();
+  for (i64 i = 0; i < c; ++i) {
+    float v[4];
+    for (float& x : v) x = std::numeric_limits<float>::quiet_NaN();
+    fr::side_grads(mode, sum_g.data()[i], sum_gx.data()[i], fr::ldp0(data(scale), static_cast<int>(i)),
+                   var ? var->data()[i] : 1.f, eps, count, training, v);
+    for (int k = 0; k < 4; ++k) o(k, i) = v[k];
+  }
+  return out;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C_host, m) {
@@ -664,6 +711,13 @@ PYBIND11_MODULE(_C_host, m) {
     return py::dict(py::arg("k_g") = k.k_g, py::arg("k_x") = k.k_x, py::arg("k_c") = k.k_c,
                     py::arg("grad_weight") = k.grad_weight, py::arg("grad_bias") = k.grad_bias);
   });
+  m.def("stats_finalize", &stats_finalize, py::arg("mean"), py::arg("var"), py::arg("weight"), py::arg("bias"),
+        py::arg("eps"), py::arg("running_mean"), py::arg("running_var"), py::arg("num_batches_tracked"),
+        py::arg("momentum"), py::arg("unbias"),
+        "stats_params_kernel's per-channel work: (scale, shift, new running_mean | None, new running_var | None)");
+  m.def("side_grads", &side_grads, py::arg("mode"), py::arg("sum_g"), py::arg("sum_gx"), py::arg("scale"),
+        py::arg("var"), py::arg("eps"), py::arg("count"), py::arg("training"),
+        "bwd_finalize_kernel's per-channel work for one side: [4, C] (fr_finalize.h side_grads)");
   m.def("pre_activation", &fr::pre_activation);
   m.def("masked_grad", &fr::masked_grad);
   m.def("bn_input_grad", &fr::bn_input_grad);

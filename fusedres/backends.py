@@ -1,14 +1,22 @@
 """Per-call backend choice for the fused ops: cuda → triton → reference.
 
-Every backend is a module exposing the same four primitives (see `fusedres.reference` for their exact
-semantics) and `not_supported_reasons(x) -> list[str]`:
+Every backend is a module exposing the same primitives (see `fusedres.reference` for their exact semantics)
+and `not_supported_reasons(x) -> list[str]`:
 
     batch_stats(x) -> (mean, var)
+    bn_stats(x, weight, bias, eps, running_mean, running_var, momentum, num_batches_tracked)
+        -> (mean, var, scale, shift)        statistics + finalize (running statistics updated in place)
+    bn_params(x, mean, var, weight, bias, eps) -> (scale, shift)
     apply(x, mean, scale, shift, residual, xb, mean_b, scale_b, shift_b, relu) -> y
+    backward(dy, x, mean, scale, shift, var, eps, residual, xb, mean_b, scale_b, shift_b, var_b, eps_b, relu,
+             training, want_grad_residual) -> (dx, dxb | None, grad_residual | None, grads_a, grads_b)
     backward_reduce(dy, x, mean, scale, shift, residual, xb, mean_b, scale_b, shift_b, relu, want_grad_residual)
         -> (sum_g, sum_g_xc, sum_g_xbc | None, grad_residual | None)
     backward_apply(dy, x, mean, scale, shift, residual, xb, mean_b, scale_b, shift_b, relu,
                    k_g, k_x, k_c, k_g_b, k_x_b, k_c_b) -> (dx, dxb | None)
+bn_stats, apply and backward are a fused BatchNorm's 3 + 3 launches (docs/launches.md); backward_reduce /
+backward_apply serve the synchronised ops, which all-reduce the sums in between. A second input xb without
+mean_b / shift_b is a weighted residual xb * scale_b.
 
 `select(x)` returns the first backend that accepts x. `use_backend(name)` (or the environment variable
 `FUSEDRES_BACKEND`) forces one; a forced backend that refuses an input raises instead of falling back.

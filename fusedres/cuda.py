@@ -171,6 +171,95 @@ def backward_apply(dy, x, mean, scale, shift, residual, xb, mean_b, scale_b, shi
     return dx, dxb
 
 
+# ------------------------------------------------------------------------------- fused BatchNorm (3 + 3 launches)
+def _f32_buffer(t: torch.Tensor | None) -> bool:
+    return t is None or (t.dtype == torch.float32 and t.is_contiguous())
+
+
+def _finalize(ext, L, x, ws, splits, mean, var, weight, bias, eps, running_mean=None, running_var=None,
+              momentum=None, num_batches_tracked=None):
+    """One stats_finalize launch: (scale, shift) [and mean, var from the partials when ws is given]; the
+    running statistics are updated in the same launch (float32 buffers; others get torch's lerp_)."""
+    scale, shift = _channels(x), _channels(x)
+    weight, bias = _vec(weight, x), _vec(bias, x)
+    in_kernel = _f32_buffer(running_mean) and _f32_buffer(running_var)
+    count = x.shape[0] * x.shape[2] * x.shape[3]
+    unbias = count / (count - 1) if count > 1 else 1.0
+    cumulative = running_mean is not None and momentum is None
+    ext.stats_finalize(L, _ptr(ws), splits, mean.data_ptr(), var.data_ptr(), _ptr(weight), _ptr(bias), float(eps),
+                       scale.data_ptr(), shift.data_ptr(), _ptr(running_mean) if in_kernel else 0,
+                       _ptr(running_var) if in_kernel else 0, _ptr(num_batches_tracked) if cumulative else 0,
+                       float(momentum or 0.0), unbias)
+    if running_mean is not None and not in_kernel:
+        factor = momentum if momentum is not None else 1.0 / num_batches_tracked.to(torch.float32)
+        with torch.no_grad():
+            running_mean.lerp_(mean.to(running_mean.dtype), factor)
+            running_var.lerp_((var * unbias).to(running_var.dtype), factor)
+    return scale, shift
+
+
+def bn_stats(x, weight, bias, eps, running_mean, running_var, momentum, num_batches_tracked):
+    """(mean, biased var, scale, shift) in two launches (stats_partials + stats_finalize, which also updates the
+    running statistics: momentum, or 1 / num_batches_tracked read on the device when momentum is None)."""
+    ext = _load()
+    L = _launch(ext, x)
+    mean, var = _channels(x), _channels(x)
+    ws, splits = _workspace(ext, x, 3)
+    ext.stats_partials(L, x.data_ptr(), ws.data_ptr(), ws.numel(), splits)
+    scale, shift = _finalize(ext, L, x, ws, splits, mean, var, weight, bias, eps, running_mean, running_var,
+                             momentum, num_batches_tracked)
+    return mean, var, scale, shift
+
+
+def bn_params(x, mean, var, weight, bias, eps):
+    """(scale, shift) from a given mean and variance (eval): one stats_finalize launch."""
+    ext = _load()
+    return _finalize(ext, _launch(ext, x), x, None, 0, _vec(mean, x), _vec(var, x), weight, bias, eps)
+
+
+_SIDE_OUTPUTS = {0: (), 1: (2, 3), 2: (0, 1, 2), 3: (1,)}
+
+
+def _side(present, var, mean) -> int:
+    """backward_finalize's mode of one side (csrc/fr_finalize.h SideMode)."""
+    if not present:
+        return 0
+    return 1 if var is not None else 2 if mean is not None else 3
+
+
+def backward(dy, x, mean, scale, shift, var, eps, residual, xb, mean_b, scale_b, shift_b, var_b, eps_b, relu,
+             training, want_grad_residual):
+    """The backward of act(side_a(x) [+ residual | + side_b(xb)]) in three launches: backward_partials,
+    backward_finalize (coefficients and parameter gradients), backward_apply. Same contract as
+    `fusedres.triton.bn_act.backward`."""
+    ext = _load()
+    L = _launch(ext, x)
+    dy, residual, xb = _like(dy, x), _like(residual, x), _like(xb, x)
+    mean, scale, shift, var, mean_b, scale_b, shift_b, var_b = (
+        _vec(v, x) for v in (mean, scale, shift, var, mean_b, scale_b, shift_b, var_b))
+    grad_residual = empty_like(x) if want_grad_residual else None
+    ws, splits = _workspace(ext, x, 3 if xb is not None else 2)
+    ext.backward_partials(L, dy.data_ptr(), x.data_ptr(), scale.data_ptr(), shift.data_ptr(), mean.data_ptr(),
+                          _ptr(residual), _ptr(xb), _ptr(scale_b), _ptr(shift_b), _ptr(mean_b), bool(relu),
+                          _ptr(grad_residual), ws.data_ptr(), ws.numel(), splits)
+    mode_a, mode_b = _side(True, var, mean), _side(xb is not None, var_b, mean_b)
+    outs_a = [_channels(x) if i in _SIDE_OUTPUTS[mode_a] or mode_a == 1 else None for i in range(4)]
+    outs_b = [_channels(x) if i in _SIDE_OUTPUTS[mode_b] or mode_b == 1 else None for i in range(4)]
+    ext.backward_finalize(L, ws.data_ptr(), splits, mode_a, mode_b, bool(training),
+                          float(x.shape[0] * x.shape[2] * x.shape[3]), scale.data_ptr(), _ptr(var), float(eps),
+                          _ptr(scale_b), _ptr(var_b), float(eps_b), [_ptr(t) for t in outs_a],
+                          [_ptr(t) for t in outs_b])
+    dx = empty_like(x)
+    dxb = empty_like(xb) if xb is not None else None
+    bn_a, bn_b = mode_a == 1, mode_b == 1
+    ext.backward_apply(L, dy.data_ptr(), x.data_ptr(), scale.data_ptr(), shift.data_ptr(), _ptr(residual), _ptr(xb),
+                       _ptr(scale_b), _ptr(shift_b), bool(relu), mean.data_ptr(), scale.data_ptr(),
+                       _ptr(outs_a[0]) if bn_a else 0, _ptr(outs_a[1]) if bn_a else 0, _ptr(mean_b), _ptr(scale_b),
+                       _ptr(outs_b[0]) if bn_b else 0, _ptr(outs_b[1]) if bn_b else 0, dx.data_ptr(), _ptr(dxb))
+    return (dx, dxb, grad_residual, tuple(outs_a[i] for i in _SIDE_OUTPUTS[mode_a]),
+            tuple(outs_b[i] for i in _SIDE_OUTPUTS[mode_b]))
+
+
 # ------------------------------------------------------------------------------------------------ traffic
 # The kernels each `fusedres._C` entry launches (csrc/*.cu: a main kernel, then a finalize kernel for the
 # reductions), each as (kernel, reads, writes) from the entry's arguments with pointers resolved to their tensors
@@ -198,5 +287,29 @@ def _bwd_apply_kernels(launch, dy, x, scale, shift, res, xb, scale_b, shift_b, r
     return [("bwd_apply_kernel", reads, [dx, dxb])]
 
 
+def _stats_partials_kernels(launch, x, ws, ws_numel, splits):
+    return [("stats_kernel", [x], [ws])]
+
+
+def _stats_params_kernels(launch, ws, splits, mean, var, weight, bias, eps, scale, shift, running_mean, running_var,
+                          num_batches_tracked, momentum, unbias):
+    reads = ([ws] if ws is not None else [mean, var]) + [weight, bias, running_mean, running_var, num_batches_tracked]
+    return [("stats_params_kernel", reads, ([mean, var] if ws is not None else []) + [scale, shift, running_mean,
+                                                                                       running_var])]
+
+
+def _bwd_partials_kernels(launch, dy, x, scale, shift, mean, res, xb, scale_b, shift_b, mean_b, relu, grad_res, ws,
+                          ws_numel, splits):
+    reads = [dy, x, mean, xb, mean_b] + ([scale, shift, res, scale_b, shift_b] if relu else [])
+    return [("bwd_reduce_kernel", reads, [grad_res, ws])]
+
+
+def _bwd_finalize_kernels(launch, ws, splits, mode_a, mode_b, training, count, scale, var, eps, scale_b, var_b,
+                          eps_b, out_a, out_b):
+    return [("bwd_finalize_kernel", [ws, scale, var, scale_b, var_b], [t for t in out_a + out_b if t is not None])]
+
+
 KERNELS = {"batch_stats": _stats_kernels, "apply": _apply_kernels, "backward_reduce": _bwd_reduce_kernels,
-           "backward_apply": _bwd_apply_kernels}
+           "backward_apply": _bwd_apply_kernels, "stats_partials": _stats_partials_kernels,
+           "stats_finalize": _stats_params_kernels, "backward_partials": _bwd_partials_kernels,
+           "backward_finalize": _bwd_finalize_kernels}

@@ -48,7 +48,9 @@ def _pre_activation(x, mean, scale, shift, residual, xb, mean_b, scale_b, shift_
     z = (x.to(acc) - _channel(mean)) * _channel(scale) + _channel(shift)
     if residual is not None:
         z = z + residual.to(acc)
-    if xb is not None:
+    if xb is not None and mean_b is None:  # a weighted residual xb * scale_b
+        z = z + xb.to(acc) * _channel(scale_b)
+    elif xb is not None:
         z = z + (xb.to(acc) - _channel(mean_b)) * _channel(scale_b) + _channel(shift_b)
     return z
 
@@ -78,29 +80,84 @@ def backward_reduce(dy, x, mean, scale, shift, residual, xb, mean_b, scale_b, sh
     g = _masked_grad(dy, z, relu)
     sum_g = g.sum(_DIMS)
     sum_g_xc = (g * (x.to(g.dtype) - _channel(mean))).sum(_DIMS)
-    sum_g_xbc = None if xb is None else (g * (xb.to(g.dtype) - _channel(mean_b))).sum(_DIMS)
+    xbc = None if xb is None else xb.to(g.dtype) if mean_b is None else xb.to(g.dtype) - _channel(mean_b)
+    sum_g_xbc = None if xb is None else (g * xbc).sum(_DIMS)
     grad_residual = g.to(x.dtype, copy=True) if want_grad_residual else None
     return sum_g, sum_g_xc, sum_g_xbc, grad_residual
 
 
 def _centred_term(x, mean, k_x):
     """k_x * (x - mean), and exactly 0 where k_x == 0 (eval mode, scale_shift_act): stock's eval-mode input
-    gradient has no such term, so an inf or NaN x must not turn it into 0 * inf = NaN."""
+    gradient has no such term, so an inf or NaN x must not turn it into 0 * inf = NaN. k_x None: no term."""
+    if k_x is None:
+        return torch.zeros_like(x)
     k = _channel(k_x)
     return torch.where(k == 0, torch.zeros_like(x), (x - _channel(mean)) * k)
 
 
+def _input_grad(g, x, mean, k_g, k_x, k_c):
+    d = g * _channel(k_g) + _centred_term(x.to(g.dtype), mean, k_x)
+    return (d if k_c is None else d + _channel(k_c)).to(x.dtype)
+
+
 def backward_apply(dy, x, mean, scale, shift, residual, xb, mean_b, scale_b, shift_b, relu,
                    k_g, k_x, k_c, k_g_b, k_x_b, k_c_b):
-    """dx = k_g * g + k_x * (x - mean) + k_c per channel (and the same for xb with its own coefficients)."""
+    """dx = k_g * g + k_x * (x - mean) + k_c per channel (and the same for xb with its own coefficients);
+    absent k_x / k_c (None) are 0."""
     z = _pre_activation(x, mean, scale, shift, residual, xb, mean_b, scale_b, shift_b)
     g = _masked_grad(dy, z, relu)
-    dx = (g * _channel(k_g) + _centred_term(x.to(g.dtype), mean, k_x) + _channel(k_c)).to(x.dtype)
-    dxb = None
-    if xb is not None:
-        dxb = (g * _channel(k_g_b) + _centred_term(xb.to(g.dtype), mean_b, k_x_b)
-               + _channel(k_c_b)).to(xb.dtype)
+    dx = _input_grad(g, x, mean, k_g, k_x, k_c)
+    dxb = None if xb is None else _input_grad(g, xb, mean_b, k_g_b, k_x_b, k_c_b)
     return dx, dxb
+
+
+def bn_stats(x, weight, bias, eps, running_mean, running_var, momentum, num_batches_tracked):
+    """(mean, biased var, scale, shift) of BatchNorm on x; running statistics updated in place as
+    nn.BatchNorm2d does (momentum None: cumulative average with factor 1 / num_batches_tracked)."""
+    mean, var = batch_stats(x)
+    scale, shift = bn_params(x, mean, var, weight, bias, eps)
+    if running_mean is not None:
+        count = x.shape[0] * x.shape[2] * x.shape[3]
+        factor = momentum if momentum is not None else 1.0 / num_batches_tracked.to(mean.dtype)
+        with torch.no_grad():
+            running_mean.lerp_(mean.to(running_mean.dtype), factor)
+            running_var.lerp_((var * (count / (count - 1))).to(running_var.dtype), factor)
+    return mean, var, scale, shift
+
+
+def bn_params(x, mean, var, weight, bias, eps):
+    """(scale, shift) with BN(x) = (x - mean) * scale + shift, in x's accumulation dtype."""
+    acc = acc_dtype(x.dtype)
+    invstd = torch.rsqrt(var.to(acc) + eps)
+    scale = invstd if weight is None else weight.to(acc) * invstd
+    shift = torch.zeros_like(invstd) if bias is None else bias.to(acc, copy=True)
+    return scale, shift
+
+
+def _side_grads(sum_g, sum_gx, scale, var, eps, count, training, affine_mean):
+    if var is not None:  # a BatchNorm: (grad_weight, grad_bias) and its (k_x, k_c)
+        invstd = torch.rsqrt(var + eps)
+        k_x = -scale * invstd * invstd * sum_gx / count if training else torch.zeros_like(scale)
+        k_c = -scale * sum_g / count if training else torch.zeros_like(scale)
+        return (sum_gx * invstd, sum_g.clone()), k_x, k_c
+    if affine_mean:
+        return (-scale * sum_g, sum_gx, sum_g.clone()), None, None
+    return (sum_gx,), None, None
+
+
+def backward(dy, x, mean, scale, shift, var, eps, residual, xb, mean_b, scale_b, shift_b, var_b, eps_b, relu,
+             training, want_grad_residual):
+    """The backward of act(side_a(x) [+ residual | + side_b(xb)]) (see fusedres.triton.bn_act.backward):
+    (dx, dxb | None, grad_residual | None, grads_a, grads_b)."""
+    sum_g, sum_gx, sum_gxb, d_res = backward_reduce(dy, x, mean, scale, shift, residual, xb, mean_b, scale_b,
+                                                    shift_b, relu, want_grad_residual)
+    count = x.shape[0] * x.shape[2] * x.shape[3]
+    grads_a, k_x, k_c = _side_grads(sum_g, sum_gx, scale, var, eps, count, training, True)
+    grads_b, k_x_b, k_c_b = ((), None, None) if xb is None else _side_grads(
+        sum_g, sum_gxb, scale_b, var_b, eps_b, count, training, mean_b is not None)
+    dx, dxb = backward_apply(dy, x, mean, scale, shift, residual, xb, mean_b, scale_b, shift_b, relu, scale, k_x,
+                             k_c, scale_b, k_x_b, k_c_b)
+    return dx, dxb, d_res, grads_a, grads_b
 
 
 # ================================================================ conv_bn_act (single-pass convolution)

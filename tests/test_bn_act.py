@@ -182,12 +182,17 @@ def test_opcheck(device):
     w.requires_grad_()
     b.requires_grad_()
     ops = torch.ops.fusedres
-    torch.library.opcheck(ops.bn_act_train.default, (x, w, b, r, 1e-5, True))
-    torch.library.opcheck(ops.bn_act_train.default, (x, None, None, None, 1e-3, False))
+    stats = ops.bn_stats(x.detach(), w.detach(), b.detach(), None, None, None, 0.1, 1e-5)
+    # bn_stats is not differentiable (bn_act_train's backward covers the statistics): checked without grad
+    torch.library.opcheck(ops.bn_stats.default, (x.detach(), w.detach(), b.detach(), rm, rv, None, 0.1, 1e-5))
+    torch.library.opcheck(ops.bn_stats.default, (x.detach(), None, None, rm, rv, torch.tensor(3, device=device),
+                                                 None, 1e-3))
+    torch.library.opcheck(ops.bn_act_train.default, (x, w, b, r, *stats, 1e-5, True))
+    torch.library.opcheck(ops.bn_act_train.default, (x, None, None, None, *stats, 1e-3, False))
     torch.library.opcheck(ops.bn_act_eval.default, (x, w, b, r, rm, rv, 1e-5, True))
-    y, mean, var = ops.bn_act_train(x, w, b, r, 1e-5, True)
+    y = ops.bn_act_train(x, w, b, r, *stats, 1e-5, True)
     torch.library.opcheck(ops.bn_act_backward.default,
-                          (torch.randn_like(y), x.detach(), w.detach(), b.detach(), r.detach(), mean, var, 1e-5,
+                          (torch.randn_like(y), x.detach(), w.detach(), b.detach(), r.detach(), *stats, 1e-5,
                            True, True, True))
 
 

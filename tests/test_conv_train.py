@@ -145,7 +145,7 @@ def test_stem_bn_act_pool_like_stock(dtype, tol, shape, pool):
         nn.init.normal_(bn.weight)
         nn.init.normal_(bn.bias)
         stock = nn.Sequential(bn, nn.ReLU(), nn.MaxPool2d(**pool))
-        ours = BatchNormActPool2d.from_bn(copy.deepcopy(bn))
+        ours = BatchNormActPool2d.from_bn(copy.deepcopy(bn), act="relu")
         ours.pool = nn.MaxPool2d(**pool)
         x = (torch.randn(shape, dtype=dtype) * 2 + 1).contiguous(memory_format=fmt)
         xs, xo = x.clone().requires_grad_(), x.clone().requires_grad_()

@@ -221,7 +221,8 @@ def test_cuda_declared_kernels_match_the_triton_traffic(case):
     assert kernels, f"{case}: no fusedres._C call recorded"
     assert not [ln for ln in launches if ln.kind == "triton"]
     for ln in kernels:
-        passed = {traffic.storage_key(t) for t in ln.detail["args"].values() if isinstance(t, torch.Tensor)}
+        args = [v for a in ln.detail["args"].values() for v in (a if isinstance(a, list) else [a])]
+        passed = {traffic.storage_key(t) for t in args if isinstance(t, torch.Tensor)}
         declared = [e[0] if isinstance(e, tuple) else e for e in ln.detail["reads"] + ln.detail["writes"]]
         assert all(traffic.storage_key(t) in passed for t in declared if t is not None), \
             f"{case}: {ln.name} declares a tensor fusedres._C.{ln.detail['entry']} was not given"

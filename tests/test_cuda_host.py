@@ -391,3 +391,105 @@ def test_full_backward_matches_autograd(h, cl, vec, training):
     torch.testing.assert_close(from_mem(gres, x.shape, cl).double(), resr.grad, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(kk["grad_weight"].double(), wr.grad, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(kk["grad_bias"].double(), br.grad, rtol=1e-4, atol=1e-4)
+
+
+# ------------------------------------------------------------------------------------------------ finalize
+@pytest.mark.parametrize("affine", [True, False])
+@pytest.mark.parametrize("running", ["momentum", "cumulative", None])
+@pytest.mark.parametrize("cl,vec", [(True, 8), (False, 4)])
+def test_stats_finalize_matches_reference(h, affine, running, cl, vec):
+    """Emulated statistics pass -> stats_params_kernel's per-channel work (scale, shift, running statistics)
+    == the reference backend's bn_stats (rsqrt, lerp_ in torch)."""
+    n, c, hh, ww, eps = 3, 37, 5, 4, 1e-3
+    x = torch.randn(n, c, hh, ww) * 2 + 3
+    w, b = (torch.rand(c) + 0.5, torch.randn(c)) if affine else (None, None)
+    rm, rv = (torch.randn(c), torch.rand(c) + 0.5) if running else (None, None)
+    nbt = torch.tensor(7) if running == "cumulative" else None
+    momentum = 0.3 if running == "momentum" else None
+    mean, var, _ = h.stats(to_mem(x, cl), n, c, hh * ww, cl, vec, True, 132)
+    count = n * hh * ww
+    scale, shift, new_rm, new_rv = h.stats_finalize(mean, var, npv(w), npv(b), eps, npv(rm), npv(rv),
+                                                    None if nbt is None else int(nbt), momentum or 0.0,
+                                                    count / (count - 1))
+    ref_rm, ref_rv = (None, None) if rm is None else (rm.clone(), rv.clone())
+    _, _, ref_scale, ref_shift = reference.bn_stats(x, w, b, eps, ref_rm, ref_rv, momentum, nbt)
+    torch.testing.assert_close(torch.from_numpy(scale), ref_scale, rtol=2e-5, atol=1e-6)
+    torch.testing.assert_close(torch.from_numpy(shift), ref_shift, rtol=0, atol=0)
+    if rm is None:
+        assert new_rm is None and new_rv is None
+    else:
+        torch.testing.assert_close(torch.from_numpy(new_rm), ref_rm, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(torch.from_numpy(new_rv), ref_rv, rtol=1e-4, atol=1e-6)
+        assert not torch.equal(ref_rm, rm)  # the update did happen
+
+
+def test_running_update_is_torch_lerp(h):
+    """lerp_f is torch.lerp's two-branch formula; torch contracts it into a fused multiply-add, the kernels
+    (built with --fmad=false) round each step, so they agree to an ulp on both sides of w = 0.5."""
+    rng = np.random.default_rng(5)
+    a, b_ = rng.standard_normal(200).astype(np.float32), rng.standard_normal(200).astype(np.float32)
+    for w in (0.1, 0.5, 0.9, 1.0 / 3):
+        # mean = b_, var = 1, unbias = 1: running_mean and running_var both move from a towards b_ and 1
+        _, _, rm, rv = h.stats_finalize(b_, np.ones(200, np.float32), None, None, 0.0, a, a.copy(), None, w, 1.0)
+        ta = torch.from_numpy(a.copy())
+        torch.testing.assert_close(torch.from_numpy(rm), ta.lerp(torch.from_numpy(b_), w), rtol=0, atol=2.4e-7)
+        torch.testing.assert_close(torch.from_numpy(rv), ta.lerp(torch.ones(200), w), rtol=0, atol=2.4e-7)
+
+
+def _reduce_sums(h, dy, x, scale, shift, mean, res, xb, scale_b, shift_b, mean_b, relu, cl, vec):
+    n, c, hh, ww = x.shape
+    mem = (lambda t: None if t is None else to_mem(t, cl))
+    return h.backward_reduce(mem(dy), mem(x), npv(scale), npv(shift), npv(mean), mem(res), mem(xb), npv(scale_b),
+                             npv(shift_b), npv(mean_b), relu, False, n, c, hh * ww, cl, vec, True, 132)
+
+
+@pytest.mark.parametrize("variant", ["bn", "bn_eval", "dual", "weighted", "affine", "affine_xb"])
+@pytest.mark.parametrize("cl,vec", [(True, 8), (False, 4)])
+def test_backward_finalize_matches_reference(h, variant, cl, vec):
+    """Emulated reduce -> bwd_finalize_kernel's per-side work (side_grads) -> emulated apply == the reference
+    backend's backward, for every side kind the ops use."""
+    n, c, hh, ww, eps, eps_b = 2, 19, 4, 5, 1e-5, 1e-3
+    x = torch.randn(n, c, hh, ww) + 2
+    dy = torch.randn(n, c, hh, ww)
+    var = x.var((0, 2, 3), unbiased=False)
+    mean = x.mean((0, 2, 3))
+    scale, shift = reference.bn_params(x, mean, var, torch.rand(c) + 0.5, torch.randn(c), eps)
+    bn_a = variant in ("bn", "bn_eval", "dual", "weighted")
+    xb = torch.randn(n, c, hh, ww) - 1 if variant in ("dual", "weighted", "affine_xb") else None
+    mean_b = scale_b = shift_b = var_b = None
+    if variant == "dual":
+        var_b, mean_b = xb.var((0, 2, 3), unbiased=False), xb.mean((0, 2, 3))
+        scale_b, shift_b = reference.bn_params(xb, mean_b, var_b, torch.rand(c) + 0.5, torch.randn(c), eps_b)
+    elif variant == "weighted":
+        scale_b = torch.randn(c)
+    elif variant == "affine_xb":
+        mean_b, scale_b, shift_b = xb.mean((0, 2, 3)), *vecs(c, 2)
+    training = variant != "bn_eval"
+    va = var if bn_a else None
+    want = reference.backward(dy, x, mean, scale, shift, va, eps, None, xb, mean_b, scale_b, shift_b, var_b, eps_b,
+                              True, training, False)
+    sg, sgx, sgxb, _, _ = _reduce_sums(h, dy, x, scale, shift, mean, None, xb, scale_b, shift_b, mean_b, True, cl,
+                                       vec)
+    count = float(n * hh * ww)
+    mode_a = 1 if bn_a else 2
+    mode_b = 0 if xb is None else 1 if var_b is not None else 3 if mean_b is None else 2
+    out_a = h.side_grads(mode_a, sg, sgx, npv(scale), npv(va), eps, count, training)
+    grads_a = [out_a[i] for i in ((2, 3) if mode_a == 1 else (0, 1, 2))]
+    for got, ref in zip(grads_a, want[3]):
+        torch.testing.assert_close(torch.from_numpy(got), ref, rtol=1e-4, atol=1e-4)
+    k_x, k_c = (out_a[0], out_a[1]) if mode_a == 1 else (None, None)
+    k_xb = k_cb = None
+    if xb is not None:
+        out_b = h.side_grads(mode_b, sg, sgxb, npv(scale_b), npv(var_b), eps_b, count, training)
+        grads_b = [out_b[i] for i in {1: (2, 3), 2: (0, 1, 2), 3: (1,)}[mode_b]]
+        for got, ref in zip(grads_b, want[4]):
+            torch.testing.assert_close(torch.from_numpy(got), ref, rtol=1e-4, atol=1e-4)
+        if mode_b == 1:
+            k_xb, k_cb = out_b[0], out_b[1]
+    mem = (lambda t: None if t is None else to_mem(t, cl))
+    dx, dxb = h.backward_apply(mem(dy), mem(x), npv(scale), npv(shift), None, mem(xb), npv(scale_b), npv(shift_b),
+                               True, npv(mean), npv(scale), k_x, k_c, npv(mean_b), npv(scale_b), k_xb, k_cb, n, c,
+                               hh * ww, cl, vec, True, 132)
+    torch.testing.assert_close(from_mem(dx, x.shape, cl), want[0], rtol=1e-4, atol=1e-4)
+    if xb is not None:
+        torch.testing.assert_close(from_mem(dxb, x.shape, cl), want[1], rtol=1e-4, atol=1e-4)

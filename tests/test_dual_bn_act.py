@@ -95,13 +95,16 @@ def test_opcheck(device):
     for t in (wa, ba, wb, bb):
         t.requires_grad_()
     ops = torch.ops.fusedres
-    torch.library.opcheck(ops.dual_bn_act_train.default, (x, wa, ba, 1e-5, r, wb, bb, 1e-3, True))
-    torch.library.opcheck(ops.dual_bn_act_train.default, (x, None, None, 1e-5, r, None, None, 1e-5, False))
+    sa = ops.bn_stats(x.detach(), wa.detach(), ba.detach(), None, None, None, 0.1, 1e-5)
+    sb = ops.bn_stats(r.detach(), wb.detach(), bb.detach(), None, None, None, 0.1, 1e-3)
+    torch.library.opcheck(ops.dual_bn_act_train.default, (x, wa, ba, *sa, 1e-5, r, wb, bb, *sb, 1e-3, True))
+    torch.library.opcheck(ops.dual_bn_act_train.default, (x, None, None, *sa, 1e-5, r, None, None, *sb, 1e-5,
+                                                          False))
     torch.library.opcheck(ops.dual_bn_act_eval.default, (x, wa, ba, rma, rva, 1e-5, r, wb, bb, rmb, rvb, 1e-5, True))
-    y, ma, va, mb, vb = ops.dual_bn_act_train(x, wa, ba, 1e-5, r, wb, bb, 1e-5, True)
+    y = ops.dual_bn_act_train(x, wa, ba, *sa, 1e-5, r, wb, bb, *sb, 1e-3, True)
     torch.library.opcheck(ops.dual_bn_act_backward.default,
-                          (torch.randn_like(y), x.detach(), wa.detach(), ba.detach(), ma, va, 1e-5, r.detach(),
-                           wb.detach(), bb.detach(), mb, vb, 1e-5, True, True))
+                          (torch.randn_like(y), x.detach(), wa.detach(), ba.detach(), *sa, 1e-5, r.detach(),
+                           wb.detach(), bb.detach(), *sb, 1e-3, True, True))
 
 
 def test_torch_compile_fullgraph(device):

@@ -32,29 +32,41 @@ def _params(grad=True):
     return w.requires_grad_(grad), b.requires_grad_(grad), rm, rv
 
 
+def _stats(w, b, eps=1e-5):
+    """(mean, var, scale, shift) as `bn_stats` returns them, for statistics (mean, var) given here."""
+    mean, var = torch.randn(C), torch.rand(C) + 0.5
+    scale = torch.rsqrt(var + eps) * (1 if w is None else w.detach())
+    return mean, var, scale, torch.zeros(C) if b is None else b.detach().clone()
+
+
 def _bn_act_cases(cl, shape):
     x, r, g = _act(cl, shape), _act(cl, shape), _act(cl, shape, grad=False)
     w, b, rm, rv = _params()
     rw = torch.rand(C).add_(0.5).requires_grad_()
     xd, rd, wd, bd, rwd = (t.detach() for t in (x, r, w, b, rw))
-    mean, var = torch.randn(C), torch.rand(C) + 0.5
+    st, st_plain = _stats(w, b), _stats(None, None, 1e-3)
+    mean, var = st[:2]
     return {
-        "train_plain": (ops.bn_act_train, (x, None, None, None, 1e-3, False)),
-        "train_affine_relu": (ops.bn_act_train, (x, w, b, None, 1e-5, True)),
-        "train_residual_relu": (ops.bn_act_train, (x, w, b, r, 1e-5, True)),
-        "train_residual_weighted": (ops.bn_act_train, (x, w, b, r, 1e-5, False, rw)),
+        "bn_stats_running": (ops.bn_stats, (xd, wd, bd, rm.clone(), rv.clone(), None, 0.1, 1e-5)),
+        "bn_stats_cumulative": (ops.bn_stats, (xd, None, None, rm.clone(), rv.clone(), torch.tensor(3), None,
+                                               1e-3)),
+        "bn_stats_no_running": (ops.bn_stats, (xd, wd, None, None, None, None, 0.1, 1e-5)),
+        "train_plain": (ops.bn_act_train, (x, None, None, None, *st_plain, 1e-3, False)),
+        "train_affine_relu": (ops.bn_act_train, (x, w, b, None, *st, 1e-5, True)),
+        "train_residual_relu": (ops.bn_act_train, (x, w, b, r, *st, 1e-5, True)),
+        "train_residual_weighted": (ops.bn_act_train, (x, w, b, r, *st, 1e-5, False, rw)),
         "eval_plain": (ops.bn_act_eval, (x, None, None, None, rm, rv, 1e-5, False)),
         "eval_residual_relu": (ops.bn_act_eval, (x, w, b, r, rm, rv, 1e-5, True)),
         "eval_residual_weighted_relu": (ops.bn_act_eval, (x, w, b, r, rm, rv, 1e-5, True, rw)),
-        "backward_plain": (ops.bn_act_backward, (g, xd, None, None, None, mean, var, 1e-5, False, True, False)),
-        "backward_relu": (ops.bn_act_backward, (g, xd, wd, bd, None, mean, var, 1e-5, True, True, False)),
-        "backward_residual_relu": (ops.bn_act_backward, (g, xd, wd, bd, rd, mean, var, 1e-5, True, True, True)),
+        "backward_plain": (ops.bn_act_backward, (g, xd, None, None, None, *st_plain, 1e-5, False, True, False)),
+        "backward_relu": (ops.bn_act_backward, (g, xd, wd, bd, None, *st, 1e-5, True, True, False)),
+        "backward_residual_relu": (ops.bn_act_backward, (g, xd, wd, bd, rd, *st, 1e-5, True, True, True)),
         "backward_residual_no_grad": (ops.bn_act_backward,
-                                      (g, xd, wd, bd, rd, mean, var, 1e-5, True, False, False)),
-        "backward_weighted": (ops.bn_act_backward, (g, xd, wd, bd, rd, mean, var, 1e-5, False, True, True, rwd)),
+                                      (g, xd, wd, bd, rd, *st, 1e-5, True, False, False)),
+        "backward_weighted": (ops.bn_act_backward, (g, xd, wd, bd, rd, *st, 1e-5, False, True, True, rwd)),
         "backward_weighted_no_grad": (ops.bn_act_backward,
-                                      (g, xd, wd, bd, rd, mean, var, 1e-5, True, True, False, rwd)),
-        "backward_eval": (ops.bn_act_backward, (g, xd, wd, bd, rd, mean, var, 1e-5, True, False, True)),
+                                      (g, xd, wd, bd, rd, *st, 1e-5, True, True, False, rwd)),
+        "backward_eval": (ops.bn_act_backward, (g, xd, wd, bd, rd, mean, var, None, None, 1e-5, True, False, True)),
     }
 
 
@@ -62,18 +74,20 @@ def _dual_cases(cl, shape):
     x, r, g = _act(cl, shape), _act(cl, shape), _act(cl, shape, grad=False)
     (w, b, rm, rv), (w2, b2, rm2, rv2) = _params(), _params()
     xd, rd, wd, bd, w2d, b2d = (t.detach() for t in (x, r, w, b, w2, b2))
-    m, v, m2, v2 = torch.randn(C), torch.rand(C) + 0.5, torch.randn(C), torch.rand(C) + 0.5
+    sa, sb, sa0, sb0 = _stats(w, b), _stats(w2, b2, 1e-3), _stats(None, None), _stats(None, None)
+    m, v, m2, v2 = sa0[0], sa0[1], sb0[0], sb0[1]
     return {
-        "dual_train_relu": (ops.dual_bn_act_train, (x, w, b, 1e-5, r, w2, b2, 1e-3, True)),
-        "dual_train_no_affine": (ops.dual_bn_act_train, (x, None, None, 1e-5, r, None, None, 1e-5, False)),
+        "dual_train_relu": (ops.dual_bn_act_train, (x, w, b, *sa, 1e-5, r, w2, b2, *sb, 1e-3, True)),
+        "dual_train_no_affine": (ops.dual_bn_act_train, (x, None, None, *sa0, 1e-5, r, None, None, *sb0, 1e-5,
+                                                         False)),
         "dual_eval_relu": (ops.dual_bn_act_eval, (x, w, b, rm, rv, 1e-5, r, w2, b2, rm2, rv2, 1e-5, True)),
         "dual_eval_no_affine": (ops.dual_bn_act_eval,
                                 (x, None, None, rm, rv, 1e-5, r, None, None, rm2, rv2, 1e-5, False)),
         "dual_backward_train": (ops.dual_bn_act_backward,
-                                (g, xd, wd, bd, m, v, 1e-5, rd, w2d, b2d, m2, v2, 1e-3, True, True)),
+                                (g, xd, wd, bd, *sa, 1e-5, rd, w2d, b2d, *sb, 1e-3, True, True)),
         "dual_backward_eval_no_affine": (ops.dual_bn_act_backward,
-                                         (g, xd, None, None, m, v, 1e-5, rd, None, None, m2, v2, 1e-5, False,
-                                          False)),
+                                         (g, xd, None, None, m, v, None, None, 1e-5, rd, None, None, m2, v2, None,
+                                          None, 1e-5, False, False)),
     }
 
 
@@ -86,10 +100,13 @@ def _scale_shift_cases(cl, shape):
         "ssa_alone": (ops.scale_shift_act, (x, *v[:3], None, None, None, None, None, False)),
         "ssa_residual_relu": (ops.scale_shift_act, (x, *v[:3], r, None, None, None, None, True)),
         "ssa_xb_relu": (ops.scale_shift_act, (x, *v[:3], None, xb, *v[3:], True)),
+        "ssa_xb_weighted": (ops.scale_shift_act, (x, *v[:3], None, xb, None, v[4], None, False)),
         "ssa_backward_alone": (ops.scale_shift_act_backward, (g, xd, *vd[:3], None, None, None, None, None, True)),
         "ssa_backward_residual": (ops.scale_shift_act_backward,
                                   (g, xd, *vd[:3], rd, None, None, None, None, True)),
         "ssa_backward_xb": (ops.scale_shift_act_backward, (g, xd, *vd[:3], None, xbd, *vd[3:], False)),
+        "ssa_backward_xb_weighted": (ops.scale_shift_act_backward,
+                                     (g, xd, *vd[:3], None, xbd, None, vd[4], None, True)),
         "batch_stats": (ops.batch_stats, (x,)),
     }
 

@@ -18,12 +18,14 @@ def _torch(x, mean, scale, shift, residual, xb, mean_b, scale_b, shift_b, relu):
     z = (x - ch(mean)) * ch(scale) + ch(shift)
     if residual is not None:
         z = z + residual
-    if xb is not None:
+    if xb is not None and mean_b is None:
+        z = z + xb * ch(scale_b)
+    elif xb is not None:
         z = z + (xb - ch(mean_b)) * ch(scale_b) + ch(shift_b)
     return torch.relu(z) if relu else z
 
 
-@pytest.mark.parametrize("mode", ["plain", "residual", "second"])
+@pytest.mark.parametrize("mode", ["plain", "residual", "second", "weighted"])
 @pytest.mark.parametrize("relu", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=["fp32", "fp64", "bf16"])
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
@@ -38,6 +40,8 @@ def test_matches_torch(mode, relu, dtype, channels_last):
         t["residual"] = act()
     if mode == "second":
         t.update(xb=act(), mean_b=vec(), scale_b=vec(), shift_b=vec())
+    if mode == "weighted":  # xb * scale_b: mean_b and shift_b absent
+        t.update(xb=act(), scale_b=vec())
     leaves = {k: leaf(v) for k, v in t.items()}
     dleaves = {k: double_leaf(v) for k, v in t.items()}
     names = ["x", "mean", "scale", "shift", "residual", "xb", "mean_b", "scale_b", "shift_b"]
@@ -59,3 +63,4 @@ def test_opcheck():
     torch.library.opcheck(torch.ops.fusedres.scale_shift_act.default, (x, *v[:3], None, xb, *v[3:], True))
     torch.library.opcheck(torch.ops.fusedres.scale_shift_act.default,
                           (x, *v[:3], torch.randn(2, 5, 3, 4, requires_grad=True), None, None, None, None, True))
+    torch.library.opcheck(torch.ops.fusedres.scale_shift_act.default, (x, *v[:3], None, xb, None, v[4], None, True))

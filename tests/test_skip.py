@@ -74,11 +74,12 @@ def test_residual_weight_opcheck(device):
     w, b, rm, rv = channel_params(3, device)
     rw = torch.randn(3, device=device, requires_grad=True)
     ops = torch.ops.fusedres
-    torch.library.opcheck(ops.bn_act_train.default, (x, w, b, r, 1e-5, True, rw))
+    stats = ops.bn_stats(x.detach(), w, b, None, None, None, 0.1, 1e-5)
+    torch.library.opcheck(ops.bn_act_train.default, (x, w, b, r, *stats, 1e-5, True, rw))
     torch.library.opcheck(ops.bn_act_eval.default, (x, w, b, r, rm, rv, 1e-5, False, rw))
-    y, mean, var = ops.bn_act_train(x, w, b, r, 1e-5, True, rw)
+    y = ops.bn_act_train(x, w, b, r, *stats, 1e-5, True, rw)
     torch.library.opcheck(ops.bn_act_backward.default,
-                          (torch.randn_like(y), x.detach(), w, b, r.detach(), mean, var, 1e-5, True, True, True,
+                          (torch.randn_like(y), x.detach(), w, b, r.detach(), *stats, 1e-5, True, True, True,
                            rw.detach()))
 
 

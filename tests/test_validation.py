@@ -141,7 +141,9 @@ CASES = [
     ("bn_eps_zero_training", lambda d: bn(d, eps=0.0), VALUE, r"eps must be positive when training.*got 0\.0"),
     ("bn_eps_negative_eval", lambda d: bn(d, training=False, eps=-1e-5), VALUE, r"eps must be non-negative"),
     ("bn_eps_not_number", lambda d: bn(d, eps="1e-5"), TYPE, r"eps must be a real number, got str"),
-    ("bn_momentum_none", lambda d: bn(d, momentum=None), TYPE, r"momentum must be a real number, got NoneType"),
+    ("bn_momentum_none", lambda d: bn(d, momentum=None), VALUE,
+     r"momentum=None \(cumulative moving average\) needs num_batches_tracked"),
+    ("bn_momentum_str", lambda d: bn(d, momentum="0.1"), TYPE, r"momentum must be a real number, got str"),
     ("bn_training_not_bool", lambda d: bn(d, training="no"), TYPE, r"training must be a bool, got str"),
     ("bn_relu_not_bool", lambda d: bn(d, relu=1), TYPE, r"relu must be a bool, got int"),
     # ---------------------------------------------------------------- fusedres.dual_bn_act
@@ -158,7 +160,10 @@ CASES = [
      r"scale has shape \(5,\) but the input has 3 channels"),
     ("ssa_residual_and_xb", lambda d: ssa(d, residual=_x(d), xb=_x(d)), VALUE,
      r"takes a residual or a second input xb, not both"),
-    ("ssa_xb_without_vectors", lambda d: ssa(d, xb=_x(d)), VALUE, r"scale_shift_act with xb needs mean_b"),
+    ("ssa_xb_without_vectors", lambda d: ssa(d, xb=_x(d)), VALUE, r"scale_shift_act with xb needs scale_b"),
+    ("ssa_xb_mean_without_shift", lambda d: ssa(d, xb=_x(d), mean_b=torch.ones(C, device=d),
+                                                scale_b=torch.ones(C, device=d)), VALUE,
+     r"needs mean_b and shift_b both, or neither"),
     ("ssa_vectors_without_xb", lambda d: ssa(d, scale_b=torch.ones(C, device=d)), VALUE,
      r"mean_b / scale_b / shift_b without xb"),
     ("ssa_relu_not_bool", lambda d: ssa(d, relu="yes"), TYPE, r"relu must be a bool"),
@@ -199,14 +204,19 @@ CASES = [
     ("conv_stats_not_bool", lambda d: conv(d, stats="yes"), TYPE, r"stats must be a bool"),
     # ---------------------------------------------------------------- torch.ops.fusedres.* called directly
     ("op_bn_act_train_weight_channels", plain(lambda d: torch.ops.fusedres.bn_act_train(
-        _x(d), torch.ones(4, device=d), None, None, 1e-5, False)), VALUE, r"weight \(of x\) has shape \(4,\)"),
+        _x(d), torch.ones(4, device=d), None, None, *_vecs(d), 1e-5, False)), VALUE,
+     r"weight \(of x\) has shape \(4,\)"),
+    ("op_bn_stats_running_channels", plain(lambda d: torch.ops.fusedres.bn_stats(
+        _x(d), None, None, torch.zeros(4, device=d), torch.ones(4, device=d), None, 0.1, 1e-5)), VALUE,
+     r"running_mean \(of x\) has shape \(4,\)"),
     ("op_bn_act_eval_residual_dtype", plain(lambda d: torch.ops.fusedres.bn_act_eval(
         _x(d), None, None, _x(d).double(), *_vecs(d)[2:], 1e-5, True)), TYPE, r"residual dtype torch\.float64"),
     ("op_bn_act_backward_grad_shape", plain(lambda d: torch.ops.fusedres.bn_act_backward(
-        _x(d, 2, C, 4, 2), _x(d), None, None, None, *_vecs(d)[2:], 1e-5, True, True, False)), VALUE,
+        _x(d, 2, C, 4, 2), _x(d), None, None, None, *_vecs(d), 1e-5, True, True, False)), VALUE,
      r"grad_y shape \(2, 3, 4, 2\) does not match x shape"),
     ("op_dual_bn_act_train_r_device", plain(lambda d: torch.ops.fusedres.dual_bn_act_train(
-        _x(d), None, None, 1e-5, torch.empty(2, C, 4, 4, device="meta"), None, None, 1e-5, True)), VALUE,
+        _x(d), None, None, *_vecs(d), 1e-5, torch.empty(2, C, 4, 4, device="meta"), None, None, *_vecs(d), 1e-5,
+        True)), VALUE,
      r"r \(the shortcut input\) is on meta"),
     ("op_scale_shift_act_xb_dtype", plain(lambda d: torch.ops.fusedres.scale_shift_act(
         _x(d), *_vecs(d)[:3], None, _x(d).half(), *_vecs(d)[:3], True)), TYPE, r"xb dtype torch\.float16"),

@@ -26,7 +26,12 @@ ACC_PTRS = {"cnt_ptr", "mean_ptr", "m2_ptr", "mean_part_ptr", "m2_part_ptr", "va
             "kg_ptr", "kx_ptr", "kc_ptr", "kgb_ptr", "kxb_ptr", "kcb_ptr",
             # conv_bn_act: per-channel prologue/epilogue vectors and statistics partials are float32
             "in_scale_ptr", "in_shift_ptr", "out_scale_ptr", "out_shift_ptr", "res_scale_ptr", "res_shift_ptr",
-            "sum_ptr"}
+            "sum_ptr",
+            # finalize kernels: BN parameters, running statistics (float32 buffers), per-side outputs
+            "w_ptr", "b_ptr", "rm_ptr", "rv_ptr", "var_b_ptr", "a0_ptr", "a1_ptr", "a2_ptr", "a3_ptr", "b0_ptr",
+            "b1_ptr", "b2_ptr", "b3_ptr"}
+INT64_PTRS = {"nbt_ptr"}
+FLOAT_ARGS = {"eps", "eps_b", "count", "mom_hi", "mom_lo", "unb_hi", "unb_lo"}
 
 
 def compile_variant(fn, dtype, constexprs, target):
@@ -36,12 +41,16 @@ def compile_variant(fn, dtype, constexprs, target):
     if "ACC" in consts:
         consts["ACC"] = getattr(tl, ACC[dtype])
     ptrs = {name: getattr(torch, ACC[dtype]) for name in ACC_PTRS}
+    ptrs.update({name: torch.int64 for name in INT64_PTRS})
+    if "BLOCK_M" in consts:  # the conv kernel's w_ptr is the conv weight, in the activation dtype
+        ptrs.pop("w_ptr")
+    floats = {name: 1e-5 for name in FLOAT_ARGS}  # float arguments: specialised as fp32, as at launch
     options = {}
     if "BLOCK_M" in consts:
         cfg = dict(consts, num_warps=8 if consts["BLOCK_M"] * consts["BLOCK_N"] >= 128 * 128 else 4, num_stages=3)
         consts.update(TC.conv_constexprs(cfg, 64, consts["KH"], consts["KW"]))
         options = dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
-    return KR.compile_launch(fn, target, KR.launch_args(fn, ptrs, {}, consts, tdtype), options)
+    return KR.compile_launch(fn, target, KR.launch_args(fn, ptrs, floats, consts, tdtype), options)
 
 
 def variants():
@@ -51,16 +60,25 @@ def variants():
                 continue
             tile = dict(CL=cl, ACC=None, IDX64=idx64, BLOCK_R=64, BLOCK_C=64)
             yield T._stats_partial_kernel, dtype, tile
-            for res_mode, relu in itertools.product((0, 1, 2), (False, True)):
-                if dtype != "float32" and (res_mode, relu) not in ((1, True), (2, True)):
+            for res_mode, relu in itertools.product((0, 1, 2, 3), (False, True)):
+                if dtype != "float32" and (res_mode, relu) not in ((1, True), (2, True), (3, True)):
                     continue
                 yield T._apply_kernel, dtype, dict(CL=cl, RES_MODE=res_mode, RELU=relu, ACC=None, IDX64=idx64,
                                                     BLOCK=1024)
                 yield T._bwd_reduce_kernel, dtype, dict(tile, RES_MODE=res_mode, RELU=relu,
                                                          WRITE_DRES=res_mode == 1)
-                yield T._bwd_apply_kernel, dtype, dict(CL=cl, RES_MODE=res_mode, RELU=relu, ACC=None,
-                                                        IDX64=idx64, BLOCK=1024)
-        yield T._stats_finalize_kernel, dtype, dict(ACC=None, BLOCK_C=64)
+                # K_A / K_B: BatchNorm sides (k_x, k_c read) or affine ones (scale_shift_act, weighted residual)
+                for k_a in (True, False) if dtype == "float32" else (True,):
+                    yield T._bwd_apply_kernel, dtype, dict(CL=cl, RES_MODE=res_mode, RELU=relu, K_A=k_a,
+                                                            K_B=res_mode == 2 and k_a, ACC=None, IDX64=idx64,
+                                                            BLOCK=1024)
+        for from_parts, params, running in ((True, False, 0), (True, True, 1), (True, True, 2), (False, True, 0)):
+            yield T._stats_finalize_kernel, dtype, dict(FROM_PARTIALS=from_parts, PARAMS=params, HAS_W=params,
+                                                        HAS_B=params, RUNNING=running, ACC=None, BLOCK_C=64)
+        for mode_a, mode_b, training in ((1, 0, True), (1, 0, False), (1, 1, True), (1, 3, True), (2, 0, True),
+                                         (2, 2, True)):
+            yield T._bwd_finalize_kernel, dtype, dict(MODE_A=mode_a, MODE_B=mode_b, TRAINING=training, ACC=None,
+                                                      BLOCK_C=64)
     yield from conv_variants()
 
 

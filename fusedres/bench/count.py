@@ -306,7 +306,8 @@ class _CudaExtension:
         signature = inspect.signature(declare)
 
         def call(*args):
-            resolved = [self._pointers.resolve(a) for a in args]
+            resolved = [[self._pointers.resolve(v) for v in a] if isinstance(a, list) else self._pointers.resolve(a)
+                        for a in args]  # a list argument: pointers (backward_finalize's outputs)
             bound = signature.bind(*resolved).arguments
             for kernel, reads, writes in declare(*resolved):
                 self._counter.kernel(kernel, "cuda", reads, writes, 0, {"entry": entry, "args": bound,

@@ -46,7 +46,9 @@ def _check_input(bn: nn.modules.batchnorm._BatchNorm, x, name: str = "input") ->
 def batch_norm_args(bn: nn.modules.batchnorm._BatchNorm) -> dict:
     """The running statistics, `training` flag and momentum that `_BatchNorm.forward` would pass to
     `F.batch_norm` for this call, after the same `num_batches_tracked` bookkeeping (it is incremented here,
-    so call once per forward). `momentum=None` gives the cumulative average 1 / num_batches_tracked."""
+    so call once per forward). `momentum=None` gives the cumulative average 1 / num_batches_tracked, from a
+    count kept on the host (no device-to-host copy per step); `num_batches_tracked` is None (the fused ops'
+    device-side cumulative factor is for functional callers)."""
     factor = 0.0 if bn.momentum is None else bn.momentum
     if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
         known = _host_count(bn)
@@ -58,7 +60,7 @@ def batch_norm_args(bn: nn.modules.batchnorm._BatchNorm) -> dict:
     use_buffers = not bn.training or bn.track_running_stats
     return dict(running_mean=bn.running_mean if use_buffers else None,
                 running_var=bn.running_var if use_buffers else None,
-                training=_uses_batch_stats(bn), momentum=factor)
+                training=_uses_batch_stats(bn), momentum=factor, num_batches_tracked=None)
 
 
 def _host_count(bn) -> int | None:
@@ -163,7 +165,8 @@ def dual_bn_act_modules(x: Tensor, bn: nn.BatchNorm2d, r: Tensor, bn_r: nn.Batch
                  running_var=a["running_var"], momentum=a["momentum"], eps=bn.eps,
                  weight_r=weight_r, bias_r=bias_r, running_mean_r=b["running_mean"],
                  running_var_r=b["running_var"], momentum_r=b["momentum"], eps_r=bn_r.eps,
-                 training=a["training"], relu=relu)
+                 training=a["training"], relu=relu, num_batches_tracked=a["num_batches_tracked"],
+                 num_batches_tracked_r=b["num_batches_tracked"])
 
 
 def _describe_sync(bn) -> str:

@@ -61,7 +61,8 @@ def _bn_stats(bn: nn.BatchNorm2d, out):
     if args["training"]:
         _, mean, var = out
         update_running_stats(args["running_mean"], args["running_var"], mean.detach(), var.detach(),
-                             c.shape[0] * c.shape[2] * c.shape[3], args["momentum"])
+                             c.shape[0] * c.shape[2] * c.shape[3], args["momentum"],
+                             args["num_batches_tracked"])
         return mean, var, True
     acc = acc_dtype(c.dtype)
     return args["running_mean"].to(acc), args["running_var"].to(acc), False

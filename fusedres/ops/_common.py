@@ -144,13 +144,16 @@ def cast_param_grad(grad, param):
 
 
 @torch.no_grad()
-def update_running_stats(running_mean, running_var, mean, var, count: int, momentum: float) -> None:
-    """nn.BatchNorm2d's update: exponential average of the batch mean and the unbiased batch variance; none for
+def update_running_stats(running_mean, running_var, mean, var, count, momentum, num_batches_tracked=None) -> None:
+    """nn.BatchNorm2d's update: exponential average of the batch mean and the unbiased batch variance
+    (momentum None: the cumulative average, factor 1 / num_batches_tracked as a device tensor, no host sync).
+    For the paths that do not run a finalize kernel (sync_bn's global statistics, conv mode's epilogue). None for
     an empty batch (count 0), as stock."""
     if running_mean is None or count == 0:
         return
-    running_mean.lerp_(mean.to(running_mean.dtype), momentum)
-    running_var.lerp_((var * (count / (count - 1))).to(running_var.dtype), momentum)
+    factor = momentum if momentum is not None else 1.0 / num_batches_tracked.to(mean.dtype)
+    running_mean.lerp_(mean.to(running_mean.dtype), factor)
+    running_var.lerp_((var * (count / (count - 1))).to(running_var.dtype), factor)
 
 
 def fake_like(x):

@@ -2,20 +2,27 @@
 backends' fused statistics primitive (one read of x: the CUDA / Triton statistics kernels, `torch.var_mean` in
 the reference), with autograd.
 
-Registered op (torch.ops.fusedres.*):
+Registered ops (torch.ops.fusedres.*):
     batch_stats(x) -> (mean, var)        both [C] in the accumulation dtype (float32; float64 for float64)
+    bn_stats(x, weight, bias, running_mean!, running_var!, num_batches_tracked, momentum, eps)
+        -> (mean, var, scale, shift)     BatchNorm's batch statistics and its per-channel (scale, shift), the
+                                         running statistics updated in place: the statistics pass and ONE
+                                         finalize launch, no per-channel torch ops (the first two of a fused
+                                         BatchNorm's three forward launches; bn_act / dual_bn_act run the third)
 Backward: d mean / dx = 1 / count, d var / dx = 2 (x - mean) / count, in plain torch (count = N * H * W); only x
 and mean are saved. Used by the conv-mode pre-activation units (`fusedres.nn.preact_conv`) for the statistics of
 a unit's input, whose BN + ReLU then runs in the next conv's prologue.
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from torch import Tensor
 
 from fusedres import backends
 from fusedres._layout import acc_dtype
-from fusedres.ops._common import channel_count, check_activation, densify, fake_channels
+from fusedres.ops._common import channel_count, check_activation, check_bn, densify, fake_channels
 from fusedres.ops._transforms import refuse_forward_ad, transformed
 
 _DIMS = (0, 2, 3)
@@ -62,6 +69,40 @@ def _reference_stats(x):
         return x.new_zeros(x.shape[1]), x.new_zeros(x.shape[1])
     var, mean = torch.var_mean(x, dim=_DIMS, unbiased=False)
     return mean, var
+
+
+@torch.library.custom_op("fusedres::bn_stats", mutates_args=("running_mean", "running_var"))
+def bn_stats_op(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], running_mean: Optional[Tensor],
+                running_var: Optional[Tensor], num_batches_tracked: Optional[Tensor], momentum: Optional[float],
+                eps: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    refuse_forward_ad("bn_stats")
+    check_bn(x, "x", weight, bias, running_mean, running_var)
+    if x.numel() == 0:  # an empty batch: zeros, running statistics untouched (as stock)
+        return tuple(fake_channels(x).zero_() for _ in range(4))
+    (x,) = densify(x)
+    return backends.select(x).bn_stats(x, weight, bias, eps, running_mean, running_var, momentum,
+                                       num_batches_tracked)
+
+
+@bn_stats_op.register_fake
+def _(x, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps):
+    check_bn(x, "x", weight, bias, running_mean, running_var)
+    return tuple(fake_channels(x) for _ in range(4))
+
+
+def bn_stats(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], running_mean: Optional[Tensor],
+             running_var: Optional[Tensor], momentum: Optional[float], eps: float,
+             num_batches_tracked: Optional[Tensor] = None):
+    """(mean, biased var, scale, shift) of a training-mode BatchNorm of x with BN(x) = (x - mean) * scale +
+    shift, updating the running statistics (when given) as nn.BatchNorm2d does; momentum None is the cumulative
+    average, factor 1 / num_batches_tracked (already incremented), read on the device. Not differentiable: the
+    fused ops' backward formulas cover the statistics."""
+    if running_mean is not None and momentum is None and num_batches_tracked is None:
+        raise ValueError("fusedres: momentum=None (cumulative moving average) needs num_batches_tracked")
+    with torch.no_grad():
+        return torch.ops.fusedres.bn_stats(x, weight, bias, running_mean, running_var,
+                                           num_batches_tracked if momentum is None else None,
+                                           None if momentum is None else float(momentum), eps)
 
 
 def batch_stats(x: Tensor):

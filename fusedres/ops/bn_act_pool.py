@@ -5,9 +5,10 @@ pool's int64 indices.
 Registered op (torch.ops.fusedres.*):
     bn_act_pool_train(x, weight, bias, eps, relu, kernel_size, stride, padding, dilation, ceil_mode)
         -> (y, mean, var)          mean / biased var: the batch statistics (accumulation dtype)
-Forward: the backends' statistics + apply passes, then `max_pool2d`. Backward recomputes the activation (one
-elementwise pass, `scale_shift_act`) and the pool's argmax (`max_pool2d_with_indices`), scatters the gradient
-through it and runs BatchNorm's training backward (`bn_act_backward`: one reduction + one elementwise pass).
+Forward: the backends' statistics + finalize (`bn_stats`) and apply passes, then `max_pool2d`. Backward forms
+(scale, shift) again (torch ops on C-vectors: the autograd formula must stay traceable), recomputes the
+activation (one elementwise pass, `scale_shift_act`) and the pool's argmax (`max_pool2d_with_indices`), scatters the gradient through it and runs
+BatchNorm's training backward (`bn_act_backward`: reduce, finalize, apply).
 """
 from __future__ import annotations
 
@@ -36,8 +37,7 @@ def bn_act_pool_train(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor
     check_batch_size(x)
     (x,) = densify(x)
     backend = backends.select(x)
-    mean, var = backend.batch_stats(x)
-    _, scale, shift = scale_shift(mean, var, weight, bias, eps)
+    mean, var, scale, shift = backend.bn_stats(x, weight, bias, eps, None, None, None, None)
     a = backend.apply(x, mean, scale, shift, None, None, None, None, None, relu)
     return _pool(a, kernel_size, stride, padding, dilation, ceil_mode), mean, var
 
@@ -67,8 +67,9 @@ def _backward(ctx, grad_y, _grad_mean, _grad_var):
     k, s, p, d, ceil = ctx.pool
     _, idx = torch.ops.aten.max_pool2d_with_indices(a, k, s, p, d, ceil)
     grad_a = torch.ops.aten.max_pool2d_with_indices_backward(grad_y, a, k, s, p, d, ceil, idx)
-    dx, dw, db, _, _ = torch.ops.fusedres.bn_act_backward(grad_a.to(x.dtype), x, weight, bias, None, mean, var,
-                                                         ctx.eps, ctx.relu, True, False)
+    dx, dw, db, _, _ = torch.ops.fusedres.bn_act_backward(grad_a.to(x.dtype), x, weight, bias, None, mean_a,
+                                                         var.to(acc), scale, shift, ctx.eps, ctx.relu, True,
+                                                         False)
     return dx, cast_param_grad(dw, weight), cast_param_grad(db, bias), None, None, None, None, None, None, None
 
 

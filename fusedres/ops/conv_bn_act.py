@@ -149,10 +149,15 @@ def _use_triton(x) -> bool:
     return not reasons
 
 
-def _bn_prologue(x, in_weight, in_bias, in_mean, in_var, in_eps):
-    """(scale, shift) of the BatchNorm prologue: BN(x) = (x - mean) * scale + shift, in the accumulation dtype."""
+def _bn_prologue(x, in_weight, in_bias, in_mean, in_var, in_eps, kernel: bool = False):
+    """(mean, scale, shift) of the BatchNorm prologue: BN(x) = (x - mean) * scale + shift, in the accumulation
+    dtype. `kernel`: (scale, shift) from the backend's finalize kernel (`bn_params`, one launch; inside the op
+    only), else torch ops (autograd formulas must stay traceable: no direct backend call there)."""
     acc = acc_dtype(x.dtype)
     mean = in_mean.to(acc)
+    if kernel:
+        scale, shift = backends.select(x).bn_params(x, mean, in_var.to(acc), in_weight, in_bias, in_eps)
+        return mean, scale, shift
     _, scale, shift = scale_shift(mean, in_var.to(acc), in_weight, in_bias, in_eps)
     return mean, scale, shift
 
@@ -171,7 +176,7 @@ def conv_bn_act_op(x: Tensor, weight: Tensor, in_scale: Optional[Tensor], in_shi
     if x.numel() == 0:
         return _empty_batch(x, weight, stride, padding, dilation, stats)
     if in_mean is not None:  # BN prologue: x * scale + (shift - mean * scale)
-        mean, in_scale, shift = _bn_prologue(x, in_weight, in_bias, in_mean, in_var, in_eps)
+        mean, in_scale, shift = _bn_prologue(x, in_weight, in_bias, in_mean, in_var, in_eps, kernel=True)
         in_shift = shift - mean * in_scale
     if _use_triton(x):
         return _triton_module().conv_bn_act(x, weight, in_scale, in_shift, in_relu, out_scale, out_shift, residual,
@@ -325,7 +330,8 @@ def _backward(ctx, gy, gmean, gvar):
     da = da.to(x.dtype)
     if bn_prologue:
         dx, d_w, d_b, _, _ = torch.ops.fusedres.bn_act_backward(da, x, in_w, in_b, None, in_mean, in_var,
-                                                                ctx.in_eps, ctx.in_relu, True, False)
+                                                                p_scale, p_shift, ctx.in_eps, ctx.in_relu, True,
+                                                                False)
         out[0] = dx if need[0] else None
         out[17], out[18] = _cast(d_w if need[17] else None, in_w), _cast(d_b if need[18] else None, in_b)
         return tuple(out)

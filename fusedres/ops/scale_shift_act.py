@@ -1,10 +1,12 @@
-"""`scale_shift_act`: y = act((x - mean) * scale + shift [+ residual | + (xb - mean_b) * scale_b + shift_b]) with
+"""`scale_shift_act`: y = act((x - mean) * scale + shift [+ residual | + (xb - mean_b) * scale_b + shift_b |
++ xb * scale_b]) with
 per-channel vectors that are *differentiable inputs* — the BN-apply of a block tail whose batch statistics
 came from the conv epilogue (`conv_bn_act(stats=True)`), so the tail is one read of the conv output instead
 of a statistics pass plus an apply pass. Gradients flow into mean/scale/shift (and the xb ones), hence back
 through the statistics into the conv, as BatchNorm's do.
 
-Registered ops (torch.ops.fusedres.*), built on the dispatcher's primitives (cuda → triton → reference):
+Registered ops (torch.ops.fusedres.*), built on the dispatcher's primitives (cuda → triton → reference); one
+launch forward, three backward (reduce, finalize — the mean / scale / shift gradients —, apply):
     scale_shift_act(x, mean, scale, shift, residual, xb, mean_b, scale_b, shift_b, relu) -> y
     scale_shift_act_backward(grad_y, x, mean, scale, shift, residual, xb, mean_b, scale_b, shift_b, relu)
         -> (grad_x, grad_mean, grad_scale, grad_shift, grad_residual, grad_xb, grad_mean_b, grad_scale_b,
@@ -37,9 +39,12 @@ def _check(x, mean, scale, shift, residual, xb, mean_b, scale_b, shift_b):
         check_like(residual, x, "residual")
     if xb is not None:
         check_like(xb, x, "xb")
+        if scale_b is None:
+            raise ValueError("fusedres: scale_shift_act with xb needs scale_b")
+        if (mean_b is None) != (shift_b is None):
+            raise ValueError("fusedres: scale_shift_act with xb needs mean_b and shift_b both, or neither (a "
+                             "weighted residual xb * scale_b)")
         for v, name in ((mean_b, "mean_b"), (scale_b, "scale_b"), (shift_b, "shift_b")):
-            if v is None:
-                raise ValueError(f"fusedres: scale_shift_act with xb needs {name}")
             check_channels(v, x, name)
     elif mean_b is not None or scale_b is not None or shift_b is not None:
         raise ValueError("fusedres: scale_shift_act got mean_b / scale_b / shift_b without xb (the second input)")
@@ -77,39 +82,37 @@ def scale_shift_act_backward(grad_y: Tensor, x: Tensor, mean: Tensor, scale: Ten
     refuse_forward_ad("scale_shift_act_backward")
     check_like(grad_y, x, "grad_y")
     if x.numel() == 0:
-        return _empty_grads(x, residual is not None, xb is not None, lambda: fake_channels(x).zero_())
+        return _empty_grads(x, residual, xb, mean_b, shift_b, lambda: fake_channels(x).zero_())
     x, grad_y, residual, xb = densify(x, grad_y, residual, xb)
     backend = backends.select(x)
     mean, scale, shift = _vecs(x, mean, scale, shift)
     mean_b, scale_b, shift_b = _vecs(x, mean_b, scale_b, shift_b)
-    sum_g, sum_g_xc, sum_g_xbc, d_res = backend.backward_reduce(grad_y, x, mean, scale, shift, residual, xb,
-                                                                mean_b, scale_b, shift_b, relu,
-                                                                residual is not None)
-    zero = torch.zeros_like(scale)
     has_b = xb is not None
-    dx, dxb = backend.backward_apply(grad_y, x, mean, scale, shift, residual, xb, mean_b, scale_b, shift_b, relu,
-                                     scale, zero, zero, scale_b if has_b else None, zero if has_b else None,
-                                     zero if has_b else None)
+    dx, dxb, d_res, (d_mean, d_scale, d_shift), grads_b = backend.backward(
+        grad_y, x, mean, scale, shift, None, 0.0, residual, xb, mean_b, scale_b, shift_b, None, 0.0, relu, True,
+        residual is not None)
     e = lambda: x.new_empty(0)  # noqa: E731  (distinct empties: outputs must not alias)
     ev = lambda: scale.new_empty(0)  # noqa: E731
-    return (dx, -scale * sum_g, sum_g_xc, sum_g.clone(), d_res if d_res is not None else e(),
-            dxb if has_b else e(), -scale_b * sum_g if has_b else ev(), sum_g_xbc if has_b else ev(),
-            sum_g.clone() if has_b else ev())
+    d_mean_b, d_scale_b, d_shift_b = (grads_b if len(grads_b) == 3 else (ev(), grads_b[0], ev())) if has_b \
+        else (ev(), ev(), ev())
+    return (dx, d_mean, d_scale, d_shift, d_res if d_res is not None else e(), dxb if has_b else e(), d_mean_b,
+            d_scale_b, d_shift_b)
 
 
 @scale_shift_act_backward.register_fake
 def _(grad_y, x, mean, scale, shift, residual, xb, mean_b, scale_b, shift_b, relu):
-    return _empty_grads(x, residual is not None, xb is not None, lambda: fake_channels(x))
+    return _empty_grads(x, residual, xb, mean_b, shift_b, lambda: fake_channels(x))
 
 
-def _empty_grads(x, has_residual, has_b, vector):
+def _empty_grads(x, residual, xb, mean_b, shift_b, vector):
     """scale_shift_act_backward's outputs as new tensors (none aliasing another): activation gradients
     allocated in x's layout, C-vectors from `vector()` (uninitialised for the fake, zeros for an empty batch),
-    0-element tensors for the absent inputs."""
+    0-element tensors for the absent inputs (mean_b and shift_b are absent for a weighted xb * scale_b)."""
     act = lambda present: fake_like(x) if present else x.new_empty(0)  # noqa: E731
     vec = lambda present: vector() if present else fake_channels(x).new_empty(0)  # noqa: E731
-    return (act(True), vector(), vector(), vector(), act(has_residual), act(has_b), vec(has_b), vec(has_b),
-            vec(has_b))
+    has_b = xb is not None
+    return (act(True), vector(), vector(), vector(), act(residual is not None), act(has_b),
+            vec(has_b and mean_b is not None), vec(has_b), vec(has_b and shift_b is not None))
 
 
 def _save(ctx, inputs, output):

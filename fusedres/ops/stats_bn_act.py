@@ -8,9 +8,11 @@ Registered op (torch.ops.fusedres.*):
     stats_bn_act(x, weight, bias, mean, var, eps, residual, residual_weight, xb, weight_b, bias_b, mean_b, var_b,
                  eps_b, relu) -> y
 mean / var (and mean_b / var_b) must be the biased batch statistics of x (xb). Backward is BatchNorm's
-training-mode backward (`bn_act_backward` / `dual_bn_act_backward`: one reduction + one elementwise pass), which
+training-mode backward (`bn_act_backward` / `dual_bn_act_backward`: reduce, finalize, apply), which
 already contains the gradient through the statistics, so none is returned for mean and var and the conv that
 produced them needs no statistics term in its own backward. Saved: x (and xb, the residual), no output.
+(scale, shift) come from the backend's finalize kernel (`bn_params`, one launch per BatchNorm), in forward and
+again in backward.
 """
 from __future__ import annotations
 
@@ -22,7 +24,7 @@ from torch import Tensor
 from fusedres import backends
 from fusedres._layout import acc_dtype
 from fusedres.ops._common import (cast_param_grad, check_bn, check_channels, check_eps, check_flag, check_like,
-                                  densify, fake_like, scale_shift)
+                                  densify, fake_like)
 from fusedres.ops.bn_act import residual_args
 
 
@@ -56,13 +58,13 @@ def stats_bn_act_op(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
     _check(x, weight, bias, mean, var, eps, residual, residual_weight, xb, weight_b, bias_b, mean_b, var_b, eps_b)
     x, residual, xb = densify(x, residual, xb)
     acc = acc_dtype(x.dtype)
-    mean = mean.to(acc)
-    _, scale, shift = scale_shift(mean, var.to(acc), weight, bias, eps)
     backend = backends.select(x)
+    mean = mean.to(acc)
+    scale, shift = backend.bn_params(x, mean, var.to(acc), weight, bias, eps)
     if xb is None:
         return backend.apply(x, mean, scale, shift, *residual_args(x, residual, residual_weight), relu)
     mean_b = mean_b.to(acc)
-    _, scale_b, shift_b = scale_shift(mean_b, var_b.to(acc), weight_b, bias_b, eps_b)
+    scale_b, shift_b = backend.bn_params(x, mean_b, var_b.to(acc), weight_b, bias_b, eps_b)
     return backend.apply(x, mean, scale, shift, None, xb, mean_b, scale_b, shift_b, relu)
 
 
@@ -89,13 +91,14 @@ def _backward(ctx, grad_y):
     if xb is None:
         want_res = ctx.has_residual and need[6]
         dx, dw, db, dr, drw = torch.ops.fusedres.bn_act_backward(grad_y, x, weight, bias, residual, mean, var,
-                                                                 ctx.eps, ctx.relu, True, want_res, residual_weight)
+                                                                 None, None, ctx.eps, ctx.relu, True, want_res,
+                                                                 residual_weight)
         grads[6] = dr if want_res else None
         grads[7] = cast_param_grad(drw, residual_weight)
     else:
         dx, dw, db, dxb, dw_b, db_b = torch.ops.fusedres.dual_bn_act_backward(
-            grad_y, x, weight, bias, mean, var, ctx.eps, xb, weight_b, bias_b, mean_b, var_b, ctx.eps_b, ctx.relu,
-            True)
+            grad_y, x, weight, bias, mean, var, None, None, ctx.eps, xb, weight_b, bias_b, mean_b, var_b, None, None,
+            ctx.eps_b, ctx.relu, True)
         grads[8], grads[9], grads[10] = dxb, cast_param_grad(dw_b, weight_b), cast_param_grad(db_b, bias_b)
     grads[0], grads[1], grads[2] = dx, cast_param_grad(dw, weight), cast_param_grad(db, bias)
     return tuple(grads)

@@ -194,41 +194,45 @@ def _refuse_transforms(*tensors) -> None:
 
 def sync_bn_act(x: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor],
                 weight: Optional[Tensor] = None, bias: Optional[Tensor] = None, training: bool = True,
-                momentum: float = 0.1, eps: float = 1e-5, residual: Optional[Tensor] = None, relu: bool = False,
-                residual_weight: Optional[Tensor] = None, process_group=None) -> Tensor:
+                momentum: Optional[float] = 0.1, eps: float = 1e-5, residual: Optional[Tensor] = None,
+                relu: bool = False, residual_weight: Optional[Tensor] = None, process_group=None,
+                num_batches_tracked: Optional[Tensor] = None) -> Tensor:
     """`bn_act` with the batch statistics of all ranks of `process_group` (None: the default group) when
     training; `training=False` is `bn_act` with running statistics (no collective). The gradient of
     `residual_weight`, like those of weight and bias, is this rank's own."""
     if not training:
         return bn_act(x, running_mean, running_var, weight, bias, False, momentum, eps, residual, relu,
-                      residual_weight)
+                      residual_weight, num_batches_tracked)
     _refuse_transforms(x, weight, bias, residual, residual_weight)
     # the batch-size rule is checked on the global count, inside the Function
     check_bn_act_args(x, weight, bias, residual, running_mean, running_var, training=False,
                       residual_weight=residual_weight)
     y, mean, var, count = _SyncBnAct.apply(x, weight, bias, residual, eps, relu, residual_weight, process_group)
-    update_running_stats(running_mean, running_var, mean, var, count, momentum)
+    update_running_stats(running_mean, running_var, mean, var, count, momentum, num_batches_tracked)
     return y
 
 
 def sync_dual_bn_act(x: Tensor, r: Tensor, *, weight: Optional[Tensor], bias: Optional[Tensor],
-                     running_mean: Optional[Tensor], running_var: Optional[Tensor], momentum: float = 0.1,
-                     eps: float = 1e-5, weight_r: Optional[Tensor], bias_r: Optional[Tensor],
-                     running_mean_r: Optional[Tensor], running_var_r: Optional[Tensor], momentum_r: float = 0.1,
-                     eps_r: float = 1e-5, training: bool = True, relu: bool = True, process_group=None) -> Tensor:
+                     running_mean: Optional[Tensor], running_var: Optional[Tensor],
+                     momentum: Optional[float] = 0.1, eps: float = 1e-5, weight_r: Optional[Tensor],
+                     bias_r: Optional[Tensor], running_mean_r: Optional[Tensor], running_var_r: Optional[Tensor],
+                     momentum_r: Optional[float] = 0.1, eps_r: float = 1e-5, training: bool = True,
+                     relu: bool = True, process_group=None, num_batches_tracked: Optional[Tensor] = None,
+                     num_batches_tracked_r: Optional[Tensor] = None) -> Tensor:
     """`dual_bn_act` with both BNs' batch statistics taken over all ranks of `process_group` (None: the
     default group) in one all_reduce when training; `training=False` is `dual_bn_act` (no collective)."""
     if not training:
         return dual_bn_act(x, r, weight=weight, bias=bias, running_mean=running_mean, running_var=running_var,
                            momentum=momentum, eps=eps, weight_r=weight_r, bias_r=bias_r,
                            running_mean_r=running_mean_r, running_var_r=running_var_r, momentum_r=momentum_r,
-                           eps_r=eps_r, training=False, relu=relu)
+                           eps_r=eps_r, training=False, relu=relu, num_batches_tracked=num_batches_tracked,
+                           num_batches_tracked_r=num_batches_tracked_r)
     _refuse_transforms(x, r, weight, bias, weight_r, bias_r)
     check_bn(x, "x", weight, bias, running_mean, running_var)
     check_like(r, x, "r (the shortcut input)")
     check_bn(r, "r", weight_r, bias_r, running_mean_r, running_var_r)
     y, mean, var, mean_r, var_r, count = _SyncDualBnAct.apply(x, weight, bias, eps, r, weight_r, bias_r, eps_r,
                                                               relu, process_group)
-    update_running_stats(running_mean, running_var, mean, var, count, momentum)
-    update_running_stats(running_mean_r, running_var_r, mean_r, var_r, count, momentum_r)
+    update_running_stats(running_mean, running_var, mean, var, count, momentum, num_batches_tracked)
+    update_running_stats(running_mean_r, running_var_r, mean_r, var_r, count, momentum_r, num_batches_tracked_r)
     return y

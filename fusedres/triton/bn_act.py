@@ -10,6 +10,8 @@ element count can pass 2**31.
 """
 from __future__ import annotations
 
+import struct
+
 import torch
 import triton
 import triton.language as tl
@@ -97,15 +99,10 @@ def _stats_partial_kernel(
     tl.store(m2_ptr + out, m2, mask=c_mask)
 
 
-@triton.jit(do_not_specialize=["P"])
-def _stats_finalize_kernel(
-    cnt_ptr, mean_part_ptr, m2_part_ptr,   # [P, C] partials from _stats_partial_kernel
-    mean_ptr, var_ptr,                     # [C] out: mean and biased variance
-    P, C,
-    ACC: tl.constexpr, BLOCK_C: tl.constexpr,
-):
-    c_offs = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
-    c_mask = c_offs < C
+@triton.jit
+def _welford_merge(cnt_ptr, mean_part_ptr, m2_part_ptr, P, C, c_offs, c_mask, ACC: tl.constexpr,
+                   BLOCK_C: tl.constexpr):
+    """(mean, biased var) of channels c_offs from the [P, C] partials, merged in program order (Chan)."""
     count = tl.zeros([BLOCK_C], dtype=ACC)
     mean = tl.zeros([BLOCK_C], dtype=ACC)
     m2 = tl.zeros([BLOCK_C], dtype=ACC)
@@ -119,15 +116,88 @@ def _stats_finalize_kernel(
         mean += delta * frac
         m2 += m2_p + delta * delta * count * frac
         count = total
-    tl.store(mean_ptr + c_offs, mean, mask=c_mask)
-    tl.store(var_ptr + c_offs, m2 / tl.maximum(count, 1.0), mask=c_mask)
+    return mean, m2 / tl.maximum(count, 1.0)
+
+
+@triton.jit
+def _invstd(var, eps, ACC: tl.constexpr, BLOCK_C: tl.constexpr):
+    """1 / sqrt(var + eps) with IEEE (round-to-nearest) square root and division, as the CUDA kernels."""
+    if ACC == tl.float64:
+        invstd = 1.0 / tl.sqrt(var + eps)
+    else:
+        invstd = tl.div_rn(tl.full([BLOCK_C], 1.0, ACC), tl.sqrt_rn(var + eps))
+    return invstd
+
+
+@triton.jit
+def _scalar(hi, lo, ACC: tl.constexpr, BLOCK_C: tl.constexpr):
+    """A host float passed as float32 hi + lo (Triton passes float arguments as float32): exact enough for a
+    float64 accumulation, hi itself for float32."""
+    return tl.full([BLOCK_C], hi, ACC) + tl.full([BLOCK_C], lo, ACC)
+
+
+@triton.jit
+def _lerp(a, b, w):
+    """torch.lerp's formula: a + w * (b - a) for w < 0.5, else b - (b - a) * (1 - w)."""
+    return tl.where(w < 0.5, a + w * (b - a), b - (b - a) * (1.0 - w))
+
+
+@triton.jit(do_not_specialize=["P"])
+def _stats_finalize_kernel(
+    cnt_ptr, mean_part_ptr, m2_part_ptr,   # [P, C] partials from _stats_partial_kernel (FROM_PARTIALS)
+    mean_ptr, var_ptr,                     # [C] out (FROM_PARTIALS) or in: mean and biased variance
+    w_ptr, b_ptr,                          # [C] BN weight and bias (HAS_W / HAS_B; else 1 and 0)
+    scale_ptr, shift_ptr,                  # [C] out (PARAMS): BN(x) = (x - mean) * scale + shift
+    rm_ptr, rv_ptr,                        # [C] running mean / var, updated in place (RUNNING > 0)
+    nbt_ptr,                               # [] int64 num_batches_tracked (RUNNING == 2: factor 1 / nbt)
+    P, C, eps,
+    mom_hi, mom_lo, unb_hi, unb_lo,        # momentum and unbias = count / (count - 1) as float32 hi + lo pairs
+    FROM_PARTIALS: tl.constexpr, PARAMS: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
+    RUNNING: tl.constexpr, ACC: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """One launch for all per-channel work after the statistics pass: merge the partials into (mean, var),
+    form (scale, shift) and update the running statistics with `momentum` (RUNNING 1) or the cumulative
+    factor 1 / num_batches_tracked read on the device (RUNNING 2, momentum=None: no host sync)."""
+    c_offs = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_mask = c_offs < C
+    if FROM_PARTIALS:
+        mean, var = _welford_merge(cnt_ptr, mean_part_ptr, m2_part_ptr, P, C, c_offs, c_mask, ACC, BLOCK_C)
+        tl.store(mean_ptr + c_offs, mean, mask=c_mask)
+        tl.store(var_ptr + c_offs, var, mask=c_mask)
+    else:
+        mean = tl.load(mean_ptr + c_offs, mask=c_mask, other=0.0).to(ACC)
+        var = tl.load(var_ptr + c_offs, mask=c_mask, other=1.0).to(ACC)
+    if PARAMS:
+        invstd = _invstd(var, eps, ACC, BLOCK_C)
+        scale = invstd
+        if HAS_W:
+            scale = tl.load(w_ptr + c_offs, mask=c_mask, other=0.0).to(ACC) * invstd
+        shift = tl.zeros([BLOCK_C], dtype=ACC)
+        if HAS_B:
+            shift = tl.load(b_ptr + c_offs, mask=c_mask, other=0.0).to(ACC)
+        tl.store(scale_ptr + c_offs, scale, mask=c_mask)
+        tl.store(shift_ptr + c_offs, shift, mask=c_mask)
+    if RUNNING > 0:
+        if RUNNING == 2:
+            f = tl.full([BLOCK_C], 1.0, ACC) / tl.full([BLOCK_C], tl.load(nbt_ptr), ACC)
+        else:
+            f = _scalar(mom_hi, mom_lo, ACC, BLOCK_C)
+        unbias = _scalar(unb_hi, unb_lo, ACC, BLOCK_C)
+        rm = tl.load(rm_ptr + c_offs, mask=c_mask, other=0.0)
+        rv = tl.load(rv_ptr + c_offs, mask=c_mask, other=0.0)
+        rm_t = rm.dtype
+        new_m = _lerp(rm.to(ACC), mean.to(rm_t).to(ACC), f)
+        new_v = _lerp(rv.to(ACC), (var * unbias).to(rv.dtype).to(ACC), f)
+        tl.store(rm_ptr + c_offs, new_m.to(rm_t), mask=c_mask)
+        tl.store(rv_ptr + c_offs, new_v.to(rv.dtype), mask=c_mask)
 
 
 @triton.jit
 def _pre_activation(x, r, xb, c, mean_ptr, scale_ptr, shift_ptr, mean_b_ptr, scale_b_ptr, shift_b_ptr, mask,
                     RES_MODE: tl.constexpr, ACC: tl.constexpr):
-    """z = (x - mean[c]) * scale[c] + shift[c] (+ r | + (xb - mean_b[c]) * scale_b[c] + shift_b[c]), in the
-    accumulation dtype; centring first keeps precision when |mean| >> std."""
+    """z = (x - mean[c]) * scale[c] + shift[c] (+ r | + (xb - mean_b[c]) * scale_b[c] + shift_b[c] | + xb *
+    scale_b[c]), in the accumulation dtype; centring first keeps precision when |mean| >> std. RES_MODE 3 is
+    the weighted residual (mean_b = shift_b = 0, never read)."""
     z = (x.to(ACC) - tl.load(mean_ptr + c, mask=mask, other=0.0)) * tl.load(scale_ptr + c, mask=mask, other=0.0) \
         + tl.load(shift_ptr + c, mask=mask, other=0.0)
     if RES_MODE == 1:
@@ -135,6 +205,8 @@ def _pre_activation(x, r, xb, c, mean_ptr, scale_ptr, shift_ptr, mean_b_ptr, sca
     if RES_MODE == 2:
         z += (xb.to(ACC) - tl.load(mean_b_ptr + c, mask=mask, other=0.0)) \
             * tl.load(scale_b_ptr + c, mask=mask, other=0.0) + tl.load(shift_b_ptr + c, mask=mask, other=0.0)
+    if RES_MODE == 3:
+        z += xb.to(ACC) * tl.load(scale_b_ptr + c, mask=mask, other=0.0)
     return z
 
 
@@ -168,7 +240,7 @@ def _apply_kernel(
     offs, mask, c = _flat(numel, C, INNER, CL, IDX64, BLOCK)
     x = tl.load(x_ptr + offs, mask=mask, other=0.0)
     r = tl.load(r_ptr + offs, mask=mask & (RES_MODE == 1), other=0.0)
-    xb = tl.load(xb_ptr + offs, mask=mask & (RES_MODE == 2), other=0.0)
+    xb = tl.load(xb_ptr + offs, mask=mask & (RES_MODE >= 2), other=0.0)
     z = _pre_activation(x, r, xb, c, mean_ptr, scale_ptr, shift_ptr, mean_b_ptr, scale_b_ptr, shift_b_ptr, mask,
                         RES_MODE, ACC)
     if RELU:
@@ -199,7 +271,7 @@ def _bwd_reduce_kernel(
         offs, mask, rows = _tile(t, N, C, HW, tiles_per_n, c_offs, CL, BLOCK_R, IDX64)
         x = tl.load(x_ptr + offs, mask=mask, other=0.0)
         g = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(ACC)
-        xb = tl.load(xb_ptr + offs, mask=mask & (RES_MODE == 2), other=0.0)
+        xb = tl.load(xb_ptr + offs, mask=mask & (RES_MODE >= 2), other=0.0)
         if RELU:
             r = tl.load(r_ptr + offs, mask=mask & (RES_MODE == 1), other=0.0)
             z = _pre_activation(x, r, xb, c_offs[None, :], mean_ptr, scale_ptr, shift_ptr, mean_b_ptr, scale_b_ptr,
@@ -211,10 +283,12 @@ def _bwd_reduce_kernel(
         sum_gx += tl.sum(tl.where(mask, g * (x.to(ACC) - mean[None, :]), 0.0), axis=0)
         if RES_MODE == 2:
             sum_gxb += tl.sum(tl.where(mask, g * (xb.to(ACC) - mean_b[None, :]), 0.0), axis=0)
+        if RES_MODE == 3:
+            sum_gxb += tl.sum(tl.where(mask, g * xb.to(ACC), 0.0), axis=0)
     out = p * C + c_offs
     tl.store(sum_g_ptr + out, sum_g, mask=c_mask)
     tl.store(sum_gx_ptr + out, sum_gx, mask=c_mask)
-    if RES_MODE == 2:
+    if RES_MODE >= 2:
         tl.store(sum_gxb_ptr + out, sum_gxb, mask=c_mask)
 
 
@@ -225,36 +299,93 @@ def _centred_term(x, mean, kx, ACC: tl.constexpr):
     return tl.where(kx == 0.0, 0.0, (x.to(ACC) - mean) * kx)
 
 
+@triton.jit(do_not_specialize=["P"])
+def _bwd_finalize_kernel(
+    sum_g_ptr, sum_gx_ptr, sum_gxb_ptr,  # [P, C] partial sum(g), sum(g*(x-mean)), sum(g*(xb-mean_b))
+    scale_ptr, var_ptr,             # [C] side a: scale, and the biased variance (MODE_A 1: a BatchNorm)
+    scale_b_ptr, var_b_ptr,         # [C] side b (xb), likewise
+    a0_ptr, a1_ptr, a2_ptr, a3_ptr,  # [C] out, side a: MODE 1 (BN): k_x, k_c, grad_weight, grad_bias;
+    b0_ptr, b1_ptr, b2_ptr, b3_ptr,  #   MODE 2 (affine): grad_mean, grad_scale, grad_shift; MODE 3: grad_scale
+    P, C, eps, eps_b, count,
+    MODE_A: tl.constexpr, MODE_B: tl.constexpr, TRAINING: tl.constexpr, ACC: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    """Merge the backward partials in program order and turn them into what the apply pass and autograd need:
+    for a BatchNorm side dx = scale * g + k_x * (x - mean) + k_c with k_x, k_c from the sums (0 in eval) and
+    the weight / bias gradients; for an affine side (scale_shift_act) the mean / scale / shift gradients."""
+    c_offs = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_mask = c_offs < C
+    sg = tl.zeros([BLOCK_C], dtype=ACC)
+    sgx = tl.zeros([BLOCK_C], dtype=ACC)
+    sgxb = tl.zeros([BLOCK_C], dtype=ACC)
+    for p in range(0, P):
+        sg += tl.load(sum_g_ptr + p * C + c_offs, mask=c_mask, other=0.0)
+        sgx += tl.load(sum_gx_ptr + p * C + c_offs, mask=c_mask, other=0.0)
+        if MODE_B > 0:
+            sgxb += tl.load(sum_gxb_ptr + p * C + c_offs, mask=c_mask, other=0.0)
+    _side_grads(sg, sgx, scale_ptr, var_ptr, eps, count, a0_ptr, a1_ptr, a2_ptr, a3_ptr, c_offs, c_mask, MODE_A,
+                TRAINING, ACC, BLOCK_C)
+    _side_grads(sg, sgxb, scale_b_ptr, var_b_ptr, eps_b, count, b0_ptr, b1_ptr, b2_ptr, b3_ptr, c_offs, c_mask,
+                MODE_B, TRAINING, ACC, BLOCK_C)
+
+
+@triton.jit
+def _side_grads(sg, sgx, scale_ptr, var_ptr, eps, count, o0, o1, o2, o3, c_offs, c_mask, MODE: tl.constexpr,
+                TRAINING: tl.constexpr, ACC: tl.constexpr, BLOCK_C: tl.constexpr):
+    """One side's outputs of _bwd_finalize_kernel (fusedres.ops._common.grad_coefficients' formulas)."""
+    if MODE == 1:
+        scale = tl.load(scale_ptr + c_offs, mask=c_mask, other=0.0)
+        var = tl.load(var_ptr + c_offs, mask=c_mask, other=1.0)
+        invstd = _invstd(var, eps, ACC, BLOCK_C)
+        if TRAINING:
+            tl.store(o0 + c_offs, -scale * invstd * invstd * sgx / count, mask=c_mask)
+            tl.store(o1 + c_offs, -scale * sg / count, mask=c_mask)
+        else:
+            tl.store(o0 + c_offs, tl.zeros([BLOCK_C], dtype=ACC), mask=c_mask)
+            tl.store(o1 + c_offs, tl.zeros([BLOCK_C], dtype=ACC), mask=c_mask)
+        tl.store(o2 + c_offs, sgx * invstd, mask=c_mask)
+        tl.store(o3 + c_offs, sg, mask=c_mask)
+    if MODE == 2:
+        scale = tl.load(scale_ptr + c_offs, mask=c_mask, other=0.0)
+        tl.store(o0 + c_offs, -scale * sg, mask=c_mask)
+        tl.store(o1 + c_offs, sgx, mask=c_mask)
+        tl.store(o2 + c_offs, sg, mask=c_mask)
+    if MODE == 3:
+        tl.store(o1 + c_offs, sgx, mask=c_mask)
+
+
 @triton.jit
 def _bwd_apply_kernel(
-    dy_ptr, x_ptr, r_ptr, xb_ptr,   # [N, C, H, W] grad of y, x, residual (RES_MODE 1), xb (RES_MODE 2)
-    dx_ptr, dxb_ptr,                # [N, C, H, W] out: grad of x, grad of xb (RES_MODE 2)
+    dy_ptr, x_ptr, r_ptr, xb_ptr,   # [N, C, H, W] grad of y, x, residual (RES_MODE 1), xb (RES_MODE 2, 3)
+    dx_ptr, dxb_ptr,                # [N, C, H, W] out: grad of x, grad of xb (RES_MODE 2, 3)
     mean_ptr, scale_ptr, shift_ptr, mean_b_ptr, scale_b_ptr, shift_b_ptr,  # [C] both BNs (mask recompute)
-    kg_ptr, kx_ptr, kc_ptr,         # [C] dx = kg * g + kx * (x - mean) + kc
-    kgb_ptr, kxb_ptr, kcb_ptr,      # [C] the same for xb
+    kg_ptr, kx_ptr, kc_ptr,         # [C] dx = kg * g + kx * (x - mean) + kc (K_A; else dx = kg * g)
+    kgb_ptr, kxb_ptr, kcb_ptr,      # [C] the same for xb (K_B)
     numel, C, INNER,
-    CL: tl.constexpr, RES_MODE: tl.constexpr, RELU: tl.constexpr, ACC: tl.constexpr, IDX64: tl.constexpr,
-    BLOCK: tl.constexpr,
+    CL: tl.constexpr, RES_MODE: tl.constexpr, RELU: tl.constexpr, K_A: tl.constexpr, K_B: tl.constexpr,
+    ACC: tl.constexpr, IDX64: tl.constexpr, BLOCK: tl.constexpr,
 ):
     offs, mask, c = _flat(numel, C, INNER, CL, IDX64, BLOCK)
     x = tl.load(x_ptr + offs, mask=mask, other=0.0)
     g = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(ACC)
-    xb = tl.load(xb_ptr + offs, mask=mask & (RES_MODE == 2), other=0.0)
+    xb = tl.load(xb_ptr + offs, mask=mask & (RES_MODE >= 2), other=0.0)
     if RELU:
         r = tl.load(r_ptr + offs, mask=mask & (RES_MODE == 1), other=0.0)
         z = _pre_activation(x, r, xb, c, mean_ptr, scale_ptr, shift_ptr, mean_b_ptr, scale_b_ptr, shift_b_ptr,
                             mask, RES_MODE, ACC)
         g = tl.where(z <= 0, 0.0, g)
-    dx = g * tl.load(kg_ptr + c, mask=mask, other=0.0) \
-        + _centred_term(x, tl.load(mean_ptr + c, mask=mask, other=0.0), tl.load(kx_ptr + c, mask=mask, other=0.0),
-                        ACC) \
-        + tl.load(kc_ptr + c, mask=mask, other=0.0)
+    dx = g * tl.load(kg_ptr + c, mask=mask, other=0.0)
+    if K_A:
+        dx = dx + _centred_term(x, tl.load(mean_ptr + c, mask=mask, other=0.0),
+                                tl.load(kx_ptr + c, mask=mask, other=0.0), ACC) \
+            + tl.load(kc_ptr + c, mask=mask, other=0.0)
     tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
-    if RES_MODE == 2:
-        dxb = g * tl.load(kgb_ptr + c, mask=mask, other=0.0) \
-            + _centred_term(xb, tl.load(mean_b_ptr + c, mask=mask, other=0.0),
-                            tl.load(kxb_ptr + c, mask=mask, other=0.0), ACC) \
-            + tl.load(kcb_ptr + c, mask=mask, other=0.0)
+    if RES_MODE >= 2:
+        dxb = g * tl.load(kgb_ptr + c, mask=mask, other=0.0)
+        if K_B:
+            dxb = dxb + _centred_term(xb, tl.load(mean_b_ptr + c, mask=mask, other=0.0),
+                                      tl.load(kxb_ptr + c, mask=mask, other=0.0), ACC) \
+                + tl.load(kcb_ptr + c, mask=mask, other=0.0)
         tl.store(dxb_ptr + offs, dxb.to(dxb_ptr.dtype.element_ty), mask=mask)
 
 
@@ -305,34 +436,102 @@ def _sm_count(device) -> int:
 def reduce_warps(res_mode: int) -> int:
     """Warps of the backward reduction: its dual-BN variant (dy, x and xb tiles of 4096 elements) spills with
     4 warps in float32 and fits with 8; the others fit in 4 (docs/kernels.md)."""
-    return 8 if res_mode == 2 else 4
+    return 8 if res_mode >= 2 else 4  # the weighted residual (3) loads the same three tiles
 
 
-def _res_mode(residual, xb) -> int:
-    return 1 if residual is not None else 2 if xb is not None else 0
+def _res_mode(residual, xb, mean_b=None) -> int:
+    """0: no second input; 1: a residual; 2: a second BatchNorm (xb, mean_b, scale_b, shift_b); 3: a weighted
+    residual xb * scale_b (mean_b and shift_b absent)."""
+    if residual is not None:
+        return 1
+    if xb is None:
+        return 0
+    return 2 if mean_b is not None else 3
+
+
+def _channels(geo, x, k: int = 1):
+    return [empty((geo.C,), dtype=geo.acc, device=x.device) for _ in range(k)]
+
+
+def _stats_partials(x, geo):
+    parts = [empty((geo.programs, geo.C), dtype=geo.acc, device=x.device) for _ in range(3)]
+    _stats_partial_kernel[geo.reduce_grid](x, *parts, *geo.tile_args(), CL=geo.cl, ACC=geo.tl_acc,
+                                           IDX64=geo.idx64, BLOCK_R=geo.block_r, BLOCK_C=geo.block_c)
+    return parts
+
+
+def _finalize(geo, parts, mean, var, weight=None, bias=None, eps=0.0, scale=None, shift=None, running_mean=None,
+              running_var=None, momentum=None, num_batches_tracked=None, count=0):
+    """Launch _stats_finalize_kernel (parts None: mean and var are inputs)."""
+    running = 0 if running_mean is None else 2 if momentum is None else 1
+    if running == 2 and num_batches_tracked is None:
+        raise ValueError("fusedres: momentum=None (cumulative average) needs num_batches_tracked")
+    stand_in = mean
+    parts = parts if parts is not None else (stand_in,) * 3
+    _stats_finalize_kernel[(triton.cdiv(geo.C, geo.block_c),)](
+        *parts, mean, var, weight if weight is not None else stand_in, bias if bias is not None else stand_in,
+        scale if scale is not None else stand_in, shift if shift is not None else stand_in,
+        running_mean if running else stand_in, running_var if running else stand_in,
+        num_batches_tracked if running == 2 else stand_in, geo.programs, geo.C, float(eps),
+        *_hi_lo(momentum or 0.0), *_hi_lo(count / (count - 1) if count > 1 else 1.0),
+        FROM_PARTIALS=parts[0] is not stand_in, PARAMS=scale is not None, HAS_W=weight is not None,
+        HAS_B=bias is not None, RUNNING=running, ACC=geo.tl_acc, BLOCK_C=geo.block_c)
+
+
+def _hi_lo(v: float):
+    """v as two float32 values whose sum is v to about 2**-48 (kernel float arguments are float32)."""
+    hi = struct.unpack("f", struct.pack("f", v))[0]
+    return hi, v - hi
 
 
 def batch_stats(x: torch.Tensor):
-    """Per-channel mean and biased variance of x, in the accumulation dtype."""
+    """Per-channel mean and biased variance of x, in the accumulation dtype (2 launches)."""
     geo = _Geometry(x)
-    parts = [empty((geo.programs, geo.C), dtype=geo.acc, device=x.device) for _ in range(3)]
-    mean = empty((geo.C,), dtype=geo.acc, device=x.device)
-    var = empty((geo.C,), dtype=geo.acc, device=x.device)
-    _stats_partial_kernel[geo.reduce_grid](x, *parts, *geo.tile_args(), CL=geo.cl, ACC=geo.tl_acc,
-                                           IDX64=geo.idx64, BLOCK_R=geo.block_r, BLOCK_C=geo.block_c)
-    _stats_finalize_kernel[(triton.cdiv(geo.C, geo.block_c),)](*parts, mean, var, geo.programs, geo.C,
-                                                               ACC=geo.tl_acc, BLOCK_C=geo.block_c)
+    mean, var = _channels(geo, x, 2)
+    _finalize(geo, _stats_partials(x, geo), mean, var)
     return mean, var
 
 
+def bn_stats(x, weight, bias, eps, running_mean, running_var, momentum, num_batches_tracked):
+    """(mean, biased var, scale, shift) of BatchNorm on x in 2 launches (statistics pass + finalize); the
+    finalize also updates running_mean / running_var in place when given, with `momentum`, or with the
+    cumulative factor 1 / num_batches_tracked read on the device when momentum is None."""
+    geo = _Geometry(x)
+    mean, var, scale, shift = _channels(geo, x, 4)
+    _finalize(geo, _stats_partials(x, geo), mean, var, weight, bias, eps, scale, shift, running_mean, running_var,
+              momentum, num_batches_tracked, geo.N * geo.HW)
+    return mean, var, scale, shift
+
+
+class _Channels:
+    """The channel blocking of the finalize kernels alone (any batch size, empty included)."""
+
+    def __init__(self, x: torch.Tensor):
+        self.C = x.shape[1]
+        self.acc = acc_dtype(x.dtype)
+        self.tl_acc = _TL_ACC[self.acc]
+        self.block_c = min(triton.next_power_of_2(self.C), 64)
+        self.programs = 1
+
+
+def bn_params(x, mean, var, weight, bias, eps):
+    """(scale, shift) of BatchNorm with the given (running) mean and variance: one launch."""
+    geo = _Channels(x)
+    scale, shift = _channels(geo, x, 2)
+    _finalize(geo, None, mean, var, weight, bias, eps, scale, shift)
+    return scale, shift
+
+
 def _second(xb, mean, scale, shift, mean_b, scale_b, shift_b):
-    """The second-BN vectors, or stand-ins the kernels never read when there is no second BN."""
-    return (mean_b, scale_b, shift_b) if xb is not None else (mean, scale, shift)
+    """The second-input vectors, with stand-ins the kernels never read for absent ones."""
+    if xb is None:
+        return mean, scale, shift
+    return (mean_b if mean_b is not None else scale_b, scale_b, shift_b if shift_b is not None else scale_b)
 
 
 def apply(x, mean, scale, shift, residual, xb, mean_b, scale_b, shift_b, relu):
-    """y = act((x - mean) * scale + shift [+ residual | + (xb - mean_b) * scale_b + shift_b]) in x's dtype and
-    layout."""
+    """y = act((x - mean) * scale + shift [+ residual | + (xb - mean_b) * scale_b + shift_b | + xb * scale_b])
+    in x's dtype and layout (the last form when mean_b and shift_b are None: a weighted residual)."""
     y = empty_like(x)
     if x.numel() == 0:
         return y
@@ -340,15 +539,13 @@ def apply(x, mean, scale, shift, residual, xb, mean_b, scale_b, shift_b, relu):
     _apply_kernel[geo.flat_grid](
         x, residual if residual is not None else x, xb if xb is not None else x, y,
         mean, scale, shift, *_second(xb, mean, scale, shift, mean_b, scale_b, shift_b),
-        geo.numel, geo.C, geo.inner, CL=geo.cl, RES_MODE=_res_mode(residual, xb), RELU=relu, ACC=geo.tl_acc,
-        IDX64=geo.idx64, BLOCK=FLAT_BLOCK)
+        geo.numel, geo.C, geo.inner, CL=geo.cl, RES_MODE=_res_mode(residual, xb, mean_b), RELU=relu,
+        ACC=geo.tl_acc, IDX64=geo.idx64, BLOCK=FLAT_BLOCK)
     return y
 
 
-def backward_reduce(dy, x, mean, scale, shift, residual, xb, mean_b, scale_b, shift_b, relu, want_grad_residual):
-    """Per-channel sum(g), sum(g * (x - mean)) [, sum(g * (xb - mean_b))] with g = dy * relu'(z); and
-    grad_residual = g when asked (written in the same pass)."""
-    geo = _Geometry(x)
+def _reduce_partials(geo, dy, x, mean, scale, shift, residual, xb, mean_b, scale_b, shift_b, relu,
+                     want_grad_residual):
     n_sums = 3 if xb is not None else 2
     parts = [empty((geo.programs, geo.C), dtype=geo.acc, device=x.device) for _ in range(n_sums)]
     d_res = empty_like(x) if want_grad_residual else None  # the residual has x's shape, dtype and layout
@@ -357,75 +554,159 @@ def backward_reduce(dy, x, mean, scale, shift, residual, xb, mean_b, scale_b, sh
         d_res if d_res is not None else dy,
         mean, scale, shift, *_second(xb, mean, scale, shift, mean_b, scale_b, shift_b),
         parts[0], parts[1], parts[n_sums - 1],
-        *geo.tile_args(), CL=geo.cl, RES_MODE=_res_mode(residual, xb), RELU=relu, WRITE_DRES=d_res is not None,
-        ACC=geo.tl_acc, IDX64=geo.idx64, BLOCK_R=geo.block_r, BLOCK_C=geo.block_c,
-        num_warps=reduce_warps(_res_mode(residual, xb)))
+        *geo.tile_args(), CL=geo.cl, RES_MODE=_res_mode(residual, xb, mean_b), RELU=relu,
+        WRITE_DRES=d_res is not None, ACC=geo.tl_acc, IDX64=geo.idx64, BLOCK_R=geo.block_r, BLOCK_C=geo.block_c,
+        num_warps=reduce_warps(_res_mode(residual, xb, mean_b)))
+    return parts, d_res
+
+
+def backward_reduce(dy, x, mean, scale, shift, residual, xb, mean_b, scale_b, shift_b, relu, want_grad_residual):
+    """Per-channel sum(g), sum(g * (x - mean)) [, sum(g * (xb - mean_b))] with g = dy * relu'(z); and
+    grad_residual = g when asked (written in the same pass). The primitive of the synchronised ops, which
+    all-reduce the sums between the passes; the single-process ops use `backward`."""
+    geo = _Geometry(x)
+    parts, d_res = _reduce_partials(geo, dy, x, mean, scale, shift, residual, xb, mean_b, scale_b, shift_b, relu,
+                                    want_grad_residual)
     sums = [part.sum(0) for part in parts]
     return sums[0], sums[1], sums[2] if xb is not None else None, d_res
+
+
+def _bwd_apply(geo, dy, x, mean, scale, shift, residual, xb, mean_b, scale_b, shift_b, relu, k_g, k_x, k_c,
+               k_g_b, k_x_b, k_c_b):
+    dx = empty_like(x)
+    dxb = empty_like(xb) if xb is not None else None
+    if x.numel() == 0:
+        return dx, dxb
+    second = _second(xb, mean, scale, shift, mean_b, scale_b, shift_b)
+    k_a = (k_g, k_x if k_x is not None else k_g, k_c if k_c is not None else k_g)
+    k_b = (k_g_b, k_x_b if k_x_b is not None else k_g_b, k_c_b if k_c_b is not None else k_g_b) \
+        if xb is not None else k_a
+    _bwd_apply_kernel[geo.flat_grid](
+        dy, x, residual if residual is not None else x, xb if xb is not None else x,
+        dx, dxb if dxb is not None else dx, mean, scale, shift, *second, *k_a, *k_b,
+        geo.numel, geo.C, geo.inner, CL=geo.cl, RES_MODE=_res_mode(residual, xb, mean_b), RELU=relu,
+        K_A=k_x is not None, K_B=k_x_b is not None, ACC=geo.tl_acc, IDX64=geo.idx64, BLOCK=FLAT_BLOCK)
+    return dx, dxb
 
 
 def backward_apply(dy, x, mean, scale, shift, residual, xb, mean_b, scale_b, shift_b, relu,
                    k_g, k_x, k_c, k_g_b, k_x_b, k_c_b):
     """dx = k_g * g + k_x * (x - mean) + k_c per channel (and dxb with the xb coefficients)."""
-    dx = empty_like(x)
-    dxb = empty_like(xb) if xb is not None else None
-    if x.numel() == 0:
-        return dx, dxb
+    return _bwd_apply(_Geometry(x), dy, x, mean, scale, shift, residual, xb, mean_b, scale_b, shift_b, relu,
+                      k_g, k_x, k_c, k_g_b, k_x_b, k_c_b)
+
+
+def _side_mode(present, var, mean) -> int:
+    """_bwd_finalize_kernel's MODE of one side."""
+    if not present:
+        return 0
+    if var is not None:
+        return 1
+    return 2 if mean is not None else 3
+
+
+_SIDE_OUTPUTS = {0: (), 1: (2, 3), 2: (0, 1, 2), 3: (1,)}
+
+
+def backward(dy, x, mean, scale, shift, var, eps, residual, xb, mean_b, scale_b, shift_b, var_b, eps_b, relu,
+             training, want_grad_residual):
+    """The whole backward of y = act(side_a(x) [+ residual | + side_b(xb)]) in 3 launches: reduce, finalize,
+    apply. Each side is a BatchNorm when its biased variance (var, var_b) is given — (mean, scale, shift) from
+    the forward, gradients (grad_weight, grad_bias) — or else an affine map with gradients (grad_mean,
+    grad_scale, grad_shift); a side b without mean_b / shift_b is the weighted residual xb * scale_b, gradient
+    (grad_scale_b,). Returns (dx, dxb | None, grad_residual | None, grads_a, grads_b)."""
     geo = _Geometry(x)
-    second = _second(xb, mean, scale, shift, mean_b, scale_b, shift_b)
-    k_b = (k_g_b, k_x_b, k_c_b) if xb is not None else (k_g, k_x, k_c)
-    _bwd_apply_kernel[geo.flat_grid](
-        dy, x, residual if residual is not None else x, xb if xb is not None else x,
-        dx, dxb if dxb is not None else dx, mean, scale, shift, *second, k_g, k_x, k_c, *k_b,
-        geo.numel, geo.C, geo.inner, CL=geo.cl, RES_MODE=_res_mode(residual, xb), RELU=relu, ACC=geo.tl_acc,
-        IDX64=geo.idx64, BLOCK=FLAT_BLOCK)
-    return dx, dxb
+    parts, d_res = _reduce_partials(geo, dy, x, mean, scale, shift, residual, xb, mean_b, scale_b, shift_b, relu,
+                                    want_grad_residual)
+    mode_a, mode_b = _side_mode(True, var, mean), _side_mode(xb is not None, var_b, mean_b)
+    outs_a, outs_b = _channels(geo, x, 4), _channels(geo, x, 4)
+    _bwd_finalize_kernel[(triton.cdiv(geo.C, geo.block_c),)](
+        parts[0], parts[1], parts[-1], scale, var if var is not None else scale,
+        scale_b if scale_b is not None else scale, var_b if var_b is not None else scale, *outs_a, *outs_b,
+        geo.programs, geo.C, float(eps), float(eps_b), float(geo.N * geo.HW), MODE_A=mode_a, MODE_B=mode_b,
+        TRAINING=bool(training), ACC=geo.tl_acc, BLOCK_C=geo.block_c)
+    bn_a, bn_b = mode_a == 1, mode_b == 1
+    dx, dxb = _bwd_apply(geo, dy, x, mean, scale, shift, residual, xb, mean_b, scale_b, shift_b, relu,
+                         scale, outs_a[0] if bn_a else None, outs_a[1] if bn_a else None,
+                         scale_b, outs_b[0] if bn_b else None, outs_b[1] if bn_b else None)
+    return (dx, dxb, d_res, tuple(outs_a[i] for i in _SIDE_OUTPUTS[mode_a]),
+            tuple(outs_b[i] for i in _SIDE_OUTPUTS[mode_b]))
 
 
 # ------------------------------------------------------------------------------------------------ traffic
 # What one launch of each kernel reads and writes, from its arguments by parameter name: (reads, writes), each
 # tensor once (fusedres.bench.traffic counts the bytes; tests/test_count.py checks them against the addresses the
 # interpreter touches, so a kernel whose loads change fails there until this table follows).
-def _second_bn(a):
-    return [a["xb_ptr"], a["mean_b_ptr"], a["scale_b_ptr"], a["shift_b_ptr"]]
-
-
 def _pre_activation_reads(a):
-    """What _pre_activation loads besides x: the C vectors, and r or the second BN."""
+    """What _pre_activation loads besides x: the C vectors, and r, the second BN or the weighted residual."""
     mode = a["RES_MODE"]
-    return [a["mean_ptr"], a["scale_ptr"], a["shift_ptr"]] + ([a["r_ptr"]] if mode == 1 else []) \
-        + (_second_bn(a) if mode == 2 else [])
+    reads = [a["mean_ptr"], a["scale_ptr"], a["shift_ptr"]]
+    if mode == 1:
+        reads.append(a["r_ptr"])
+    if mode == 2:
+        reads += [a["xb_ptr"], a["mean_b_ptr"], a["scale_b_ptr"], a["shift_b_ptr"]]
+    if mode == 3:
+        reads += [a["xb_ptr"], a["scale_b_ptr"]]
+    return reads
 
 
 def _apply_traffic(a):
     return [a["x_ptr"]] + _pre_activation_reads(a), [a["y_ptr"]]
 
 
+def _stats_finalize_traffic(a):
+    partials = a["FROM_PARTIALS"]
+    reads = [a["cnt_ptr"], a["mean_part_ptr"], a["m2_part_ptr"]] if partials else [a["mean_ptr"], a["var_ptr"]]
+    writes = [a["mean_ptr"], a["var_ptr"]] if partials else []
+    if a["PARAMS"]:
+        reads += ([a["w_ptr"]] if a["HAS_W"] else []) + ([a["b_ptr"]] if a["HAS_B"] else [])
+        writes += [a["scale_ptr"], a["shift_ptr"]]
+    if a["RUNNING"]:
+        reads += [a["rm_ptr"], a["rv_ptr"]] + ([a["nbt_ptr"]] if a["RUNNING"] == 2 else [])
+        writes += [a["rm_ptr"], a["rv_ptr"]]
+    return reads, writes
+
+
 def _bwd_reduce_traffic(a):
     mode = a["RES_MODE"]
-    reads = [a["dy_ptr"], a["x_ptr"], a["mean_ptr"]] + ([a["xb_ptr"], a["mean_b_ptr"]] if mode == 2 else [])
+    reads = [a["dy_ptr"], a["x_ptr"], a["mean_ptr"]] + ([a["xb_ptr"]] if mode >= 2 else []) \
+        + ([a["mean_b_ptr"]] if mode == 2 else [])
     if a["RELU"]:
         reads += _pre_activation_reads(a)
-    writes = [a["sum_g_ptr"], a["sum_gx_ptr"]] + ([a["sum_gxb_ptr"]] if mode == 2 else []) \
+    writes = [a["sum_g_ptr"], a["sum_gx_ptr"]] + ([a["sum_gxb_ptr"]] if mode >= 2 else []) \
         + ([a["dres_ptr"]] if a["WRITE_DRES"] else [])
+    return reads, writes
+
+
+_SIDE_TRAFFIC = {0: ((), ()), 1: ((0, 1), (0, 1, 2, 3)), 2: ((0,), (0, 1, 2)), 3: ((), (1,))}
+
+
+def _bwd_finalize_traffic(a):
+    reads = [a["sum_g_ptr"], a["sum_gx_ptr"]] + ([a["sum_gxb_ptr"]] if a["MODE_B"] > 0 else [])
+    writes = []
+    for mode, ins, outs in ((a["MODE_A"], ("scale_ptr", "var_ptr"), "a"), (a["MODE_B"], ("scale_b_ptr", "var_b_ptr"),
+                                                                            "b")):
+        read_idx, write_idx = _SIDE_TRAFFIC[mode]
+        reads += [a[ins[i]] for i in read_idx]
+        writes += [a[f"{outs}{i}_ptr"] for i in write_idx]
     return reads, writes
 
 
 def _bwd_apply_traffic(a):
     mode = a["RES_MODE"]
-    reads = [a["dy_ptr"], a["x_ptr"], a["mean_ptr"], a["kg_ptr"], a["kx_ptr"], a["kc_ptr"]]
-    if mode == 2:
-        reads += [a["xb_ptr"], a["mean_b_ptr"], a["kgb_ptr"], a["kxb_ptr"], a["kcb_ptr"]]
+    reads = [a["dy_ptr"], a["x_ptr"], a["kg_ptr"]] + ([a["mean_ptr"], a["kx_ptr"], a["kc_ptr"]] if a["K_A"] else [])
+    if mode >= 2:
+        reads += [a["xb_ptr"], a["kgb_ptr"]] + ([a["mean_b_ptr"], a["kxb_ptr"], a["kcb_ptr"]] if a["K_B"] else [])
     if a["RELU"]:
         reads += _pre_activation_reads(a)
-    return reads, [a["dx_ptr"]] + ([a["dxb_ptr"]] if mode == 2 else [])
+    return reads, [a["dx_ptr"]] + ([a["dxb_ptr"]] if mode >= 2 else [])
 
 
 TRAFFIC = {
     "_stats_partial_kernel": lambda a: ([a["x_ptr"]], [a["cnt_ptr"], a["mean_ptr"], a["m2_ptr"]]),
-    "_stats_finalize_kernel": lambda a: ([a["cnt_ptr"], a["mean_part_ptr"], a["m2_part_ptr"]],
-                                         [a["mean_ptr"], a["var_ptr"]]),
+    "_stats_finalize_kernel": _stats_finalize_traffic,
     "_apply_kernel": _apply_traffic,
     "_bwd_reduce_kernel": _bwd_reduce_traffic,
+    "_bwd_finalize_kernel": _bwd_finalize_traffic,
     "_bwd_apply_kernel": _bwd_apply_traffic,
 }

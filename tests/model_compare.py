@@ -171,13 +171,15 @@ def save_load(model):
     return torch.load(buf, weights_only=False)
 
 
-def saved_bytes(model, x):
+def saved_bytes(model, x, activations_only=False):
     """Bytes of the unique storages autograd saves for backward in one training forward (the model's own
-    tensors and the input excluded)."""
+    tensors and the input excluded); `activations_only` leaves out per-channel vectors (tensors of < 2 dims)."""
     own = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers(), x]}
     saved = {}
 
     def pack(t):
+        if activations_only and t.dim() < 2:
+            return t
         if t.untyped_storage().data_ptr() not in own:
             saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
         return t

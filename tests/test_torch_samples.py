@@ -15,8 +15,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.testing._internal.common_methods_invocations import op_db
-from torch.testing._internal.common_modules import module_db
+# torch.testing._internal imports expecttest (requirements-dev.txt); the GPU machine's offline stack may lack it,
+# and a collection error would stop gpu.sh's whole test step there.
+pytest.importorskip("expecttest", reason="torch.testing._internal needs expecttest (pip install expecttest)")
+from torch.testing._internal.common_methods_invocations import op_db  # noqa: E402
+from torch.testing._internal.common_modules import module_db  # noqa: E402
 
 # Importing torch.testing._internal freezes torch.backends flags for the whole process (its own suite's
 # disable_global_flags()); the rest of this suite sets cudnn.allow_tf32 in fixtures, so thaw them again.

@@ -23,25 +23,19 @@ from torch import Tensor
 
 from fusedres import backends
 from fusedres._layout import acc_dtype
-from fusedres.ops._common import (cast_param_grad, check_bn, check_channels, check_eps, check_flag, check_like,
+from fusedres.ops._common import (cast_param_grad, check_bn, check_eps, check_flag, check_like,
                                   densify, fake_like)
-from fusedres.ops.bn_act import residual_args
+from fusedres.ops.bn_act import _check as check_bn_act, residual_args
 
 
 def _check(x, weight, bias, mean, var, eps, residual, residual_weight, xb, weight_b, bias_b, mean_b, var_b, eps_b):
-    check_bn(x, "x", weight, bias, mean, var)
+    check_bn_act(x, weight, bias, residual, mean, var, training=False, residual_weight=residual_weight)
     for v, name in ((mean, "mean"), (var, "var")):
         if v is None:
             raise ValueError(f"fusedres: stats_bn_act needs {name} (the batch statistics of x), got None")
     check_eps(eps, True)
     if residual is not None and xb is not None:
         raise ValueError("fusedres: stats_bn_act takes a residual or a second input xb, not both")
-    if residual is not None:
-        check_like(residual, x, "residual")
-    if residual_weight is not None:
-        if residual is None:
-            raise ValueError("fusedres: residual_weight was given without a residual")
-        check_channels(residual_weight, x, "residual_weight")
     if xb is not None:
         check_like(xb, x, "xb")
         check_bn(xb, "xb", weight_b, bias_b, mean_b, var_b)

@@ -108,7 +108,7 @@ PYBIND11_MODULE(_C, m) {
   m.def(
       "stats_finalize",
       [](const fr::Launch& L, u ws, int splits, u mean, u var, u weight, u bias, float eps, u scale, u shift,
-         u running_mean, u running_var, u num_batches_tracked, float momentum, float unbias) {
+         u running_mean, u running_var, u num_batches_tracked, float momentum, float unbias, u increment) {
         fr::StatsFinalizeArgs a;
         a.ws = ptr<const float>(ws);
         a.splits = splits;
@@ -124,12 +124,15 @@ PYBIND11_MODULE(_C, m) {
         a.num_batches_tracked = ptr<const std::int64_t>(num_batches_tracked);
         a.momentum = momentum;
         a.unbias = unbias;
+        a.increment = ptr<std::int64_t>(increment);
         fr::stats_finalize(L, a);
       },
       py::arg("launch"), py::arg("ws"), py::arg("splits"), py::arg("mean"), py::arg("var"), py::arg("weight"),
       py::arg("bias"), py::arg("eps"), py::arg("scale"), py::arg("shift"), py::arg("running_mean"),
       py::arg("running_var"), py::arg("num_batches_tracked"), py::arg("momentum"), py::arg("unbias"),
-      "One launch: mean, var (ws = 0: read), scale, shift; running statistics updated (fr_api.h).");
+      py::arg("increment") = 0,
+      "One launch: mean, var (ws = 0: read), scale, shift; running statistics updated, num_batches_tracked "
+      "incremented (fr_api.h).");
 
   m.def(
       "backward_partials",

@@ -1,7 +1,8 @@
 // bn_act_finalize.cu — the per-channel finalize kernels of a fused BatchNorm: everything between the
 // reduction pass and the elementwise pass runs here, in one launch each way, instead of torch ops on
 // C-element vectors (the math: fr_finalize.h, shared with the host harness).
-//   stats_finalize:    partials (or given mean/var) -> mean, var, scale, shift; running statistics updated
+//   stats_finalize:    partials (or given mean/var) -> mean, var, scale, shift; running statistics updated,
+//                      num_batches_tracked incremented (nn.BatchNorm2d's bookkeeping, no launch of its own)
 //   backward_finalize: partial sums -> per side k_x, k_c, grad_weight, grad_bias (BatchNorm) or grad_mean,
 //                      grad_scale, grad_shift (affine) or grad_scale (weighted residual)
 // Partials are folded in a fixed order (kFinalBy strided rows, then the block tree): deterministic, no atomics.
@@ -25,6 +26,7 @@ __global__ void __launch_bounds__(kFinalBx* kFinalBy) stats_params_kernel(StatsF
     mean = a.mean[c];
     var = a.var[c];
   }
+  if (a.increment && blockIdx.x == 0 && threadIdx.x == 0 && threadIdx.y == 0) *a.increment += 1;
   if (threadIdx.y != 0 || c >= C) return;
   const StatsOut o = bn_finish(mean, var, a.eps, a.weight, a.bias, c);
   if (a.ws) {

@@ -62,6 +62,7 @@ struct StatsFinalizeArgs {
   float *running_mean = nullptr, *running_var = nullptr;
   const std::int64_t* num_batches_tracked = nullptr;
   float momentum = 0.f, unbias = 1.f;
+  std::int64_t* increment = nullptr;  // a num_batches_tracked to add one to (never also read for the factor)
 };
 void stats_finalize(const Launch& L, const StatsFinalizeArgs& a);
 

@@ -177,9 +177,12 @@ def _f32_buffer(t: torch.Tensor | None) -> bool:
 
 
 def _finalize(ext, L, x, ws, splits, mean, var, weight, bias, eps, running_mean=None, running_var=None,
-              momentum=None, num_batches_tracked=None):
+              momentum=None, num_batches_tracked=None, increment=None):
     """One stats_finalize launch: (scale, shift) [and mean, var from the partials when ws is given]; the
-    running statistics are updated in the same launch (float32 buffers; others get torch's lerp_)."""
+    running statistics are updated in the same launch (float32 buffers; others get torch's lerp_) and
+    `increment` (a num_batches_tracked; momentum then numeric) gets its one added."""
+    if increment is not None and momentum is None:
+        raise ValueError("fusedres: the finalize increments num_batches_tracked only with a numeric momentum")
     scale, shift = _channels(x), _channels(x)
     weight, bias = _vec(weight, x), _vec(bias, x)
     in_kernel = _f32_buffer(running_mean) and _f32_buffer(running_var)
@@ -189,7 +192,7 @@ def _finalize(ext, L, x, ws, splits, mean, var, weight, bias, eps, running_mean=
     ext.stats_finalize(L, _ptr(ws), splits, mean.data_ptr(), var.data_ptr(), _ptr(weight), _ptr(bias), float(eps),
                        scale.data_ptr(), shift.data_ptr(), _ptr(running_mean) if in_kernel else 0,
                        _ptr(running_var) if in_kernel else 0, _ptr(num_batches_tracked) if cumulative else 0,
-                       float(momentum or 0.0), unbias)
+                       float(momentum or 0.0), unbias, _ptr(increment))
     if running_mean is not None and not in_kernel:
         factor = momentum if momentum is not None else 1.0 / num_batches_tracked.to(torch.float32)
         with torch.no_grad():
@@ -198,16 +201,17 @@ def _finalize(ext, L, x, ws, splits, mean, var, weight, bias, eps, running_mean=
     return scale, shift
 
 
-def bn_stats(x, weight, bias, eps, running_mean, running_var, momentum, num_batches_tracked):
+def bn_stats(x, weight, bias, eps, running_mean, running_var, momentum, num_batches_tracked, increment=None):
     """(mean, biased var, scale, shift) in two launches (stats_partials + stats_finalize, which also updates the
-    running statistics: momentum, or 1 / num_batches_tracked read on the device when momentum is None)."""
+    running statistics: momentum, or 1 / num_batches_tracked read on the device when momentum is None, and adds
+    one to `increment`)."""
     ext = _load()
     L = _launch(ext, x)
     mean, var = _channels(x), _channels(x)
     ws, splits = _workspace(ext, x, 3)
     ext.stats_partials(L, x.data_ptr(), ws.data_ptr(), ws.numel(), splits)
     scale, shift = _finalize(ext, L, x, ws, splits, mean, var, weight, bias, eps, running_mean, running_var,
-                             momentum, num_batches_tracked)
+                             momentum, num_batches_tracked, increment)
     return mean, var, scale, shift
 
 
@@ -215,6 +219,17 @@ def bn_params(x, mean, var, weight, bias, eps):
     """(scale, shift) from a given mean and variance (eval): one stats_finalize launch."""
     ext = _load()
     return _finalize(ext, _launch(ext, x), x, None, 0, _vec(mean, x), _vec(var, x), weight, bias, eps)
+
+
+def running_update(x, mean, var, running_mean, running_var, momentum, num_batches_tracked):
+    """The running statistics and num_batches_tracked from given statistics (conv mode's epilogue statistics):
+    the Triton finalize kernel, one launch (the CUDA finalize has no num_batches_tracked increment); torch ops
+    where Triton is not installed."""
+    try:
+        from fusedres.triton import bn_act as backend
+    except ImportError:
+        from fusedres import reference as backend
+    backend.running_update(x, mean, var, running_mean, running_var, momentum, num_batches_tracked)
 
 
 _SIDE_OUTPUTS = {0: (), 1: (2, 3), 2: (0, 1, 2), 3: (1,)}
@@ -292,10 +307,11 @@ def _stats_partials_kernels(launch, x, ws, ws_numel, splits):
 
 
 def _stats_params_kernels(launch, ws, splits, mean, var, weight, bias, eps, scale, shift, running_mean, running_var,
-                          num_batches_tracked, momentum, unbias):
-    reads = ([ws] if ws is not None else [mean, var]) + [weight, bias, running_mean, running_var, num_batches_tracked]
+                          num_batches_tracked, momentum, unbias, increment=None):
+    reads = ([ws] if ws is not None else [mean, var]) + [weight, bias, running_mean, running_var, num_batches_tracked,
+                                                         increment]
     return [("stats_params_kernel", reads, ([mean, var] if ws is not None else []) + [scale, shift, running_mean,
-                                                                                       running_var])]
+                                                                                       running_var, increment])]
 
 
 def _bwd_partials_kernels(launch, dy, x, scale, shift, mean, res, xb, scale_b, shift_b, mean_b, relu, grad_res, ws,

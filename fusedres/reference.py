@@ -111,9 +111,10 @@ def backward_apply(dy, x, mean, scale, shift, residual, xb, mean_b, scale_b, shi
     return dx, dxb
 
 
-def bn_stats(x, weight, bias, eps, running_mean, running_var, momentum, num_batches_tracked):
+def bn_stats(x, weight, bias, eps, running_mean, running_var, momentum, num_batches_tracked, increment=None):
     """(mean, biased var, scale, shift) of BatchNorm on x; running statistics updated in place as
-    nn.BatchNorm2d does (momentum None: cumulative average with factor 1 / num_batches_tracked)."""
+    nn.BatchNorm2d does (momentum None: cumulative average with factor 1 / num_batches_tracked); `increment`
+    (a num_batches_tracked) gets one added."""
     mean, var = batch_stats(x)
     scale, shift = bn_params(x, mean, var, weight, bias, eps)
     if running_mean is not None:
@@ -122,7 +123,21 @@ def bn_stats(x, weight, bias, eps, running_mean, running_var, momentum, num_batc
         with torch.no_grad():
             running_mean.lerp_(mean.to(running_mean.dtype), factor)
             running_var.lerp_((var * (count / (count - 1))).to(running_var.dtype), factor)
+    if increment is not None:
+        with torch.no_grad():
+            increment.add_(1)
     return mean, var, scale, shift
+
+
+def running_update(x, mean, var, running_mean, running_var, momentum, num_batches_tracked):
+    """nn.BatchNorm2d's bookkeeping from given batch statistics of x: the running statistics with factor
+    `momentum`, num_batches_tracked (when given) plus one."""
+    count = x.shape[0] * x.shape[2] * x.shape[3]
+    if running_mean is not None and count > 0:
+        running_mean.lerp_(mean.to(running_mean.dtype), momentum)
+        running_var.lerp_((var * (count / (count - 1))).to(running_var.dtype), momentum)
+    if num_batches_tracked is not None:
+        num_batches_tracked.add_(1)
 
 
 def bn_params(x, mean, var, weight, bias, eps):

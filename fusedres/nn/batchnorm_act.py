@@ -13,9 +13,10 @@ from __future__ import annotations
 import functools
 from typing import Optional
 
+import torch
 from torch import Tensor, nn
 
-from fusedres.ops import bn_act, dual_bn_act
+from fusedres.ops import batch_stats as _batch_stats, bn_act, dual_bn_act  # noqa: F401  (bn_running_update)
 from fusedres.ops._common import check_batch_size, check_bn, check_eps, check_like
 from fusedres.ops.sync_bn_act import sync_bn_act, sync_dual_bn_act
 
@@ -43,24 +44,65 @@ def _check_input(bn: nn.modules.batchnorm._BatchNorm, x, name: str = "input") ->
     check_eps(bn.eps, _uses_batch_stats(bn))
 
 
-def batch_norm_args(bn: nn.modules.batchnorm._BatchNorm) -> dict:
+def batch_norm_args(bn: nn.modules.batchnorm._BatchNorm, fused_count: bool = False) -> dict:
     """The running statistics, `training` flag and momentum that `_BatchNorm.forward` would pass to
-    `F.batch_norm` for this call, after the same `num_batches_tracked` bookkeeping (it is incremented here,
-    so call once per forward). `momentum=None` gives the cumulative average 1 / num_batches_tracked, from a
-    count kept on the host (no device-to-host copy per step); `num_batches_tracked` is None (the fused ops'
-    device-side cumulative factor is for functional callers)."""
+    `F.batch_norm` for this call, after the same `num_batches_tracked` bookkeeping (call once per forward):
+    incremented here, or with `fused_count` by the fused op's statistics launch (the dict then carries
+    num_batches_tracked and increment_num_batches_tracked=True for bn_act / dual_bn_act). `momentum=None`
+    gives the cumulative average 1 / num_batches_tracked, from a count kept on the host (no device-to-host copy
+    per step); otherwise `num_batches_tracked` is None (the fused ops' device-side cumulative factor is for
+    functional callers)."""
     factor = 0.0 if bn.momentum is None else bn.momentum
-    if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
+    t = bn.num_batches_tracked
+    fused = False
+    if bn.training and bn.track_running_stats and t is not None:
         known = _host_count(bn)
-        bn.num_batches_tracked.add_(1)
-        if bn.momentum is None:
-            count = known + 1 if known is not None else int(bn.num_batches_tracked)
-            bn.__dict__["_fusedres_count"] = (bn.num_batches_tracked, bn.num_batches_tracked._version, count)
+        count = (known if known is not None else int(t)) + 1 if bn.momentum is None else None
+        fused = fused_count
+        if not fused:
+            t.add_(1)
+        if count is not None:
+            if fused:  # cached with the version the op leaves: settle_count(bn) after it
+                bn.__dict__["_fusedres_pending"] = count
+            else:
+                bn.__dict__["_fusedres_count"] = (t, t._version, count)
             factor = 1.0 / count
     use_buffers = not bn.training or bn.track_running_stats
-    return dict(running_mean=bn.running_mean if use_buffers else None,
+    args = dict(running_mean=bn.running_mean if use_buffers else None,
                 running_var=bn.running_var if use_buffers else None,
-                training=_uses_batch_stats(bn), momentum=factor, num_batches_tracked=None)
+                training=_uses_batch_stats(bn), momentum=factor, num_batches_tracked=t if fused else None)
+    if fused_count:
+        args["increment_num_batches_tracked"] = fused
+    return args
+
+
+def settle_count(*bns) -> None:
+    """After a fused op incremented num_batches_tracked (batch_norm_args(fused_count=True)), keep the host
+    count valid for the buffer's new version."""
+    for bn in bns:
+        count = bn.__dict__.pop("_fusedres_pending", None)
+        if count is not None:
+            bn.__dict__["_fusedres_count"] = (bn.num_batches_tracked, bn.num_batches_tracked._version, count)
+
+
+def update_running(bn: nn.modules.batchnorm._BatchNorm, x: Tensor, mean: Tensor, var: Tensor) -> None:
+    """nn.BatchNorm2d's training bookkeeping for batch statistics (mean, biased var) of x computed elsewhere (a
+    conv epilogue's): running statistics (momentum, or momentum=None's 1 / num_batches_tracked from the host
+    count, as `batch_norm_args`) and the num_batches_tracked increment, in one launch
+    (`fusedres::bn_running_update`)."""
+    if not (bn.training and bn.track_running_stats):
+        return
+    t = bn.num_batches_tracked
+    factor = 0.0 if bn.momentum is None else bn.momentum
+    count = None
+    if t is not None and bn.momentum is None:
+        known = _host_count(bn)
+        count = (known if known is not None else int(t)) + 1
+        factor = 1.0 / count
+    torch.ops.fusedres.bn_running_update(x, mean.detach(), var.detach(), bn.running_mean, bn.running_var, t,
+                                         float(factor))
+    if count is not None:
+        bn.__dict__["_fusedres_count"] = (t, t._version, count)
 
 
 def _host_count(bn) -> int | None:
@@ -157,16 +199,20 @@ def dual_bn_act_modules(x: Tensor, bn: nn.BatchNorm2d, r: Tensor, bn_r: nn.Batch
                          f"{_describe_sync(bn_r)} (fusedres.nn.to_sync_bn converts a whole model)")
     if _uses_batch_stats(bn) and not sync:  # a synchronised batch is checked over the group
         check_batch_size(x)
-    a, b = batch_norm_args(bn), batch_norm_args(bn_r)
+    a, b = batch_norm_args(bn, not sync), batch_norm_args(bn_r, not sync)
     weight, bias = gained_affine(bn, gain)
     weight_r, bias_r = gained_affine(bn_r, residual_gain)
     fused = functools.partial(sync_dual_bn_act, process_group=bn.process_group) if sync else dual_bn_act
-    return fused(x, r, weight=weight, bias=bias, running_mean=a["running_mean"],
+    out = fused(x, r, weight=weight, bias=bias, running_mean=a["running_mean"],
                  running_var=a["running_var"], momentum=a["momentum"], eps=bn.eps,
                  weight_r=weight_r, bias_r=bias_r, running_mean_r=b["running_mean"],
                  running_var_r=b["running_var"], momentum_r=b["momentum"], eps_r=bn_r.eps,
                  training=a["training"], relu=relu, num_batches_tracked=a["num_batches_tracked"],
-                 num_batches_tracked_r=b["num_batches_tracked"])
+                 num_batches_tracked_r=b["num_batches_tracked"],
+                 **({} if sync else dict(increment_num_batches_tracked=a["increment_num_batches_tracked"]
+                                         or b["increment_num_batches_tracked"])))
+    settle_count(bn, bn_r)
+    return out
 
 
 def _describe_sync(bn) -> str:
@@ -187,9 +233,11 @@ def bn_act_module(bn: nn.BatchNorm2d, x: Tensor, residual: Optional[Tensor], rel
         check_batch_size(x, "input")
     weight, bias = gained_affine(bn, gain)
     fused = functools.partial(sync_bn_act, process_group=bn.process_group) if sync else bn_act
-    return fused(x, weight=weight, bias=bias, eps=bn.eps, residual=residual, relu=relu,
-                 residual_weight=None if residual_gain is None else _per_channel(residual_gain, x.shape[1]),
-                 **batch_norm_args(bn))
+    out = fused(x, weight=weight, bias=bias, eps=bn.eps, residual=residual, relu=relu,
+                residual_weight=None if residual_gain is None else _per_channel(residual_gain, x.shape[1]),
+                **batch_norm_args(bn, fused_count=not sync))
+    settle_count(bn)
+    return out
 
 
 def _per_channel(gain: Tensor, channels: int) -> Tensor:

@@ -28,11 +28,11 @@ import torch
 from torch.nn.modules.utils import _pair
 
 from fusedres.nn.batchnorm_act import (BatchNormAct2d, _check_input, _per_channel, _uses_batch_stats, batch_norm_args,
-                                       gained_affine)
+                                       gained_affine, update_running)
 from fusedres.nn.blocks import BasicBlock, Bottleneck, _is_conv_bn
 from fusedres._layout import acc_dtype
 from fusedres.ops import bn_act_pool as _bn_act_pool  # noqa: F401  (registers fusedres::bn_act_pool_train)
-from fusedres.ops._common import channel_count, check_batch_size, scale_shift, update_running_stats
+from fusedres.ops._common import check_batch_size, scale_shift
 from fusedres.ops.conv_bn_act import conv_bn_act
 from fusedres.ops.stats_bn_act import stats_bn_act
 
@@ -57,13 +57,11 @@ def _bn_stats(bn: nn.BatchNorm2d, out):
     c = out[0]
     if _uses_batch_stats(bn):  # as nn.BatchNorm2d, before num_batches_tracked is touched
         check_batch_size(c, "the conv output")
-    args = batch_norm_args(bn)  # num_batches_tracked bookkeeping, once per forward
-    if args["training"]:
+    if _uses_batch_stats(bn):  # running statistics and num_batches_tracked in one launch, once per forward
         _, mean, var = out
-        update_running_stats(args["running_mean"], args["running_var"], mean.detach(), var.detach(),
-                             c.shape[0] * c.shape[2] * c.shape[3], args["momentum"],
-                             args["num_batches_tracked"])
+        update_running(bn, c, mean, var)
         return mean, var, True
+    args = batch_norm_args(bn)
     acc = acc_dtype(c.dtype)
     return args["running_mean"].to(acc), args["running_var"].to(acc), False
 
@@ -165,14 +163,12 @@ class BatchNormActPool2d(BatchNormAct2d):
             return self.pool(super().forward(x))
         _check_input(self, x)
         check_batch_size(x, "input")
-        args = batch_norm_args(self)
         p = self.pool
         stride = p.stride if p.stride is not None else p.kernel_size
         y, mean, var = torch.ops.fusedres.bn_act_pool_train(
             x, self.weight, self.bias, self.eps, self.act == "relu", list(_pair(p.kernel_size)), list(_pair(stride)),
             list(_pair(p.padding)), list(_pair(p.dilation)), p.ceil_mode)
-        update_running_stats(args["running_mean"], args["running_var"], mean, var, channel_count(x),
-                             args["momentum"])
+        update_running(self, x, mean, var)
         return y
 
 

@@ -20,9 +20,9 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from fusedres import backends
+from fusedres import backends, reference
 from fusedres._layout import acc_dtype
-from fusedres.ops._common import channel_count, check_activation, check_bn, densify, fake_channels
+from fusedres.ops._common import channel_count, check_activation, check_bn, check_channels, densify, fake_channels
 from fusedres.ops._transforms import refuse_forward_ad, transformed
 
 _DIMS = (0, 2, 3)
@@ -71,38 +71,92 @@ def _reference_stats(x):
     return mean, var
 
 
-@torch.library.custom_op("fusedres::bn_stats", mutates_args=("running_mean", "running_var"))
+@torch.library.custom_op("fusedres::bn_stats",
+                         mutates_args=("running_mean", "running_var", "num_batches_tracked"))
 def bn_stats_op(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], running_mean: Optional[Tensor],
                 running_var: Optional[Tensor], num_batches_tracked: Optional[Tensor], momentum: Optional[float],
-                eps: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+                eps: float, increment: bool = False) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     refuse_forward_ad("bn_stats")
-    check_bn(x, "x", weight, bias, running_mean, running_var)
-    if x.numel() == 0:  # an empty batch: zeros, running statistics untouched (as stock)
+    _check_stats(x, weight, bias, running_mean, running_var, num_batches_tracked, momentum, increment)
+    if x.numel() == 0:  # an empty batch: zeros, running statistics untouched, the batch counted (as stock)
+        if increment:
+            num_batches_tracked.add_(1)
         return tuple(fake_channels(x).zero_() for _ in range(4))
     (x,) = densify(x)
+    if increment:
+        return backends.select(x).bn_stats(x, weight, bias, eps, running_mean, running_var, momentum, None,
+                                           increment=num_batches_tracked)
     return backends.select(x).bn_stats(x, weight, bias, eps, running_mean, running_var, momentum,
                                        num_batches_tracked)
 
 
-@bn_stats_op.register_fake
-def _(x, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps):
+def _check_stats(x, weight, bias, running_mean, running_var, num_batches_tracked, momentum, increment):
     check_bn(x, "x", weight, bias, running_mean, running_var)
+    if increment and (num_batches_tracked is None or momentum is None):
+        raise ValueError("fusedres: bn_stats increment=True needs num_batches_tracked and a numeric momentum (the "
+                         "kernel that increments it does not also read it)")
+
+
+@bn_stats_op.register_fake
+def _(x, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps, increment=False):
+    _check_stats(x, weight, bias, running_mean, running_var, num_batches_tracked, momentum, increment)
     return tuple(fake_channels(x) for _ in range(4))
+
+
+@torch.library.custom_op("fusedres::bn_running_update",
+                         mutates_args=("running_mean", "running_var", "num_batches_tracked"))
+def bn_running_update(x: Tensor, mean: Tensor, var: Tensor, running_mean: Optional[Tensor],
+                      running_var: Optional[Tensor], num_batches_tracked: Optional[Tensor], momentum: float) -> None:
+    check_bn(x, "x", None, None, running_mean, running_var)
+    check_channels(mean, x, "mean")
+    check_channels(var, x, "var")
+    if (running_mean is None) != (running_var is None):
+        raise ValueError("fusedres: bn_running_update needs both running_mean and running_var, or neither")
+    if num_batches_tracked is not None and (num_batches_tracked.numel() != 1
+                                            or num_batches_tracked.dtype != torch.int64
+                                            or num_batches_tracked.device != x.device):
+        raise ValueError(f"fusedres: num_batches_tracked must be a one-element int64 tensor on {x.device}")
+    backend = backends.select(x) if x.numel() else reference
+    acc = acc_dtype(x.dtype)
+    backend.running_update(x, mean.to(acc).contiguous(), var.to(acc).contiguous(), running_mean, running_var,
+                           float(momentum), num_batches_tracked)
+
+
+@bn_running_update.register_fake
+def _(x, mean, var, running_mean, running_var, num_batches_tracked, momentum):
+    check_bn(x, "x", None, None, running_mean, running_var)
+
+
+@torch.library.custom_op("fusedres::bn_params", mutates_args=())
+def bn_params_op(x: Tensor, mean: Tensor, var: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
+                 eps: float) -> tuple[Tensor, Tensor]:
+    check_bn(x, "x", weight, bias, mean, var)
+    (x,) = densify(x) if x.numel() else (x,)
+    acc = acc_dtype(x.dtype)
+    return backends.select(x).bn_params(x, mean.to(acc).contiguous(), var.to(acc).contiguous(), weight, bias, eps)
+
+
+@bn_params_op.register_fake
+def _(x, mean, var, weight, bias, eps):
+    check_bn(x, "x", weight, bias, mean, var)
+    return fake_channels(x), fake_channels(x)
 
 
 def bn_stats(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], running_mean: Optional[Tensor],
              running_var: Optional[Tensor], momentum: Optional[float], eps: float,
-             num_batches_tracked: Optional[Tensor] = None):
+             num_batches_tracked: Optional[Tensor] = None, increment: bool = False):
     """(mean, biased var, scale, shift) of a training-mode BatchNorm of x with BN(x) = (x - mean) * scale +
     shift, updating the running statistics (when given) as nn.BatchNorm2d does; momentum None is the cumulative
-    average, factor 1 / num_batches_tracked (already incremented), read on the device. Not differentiable: the
-    fused ops' backward formulas cover the statistics."""
+    average, factor 1 / num_batches_tracked (already incremented), read on the device. `increment`: instead,
+    add one to num_batches_tracked in the finalize launch (nn.BatchNorm2d.forward's own bookkeeping; momentum
+    must be a number). Not differentiable: the fused ops' backward formulas cover the statistics."""
     if running_mean is not None and momentum is None and num_batches_tracked is None:
         raise ValueError("fusedres: momentum=None (cumulative moving average) needs num_batches_tracked")
     with torch.no_grad():
         return torch.ops.fusedres.bn_stats(x, weight, bias, running_mean, running_var,
-                                           num_batches_tracked if momentum is None else None,
-                                           None if momentum is None else float(momentum), eps)
+                                           num_batches_tracked if momentum is None or increment else None,
+                                           None if momentum is None else float(momentum), eps,
+                                           bool(increment and num_batches_tracked is not None))
 
 
 def batch_stats(x: Tensor):

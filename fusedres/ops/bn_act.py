@@ -180,29 +180,45 @@ def bn_act(input: Optional[Tensor] = None, running_mean: Optional[Tensor] = None
            running_var: Optional[Tensor] = None, weight: Optional[Tensor] = None, bias: Optional[Tensor] = None,
            training: bool = False, momentum: Optional[float] = 0.1, eps: float = 1e-5,
            residual: Optional[Tensor] = None, relu: bool = False, residual_weight: Optional[Tensor] = None,
-           num_batches_tracked: Optional[Tensor] = None, *, x: Optional[Tensor] = None) -> Tensor:
+           num_batches_tracked: Optional[Tensor] = None, *, x: Optional[Tensor] = None,
+           increment_num_batches_tracked: bool = False) -> Tensor:
     """act(F.batch_norm(input, ...) [+ residual [* residual_weight]]) as one fused op; same arguments and
     running-stat update as `F.batch_norm` (`x=` is accepted for `input`), plus `residual` (same shape, dtype,
     device as input), `relu`, and `residual_weight`: C per-channel factors on the residual (a learned shortcut
     weight; differentiable). `momentum=None` is nn.BatchNorm2d's cumulative average: pass its (already
     incremented) `num_batches_tracked`; the factor 1 / num_batches_tracked is read on the device. An empty batch
-    gives an empty output and leaves the running statistics alone, as stock. Under torch.func transforms or
-    forward-mode AD it runs stock's own ops (`fusedres.ops._transforms`)."""
+    gives an empty output and leaves the running statistics alone, as stock. `increment_num_batches_tracked`
+    (training, numeric momentum): add one to num_batches_tracked inside the statistics launch, the bookkeeping
+    nn.BatchNorm2d.forward does with a launch of its own. Under torch.func transforms or forward-mode AD it runs
+    stock's own ops (`fusedres.ops._transforms`)."""
     x = input_arg(input, x)
     check_bn_call(x, running_mean, running_var, weight, bias, training,
                   0.0 if momentum is None else momentum, eps)
     check_flag(relu, "relu")
+    increment = _check_increment(increment_num_batches_tracked, training, momentum, num_batches_tracked)
     if transformed(x, running_mean, running_var, weight, bias, residual, residual_weight):
         _check(x, weight, bias, residual, running_mean, running_var, training, residual_weight)
+        if increment:
+            num_batches_tracked.add_(1)
         return bn_act_reference(x, running_mean, running_var, weight, bias, training,
                                 average_factor(momentum, num_batches_tracked), eps, residual, relu,
                                 residual_weight)
     if training:
         _check(x, weight, bias, residual, residual_weight=residual_weight)
-        stats = bn_stats(x, weight, bias, running_mean, running_var, momentum, eps, num_batches_tracked)
+        stats = bn_stats(x, weight, bias, running_mean, running_var, momentum, eps, num_batches_tracked, increment)
         return torch.ops.fusedres.bn_act_train(x, weight, bias, residual, *stats, eps, relu, residual_weight)
     return torch.ops.fusedres.bn_act_eval(x, weight, bias, residual, running_mean, running_var, eps, relu,
                                           residual_weight)
+
+
+def _check_increment(increment, training, momentum, num_batches_tracked) -> bool:
+    check_flag(increment, "increment_num_batches_tracked")
+    if not increment or num_batches_tracked is None:
+        return False
+    if not training or momentum is None:
+        raise ValueError("fusedres: increment_num_batches_tracked needs training=True and a numeric momentum (for "
+                         "momentum=None pass the already incremented num_batches_tracked instead)")
+    return True
 
 
 def average_factor(momentum, num_batches_tracked) -> float:

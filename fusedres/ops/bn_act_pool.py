@@ -6,7 +6,7 @@ Registered op (torch.ops.fusedres.*):
     bn_act_pool_train(x, weight, bias, eps, relu, kernel_size, stride, padding, dilation, ceil_mode)
         -> (y, mean, var)          mean / biased var: the batch statistics (accumulation dtype)
 Forward: the backends' statistics + finalize (`bn_stats`) and apply passes, then `max_pool2d`. Backward forms
-(scale, shift) again (torch ops on C-vectors: the autograd formula must stay traceable), recomputes the
+(scale, shift) again (`fusedres::bn_params`, one launch), recomputes the
 activation (one elementwise pass, `scale_shift_act`) and the pool's argmax (`max_pool2d_with_indices`), scatters the gradient through it and runs
 BatchNorm's training backward (`bn_act_backward`: reduce, finalize, apply).
 """
@@ -20,9 +20,9 @@ from torch import Tensor
 
 from fusedres import backends
 from fusedres._layout import acc_dtype
-from fusedres.ops import bn_act as _bn_act, scale_shift_act as _scale_shift_act  # noqa: F401  (ops in backward)
-from fusedres.ops._common import (cast_param_grad, check_batch_size, check_bn, densify, fake_channels, fake_like,
-                                  scale_shift)
+from fusedres.ops import batch_stats as _batch_stats, bn_act as _bn_act  # noqa: F401  (ops in backward)
+from fusedres.ops import scale_shift_act as _scale_shift_act  # noqa: F401
+from fusedres.ops._common import cast_param_grad, check_batch_size, check_bn, densify, fake_channels, fake_like
 
 
 def _pool(a, kernel_size, stride, padding, dilation, ceil_mode):
@@ -62,7 +62,7 @@ def _backward(ctx, grad_y, _grad_mean, _grad_var):
     x, weight, bias, mean, var = ctx.saved_tensors
     acc = acc_dtype(x.dtype)
     mean_a = mean.to(acc)
-    _, scale, shift = scale_shift(mean_a, var.to(acc), weight, bias, ctx.eps)
+    scale, shift = torch.ops.fusedres.bn_params(x, mean_a, var.to(acc), weight, bias, ctx.eps)
     a = torch.ops.fusedres.scale_shift_act(x, mean_a, scale, shift, None, None, None, None, None, ctx.relu)
     k, s, p, d, ceil = ctx.pool
     _, idx = torch.ops.aten.max_pool2d_with_indices(a, k, s, p, d, ceil)

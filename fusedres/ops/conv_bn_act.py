@@ -27,7 +27,8 @@ from torch import Tensor
 
 from fusedres import backends
 from fusedres._layout import acc_dtype
-from fusedres.ops import bn_act as _bn_act, scale_shift_act as _scale_shift_act  # noqa: F401  (ops used in backward)
+from fusedres.ops import batch_stats as _batch_stats, bn_act as _bn_act  # noqa: F401  (ops used in backward)
+from fusedres.ops import scale_shift_act as _scale_shift_act  # noqa: F401
 from fusedres.ops._common import check_activation, check_channels, check_eps, check_flag, scale_shift
 from fusedres.ops._transforms import refuse_forward_ad, transformed
 
@@ -149,15 +150,11 @@ def _use_triton(x) -> bool:
     return not reasons
 
 
-def _bn_prologue(x, in_weight, in_bias, in_mean, in_var, in_eps, kernel: bool = False):
+def _bn_prologue(x, in_weight, in_bias, in_mean, in_var, in_eps):
     """(mean, scale, shift) of the BatchNorm prologue: BN(x) = (x - mean) * scale + shift, in the accumulation
-    dtype. `kernel`: (scale, shift) from the backend's finalize kernel (`bn_params`, one launch; inside the op
-    only), else torch ops (autograd formulas must stay traceable: no direct backend call there)."""
+    dtype, by torch ops (the reference path and torch.func transforms)."""
     acc = acc_dtype(x.dtype)
     mean = in_mean.to(acc)
-    if kernel:
-        scale, shift = backends.select(x).bn_params(x, mean, in_var.to(acc), in_weight, in_bias, in_eps)
-        return mean, scale, shift
     _, scale, shift = scale_shift(mean, in_var.to(acc), in_weight, in_bias, in_eps)
     return mean, scale, shift
 
@@ -175,12 +172,13 @@ def conv_bn_act_op(x: Tensor, weight: Tensor, in_scale: Optional[Tensor], in_shi
            dilation, groups, in_relu, in_weight, in_bias, in_mean, in_var, in_eps)
     if x.numel() == 0:
         return _empty_batch(x, weight, stride, padding, dilation, stats)
-    if in_mean is not None:  # BN prologue: x * scale + (shift - mean * scale)
-        mean, in_scale, shift = _bn_prologue(x, in_weight, in_bias, in_mean, in_var, in_eps, kernel=True)
-        in_shift = shift - mean * in_scale
-    if _use_triton(x):
+    triton_conv = _use_triton(x)
+    if in_mean is not None:  # BN prologue: BN(x) = x * scale + (shift - mean * scale), in one launch
+        in_scale, in_shift = _prologue_params(x, in_weight, in_bias, in_mean, in_var, in_eps, triton_conv)
+    if triton_conv:
         return _triton_module().conv_bn_act(x, weight, in_scale, in_shift, in_relu, out_scale, out_shift, residual,
-                                 res_scale, res_shift, relu, stride, padding, dilation, groups, stats, allow_tf32)
+                                            res_scale, res_shift, relu, stride, padding, dilation, groups, stats,
+                                            allow_tf32)
     from fusedres.reference import conv_bn_act_reference
 
     with torch.no_grad():
@@ -188,6 +186,19 @@ def conv_bn_act_op(x: Tensor, weight: Tensor, in_scale: Optional[Tensor], in_shi
                                              residual, res_scale, res_shift, relu, stride, padding, dilation,
                                              groups, stats)
     return y.clone() if y is x else y, mean, var.clone() if var is mean else var
+
+
+def _prologue_params(x, in_weight, in_bias, in_mean, in_var, in_eps, triton_conv: bool):
+    """(in_scale, in_shift) of a BatchNorm prologue, BN(x) = x * in_scale + in_shift: one Triton finalize launch
+    for the Triton conv, torch math for the reference."""
+    acc = acc_dtype(x.dtype)
+    if triton_conv:
+        from fusedres.triton import bn_act as tbn
+
+        return tbn.bn_params(x, in_mean.to(acc).contiguous(), in_var.to(acc).contiguous(), in_weight, in_bias,
+                             in_eps, centred=True)
+    mean, scale, shift = _bn_prologue(x, in_weight, in_bias, in_mean, in_var, in_eps)
+    return scale, shift - mean * scale
 
 
 def _empty_batch(x, weight, stride, padding, dilation, stats):
@@ -299,10 +310,11 @@ def _backward(ctx, gy, gmean, gvar):
     prologue = bn_prologue or s_in is not None or t_in is not None
     a = x
     if prologue:  # the prologue output, once, in x's dtype and layout
-        zero = torch.zeros(x.shape[1], dtype=acc, device=x.device)
-        if bn_prologue:
-            p_mean, p_scale, p_shift = _bn_prologue(x, in_w, in_b, in_mean, in_var, ctx.in_eps)
+        if bn_prologue:  # (scale, shift) in one launch (a registered op: this formula must stay traceable)
+            p_mean = in_mean.to(acc)
+            p_scale, p_shift = torch.ops.fusedres.bn_params(x, p_mean, in_var.to(acc), in_w, in_b, ctx.in_eps)
         else:
+            zero = torch.zeros(x.shape[1], dtype=acc, device=x.device)
             p_mean = zero
             p_scale = torch.ones_like(zero) if s_in is None else s_in.to(acc)
             p_shift = zero if t_in is None else t_in.to(acc)
@@ -346,14 +358,18 @@ def _backward(ctx, gy, gmean, gvar):
 conv_bn_act_op.register_autograd(_backward, setup_context=_save)
 
 
-def _autocast(x, residual):
+def _autocast(x, weight, residual):
     """Under torch.autocast the convolution runs in the autocast dtype, as F.conv2d does there: float32
-    activations (and residual) are cast; weights are cast by the kernels, per-channel vectors stay float32."""
-    if not isinstance(x, Tensor) or not torch.is_autocast_enabled(x.device.type) or x.dtype != torch.float32:
-        return x, residual
+    activations, residual and weight are cast (the weight by a differentiable cast outside the op, as autocast
+    casts it for F.conv2d, so the op saves the cast weight and its backward needs no second cast); per-channel
+    vectors stay float32."""
+    if not isinstance(x, Tensor) or not torch.is_autocast_enabled(x.device.type):
+        return x, weight, residual
     dtype = torch.get_autocast_dtype(x.device.type)
     cast = lambda t: t.to(dtype) if isinstance(t, Tensor) and t.dtype == torch.float32 else t  # noqa: E731
-    return cast(x), cast(residual)
+    if x.dtype == torch.float32:
+        x, residual = cast(x), cast(residual)
+    return x, (cast(weight) if x.dtype == dtype else weight), residual
 
 
 def conv_bn_act(x: Tensor, weight: Tensor, *, stride=1, padding=0, dilation=1, groups: int = 1,
@@ -372,7 +388,7 @@ def conv_bn_act(x: Tensor, weight: Tensor, *, stride=1, padding=0, dilation=1, g
     (`fusedres.reference.conv_bn_act_reference`, F.conv2d)."""
     if allow_tf32 is None:
         allow_tf32 = bool(torch.backends.cudnn.allow_tf32)
-    x, residual = _autocast(x, residual)
+    x, weight, residual = _autocast(x, weight, residual)
     for v, name in ((in_relu, "in_relu"), (relu, "relu"), (stats, "stats"), (allow_tf32, "allow_tf32")):
         check_flag(v, name)
     in_mean = in_var = None

@@ -25,7 +25,7 @@ from fusedres.ops._common import (cast_param_grad, check_batch_size, check_bn, c
                                   check_like, densify, fake_channels, fake_like)
 from fusedres.ops._transforms import refuse_forward_ad, transformed
 from fusedres.ops.batch_stats import bn_stats
-from fusedres.ops.bn_act import _eval_params, average_factor
+from fusedres.ops.bn_act import _check_increment, _eval_params, average_factor
 from fusedres.reference import dual_bn_act_reference
 
 
@@ -154,20 +154,26 @@ def dual_bn_act(x: Tensor, r: Tensor, *, weight: Optional[Tensor], bias: Optiona
                 eps: float = 1e-5, weight_r: Optional[Tensor], bias_r: Optional[Tensor],
                 running_mean_r: Optional[Tensor], running_var_r: Optional[Tensor], momentum_r: Optional[float] = 0.1,
                 eps_r: float = 1e-5, training: bool = False, relu: bool = True,
-                num_batches_tracked: Optional[Tensor] = None, num_batches_tracked_r: Optional[Tensor] = None
-                ) -> Tensor:
+                num_batches_tracked: Optional[Tensor] = None, num_batches_tracked_r: Optional[Tensor] = None,
+                increment_num_batches_tracked: bool = False) -> Tensor:
     """act(BN_a(x) + BN_b(r)) as one fused op; each BN's arguments as in `F.batch_norm` (`*_r` for r's BN).
     Training uses batch statistics for both and updates whichever running statistics are given (not for an
     empty batch, as stock). A momentum of None is the cumulative average over the (already incremented)
-    `num_batches_tracked[_r]`, read on the device. Under torch.func transforms or forward-mode AD it runs stock's
-    own ops."""
+    `num_batches_tracked[_r]`, read on the device. `increment_num_batches_tracked` (training, numeric momenta):
+    add one to each given num_batches_tracked[_r] inside its statistics launch (nn.BatchNorm2d's bookkeeping).
+    Under torch.func transforms or forward-mode AD it runs stock's own ops."""
     check_bn_call(x, running_mean, running_var, weight, bias, training, 0.0 if momentum is None else momentum,
                   eps)
     check_bn_call(r, running_mean_r, running_var_r, weight_r, bias_r, training,
                   0.0 if momentum_r is None else momentum_r, eps_r, "r", "_r")
     check_like(r, x, "r (the shortcut input)")
     check_flag(relu, "relu")
+    inc = _check_increment(increment_num_batches_tracked, training, momentum, num_batches_tracked)
+    inc_r = _check_increment(increment_num_batches_tracked, training, momentum_r, num_batches_tracked_r)
     if transformed(x, r, weight, bias, running_mean, running_var, weight_r, bias_r, running_mean_r, running_var_r):
+        for t, on in ((num_batches_tracked, inc), (num_batches_tracked_r, inc_r)):
+            if on:
+                t.add_(1)
         return dual_bn_act_reference(
             x, dict(running_mean=running_mean, running_var=running_var, weight=weight, bias=bias,
                     momentum=average_factor(momentum, num_batches_tracked), eps=eps), r,
@@ -175,9 +181,9 @@ def dual_bn_act(x: Tensor, r: Tensor, *, weight: Optional[Tensor], bias: Optiona
                  momentum=average_factor(momentum_r, num_batches_tracked_r), eps=eps_r), training, relu)
     if training:
         _check(x, weight, bias, r, weight_r, bias_r)
-        stats = bn_stats(x, weight, bias, running_mean, running_var, momentum, eps, num_batches_tracked)
+        stats = bn_stats(x, weight, bias, running_mean, running_var, momentum, eps, num_batches_tracked, inc)
         stats_r = bn_stats(r, weight_r, bias_r, running_mean_r, running_var_r, momentum_r, eps_r,
-                           num_batches_tracked_r)
+                           num_batches_tracked_r, inc_r)
         return torch.ops.fusedres.dual_bn_act_train(x, weight, bias, *stats, eps, r, weight_r, bias_r, *stats_r,
                                                     eps_r, relu)
     if running_mean is None or running_mean_r is None:

@@ -153,11 +153,15 @@ def _stats_finalize_kernel(
     P, C, eps,
     mom_hi, mom_lo, unb_hi, unb_lo,        # momentum and unbias = count / (count - 1) as float32 hi + lo pairs
     FROM_PARTIALS: tl.constexpr, PARAMS: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
-    RUNNING: tl.constexpr, ACC: tl.constexpr, BLOCK_C: tl.constexpr,
+    RUNNING: tl.constexpr, ACC: tl.constexpr, BLOCK_C: tl.constexpr, CENTRED: tl.constexpr = False,
+    COUNT: tl.constexpr = False,
 ):
     """One launch for all per-channel work after the statistics pass: merge the partials into (mean, var),
     form (scale, shift) and update the running statistics with `momentum` (RUNNING 1) or the cumulative
-    factor 1 / num_batches_tracked read on the device (RUNNING 2, momentum=None: no host sync)."""
+    factor 1 / num_batches_tracked read on the device (RUNNING 2, momentum=None: no host sync). CENTRED: shift
+    is stored as shift - mean * scale, so BN(x) = x * scale + shift (a conv prologue's form). COUNT (with
+    RUNNING 1 only, so nothing else reads it): program 0 adds one to num_batches_tracked, nn.BatchNorm2d's
+    bookkeeping without a launch of its own."""
     c_offs = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_mask = c_offs < C
     if FROM_PARTIALS:
@@ -175,6 +179,8 @@ def _stats_finalize_kernel(
         shift = tl.zeros([BLOCK_C], dtype=ACC)
         if HAS_B:
             shift = tl.load(b_ptr + c_offs, mask=c_mask, other=0.0).to(ACC)
+        if CENTRED:
+            shift = shift - mean * scale
         tl.store(scale_ptr + c_offs, scale, mask=c_mask)
         tl.store(shift_ptr + c_offs, shift, mask=c_mask)
     if RUNNING > 0:
@@ -190,6 +196,9 @@ def _stats_finalize_kernel(
         new_v = _lerp(rv.to(ACC), (var * unbias).to(rv.dtype).to(ACC), f)
         tl.store(rm_ptr + c_offs, new_m.to(rm_t), mask=c_mask)
         tl.store(rv_ptr + c_offs, new_v.to(rv.dtype), mask=c_mask)
+    if COUNT:
+        if tl.program_id(0) == 0:
+            tl.store(nbt_ptr, tl.load(nbt_ptr) + 1)
 
 
 @triton.jit
@@ -461,21 +470,27 @@ def _stats_partials(x, geo):
 
 
 def _finalize(geo, parts, mean, var, weight=None, bias=None, eps=0.0, scale=None, shift=None, running_mean=None,
-              running_var=None, momentum=None, num_batches_tracked=None, count=0):
-    """Launch _stats_finalize_kernel (parts None: mean and var are inputs)."""
+              running_var=None, momentum=None, num_batches_tracked=None, count=0, centred=False, increment=None):
+    """Launch _stats_finalize_kernel (parts None: mean and var are inputs); `increment`: a num_batches_tracked
+    to add one to (momentum must then be a number: the kernel does not also read it)."""
     running = 0 if running_mean is None else 2 if momentum is None else 1
     if running == 2 and num_batches_tracked is None:
         raise ValueError("fusedres: momentum=None (cumulative average) needs num_batches_tracked")
+    if increment is not None and running == 2:
+        raise ValueError("fusedres: the finalize increments num_batches_tracked only with a numeric momentum")
+    if increment is not None:
+        num_batches_tracked = increment
     stand_in = mean
     parts = parts if parts is not None else (stand_in,) * 3
     _stats_finalize_kernel[(triton.cdiv(geo.C, geo.block_c),)](
         *parts, mean, var, weight if weight is not None else stand_in, bias if bias is not None else stand_in,
         scale if scale is not None else stand_in, shift if shift is not None else stand_in,
         running_mean if running else stand_in, running_var if running else stand_in,
-        num_batches_tracked if running == 2 else stand_in, geo.programs, geo.C, float(eps),
+        num_batches_tracked if running == 2 or increment is not None else stand_in, geo.programs, geo.C, float(eps),
         *_hi_lo(momentum or 0.0), *_hi_lo(count / (count - 1) if count > 1 else 1.0),
         FROM_PARTIALS=parts[0] is not stand_in, PARAMS=scale is not None, HAS_W=weight is not None,
-        HAS_B=bias is not None, RUNNING=running, ACC=geo.tl_acc, BLOCK_C=geo.block_c)
+        HAS_B=bias is not None, RUNNING=running, ACC=geo.tl_acc, BLOCK_C=geo.block_c, CENTRED=centred,
+        COUNT=increment is not None)
 
 
 def _hi_lo(v: float):
@@ -492,14 +507,15 @@ def batch_stats(x: torch.Tensor):
     return mean, var
 
 
-def bn_stats(x, weight, bias, eps, running_mean, running_var, momentum, num_batches_tracked):
+def bn_stats(x, weight, bias, eps, running_mean, running_var, momentum, num_batches_tracked, increment=None):
     """(mean, biased var, scale, shift) of BatchNorm on x in 2 launches (statistics pass + finalize); the
     finalize also updates running_mean / running_var in place when given, with `momentum`, or with the
-    cumulative factor 1 / num_batches_tracked read on the device when momentum is None."""
+    cumulative factor 1 / num_batches_tracked read on the device when momentum is None, and adds one to
+    `increment` (a num_batches_tracked) when given."""
     geo = _Geometry(x)
     mean, var, scale, shift = _channels(geo, x, 4)
     _finalize(geo, _stats_partials(x, geo), mean, var, weight, bias, eps, scale, shift, running_mean, running_var,
-              momentum, num_batches_tracked, geo.N * geo.HW)
+              momentum, num_batches_tracked, geo.N * geo.HW, increment=increment)
     return mean, var, scale, shift
 
 
@@ -514,12 +530,21 @@ class _Channels:
         self.programs = 1
 
 
-def bn_params(x, mean, var, weight, bias, eps):
-    """(scale, shift) of BatchNorm with the given (running) mean and variance: one launch."""
+def bn_params(x, mean, var, weight, bias, eps, centred=False):
+    """(scale, shift) of BatchNorm with the given (running) mean and variance: one launch. `centred`: shift is
+    shift - mean * scale, so BN(x) = x * scale + shift (the conv prologue's form)."""
     geo = _Channels(x)
     scale, shift = _channels(geo, x, 2)
-    _finalize(geo, None, mean, var, weight, bias, eps, scale, shift)
+    _finalize(geo, None, mean, var, weight, bias, eps, scale, shift, centred=centred)
     return scale, shift
+
+
+def running_update(x, mean, var, running_mean, running_var, momentum, num_batches_tracked):
+    """nn.BatchNorm2d's bookkeeping from given batch statistics of x (a conv epilogue's): running_mean /
+    running_var updated with factor `momentum`, num_batches_tracked (when given) incremented; one launch."""
+    geo = _Channels(x)
+    _finalize(geo, None, mean, var, running_mean=running_mean, running_var=running_var, momentum=float(momentum),
+              count=x.shape[0] * x.shape[2] * x.shape[3], increment=num_batches_tracked)
 
 
 def _second(xb, mean, scale, shift, mean_b, scale_b, shift_b):
@@ -664,6 +689,9 @@ def _stats_finalize_traffic(a):
     if a["RUNNING"]:
         reads += [a["rm_ptr"], a["rv_ptr"]] + ([a["nbt_ptr"]] if a["RUNNING"] == 2 else [])
         writes += [a["rm_ptr"], a["rv_ptr"]]
+    if a["COUNT"]:
+        reads.append(a["nbt_ptr"])
+        writes.append(a["nbt_ptr"])
     return reads, writes
 
 

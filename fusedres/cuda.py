@@ -221,15 +221,17 @@ def bn_params(x, mean, var, weight, bias, eps):
     return _finalize(ext, _launch(ext, x), x, None, 0, _vec(mean, x), _vec(var, x), weight, bias, eps)
 
 
-def running_update(x, mean, var, running_mean, running_var, momentum, num_batches_tracked):
-    """The running statistics and num_batches_tracked from given statistics (conv mode's epilogue statistics):
-    the Triton finalize kernel, one launch (the CUDA finalize has no num_batches_tracked increment); torch ops
-    where Triton is not installed."""
+def bn_finalize(x, mean, var, weight, bias, eps, running_mean, running_var, momentum, num_batches_tracked,
+                centred):
+    """(scale, shift), running statistics and num_batches_tracked from given batch statistics (conv mode's epilogue
+    statistics): the Triton finalize kernel, one launch (the CUDA finalize has no centred form); torch ops where
+    Triton is not installed."""
     try:
         from fusedres.triton import bn_act as backend
     except ImportError:
         from fusedres import reference as backend
-    backend.running_update(x, mean, var, running_mean, running_var, momentum, num_batches_tracked)
+    return backend.bn_finalize(x, mean, var, weight, bias, eps, running_mean, running_var, momentum,
+                               num_batches_tracked, centred)
 
 
 _SIDE_OUTPUTS = {0: (), 1: (2, 3), 2: (0, 1, 2), 3: (1,)}

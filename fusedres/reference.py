@@ -129,15 +129,18 @@ def bn_stats(x, weight, bias, eps, running_mean, running_var, momentum, num_batc
     return mean, var, scale, shift
 
 
-def running_update(x, mean, var, running_mean, running_var, momentum, num_batches_tracked):
-    """nn.BatchNorm2d's bookkeeping from given batch statistics of x: the running statistics with factor
-    `momentum`, num_batches_tracked (when given) plus one."""
+def bn_finalize(x, mean, var, weight, bias, eps, running_mean, running_var, momentum, num_batches_tracked,
+                centred):
+    """(scale, shift) from given batch statistics of x (`centred`: BN(x) = x * scale + shift), the running
+    statistics with factor `momentum`, num_batches_tracked (when given) plus one."""
     count = x.shape[0] * x.shape[2] * x.shape[3]
     if running_mean is not None and count > 0:
         running_mean.lerp_(mean.to(running_mean.dtype), momentum)
         running_var.lerp_((var * (count / (count - 1))).to(running_var.dtype), momentum)
     if num_batches_tracked is not None:
         num_batches_tracked.add_(1)
+    scale, shift = bn_params(x, mean, var, weight, bias, eps)
+    return (scale, shift - mean * scale) if centred else (scale, shift)
 
 
 def bn_params(x, mean, var, weight, bias, eps):

@@ -200,28 +200,37 @@ def triton_variants(arch: int):
     acc_ptrs = {n: f32 for n in ("cnt_ptr", "mean_ptr", "m2_ptr", "mean_part_ptr", "m2_part_ptr", "var_ptr",
                                  "scale_ptr", "shift_ptr", "mean_b_ptr", "scale_b_ptr", "shift_b_ptr", "sum_g_ptr",
                                  "sum_gx_ptr", "sum_gxb_ptr", "kg_ptr", "kx_ptr", "kc_ptr", "kgb_ptr", "kxb_ptr",
-                                 "kcb_ptr")}
+                                 "kcb_ptr", "var_b_ptr", "a0_ptr", "a1_ptr", "a2_ptr", "a3_ptr", "b0_ptr", "b1_ptr",
+                                 "b2_ptr", "b3_ptr")}
+    acc_ptrs["sem_ptr"] = torch.int32
+    acc_ptrs["nbt_ptr"] = torch.int64
+    floats = {n: 1e-5 for n in ("eps", "eps_b", "count", "mom_hi", "mom_lo", "unb_hi", "unb_lo")}  # fp32 at launch
     # bn_act: Triton's default 4 warps / 3 stages unless the launcher sets them; the tiles it picks for C >= 64
     for dtype, cl in itertools.product((torch.bfloat16, torch.float32), (False, True)):
         dname = str(dtype).split(".")[1]
         base = dict(CL=cl, ACC=tl.float32, IDX64=False)
         tile = dict(base, BLOCK_R=T.TILE_ELEMENTS // 64, BLOCK_C=64)
         layout = "NHWC" if cl else "NCHW"
+        fin = dict(FINALIZE=True, PARAMS=True, HAS_W=True, HAS_B=True, RUNNING=1, COUNT=True)  # bn_stats
         yield ("reduction", T._stats_partial_kernel, f"{dname} {layout}", "R64xC64",
-               launch_args(T._stats_partial_kernel, acc_ptrs, {}, tile, dtype), {})
+               launch_args(T._stats_partial_kernel, dict(acc_ptrs, out_mean_ptr=f32, out_var_ptr=f32, w_ptr=f32,
+                                                         b_ptr=f32, rm_ptr=f32, rv_ptr=f32), floats,
+                           dict(tile, **fin), dtype), {})
         for res_mode in (0, 1, 2):
             flags = dict(base, RES_MODE=res_mode, RELU=True)
             label = f"{dname} {layout} res_mode={res_mode} relu"
             yield ("elementwise", T._apply_kernel, label, "BLOCK=1024",
                    launch_args(T._apply_kernel, acc_ptrs, {}, dict(flags, BLOCK=1024), dtype), {})
             yield ("reduction", T._bwd_reduce_kernel, label, "R64xC64",
-                   launch_args(T._bwd_reduce_kernel, acc_ptrs, {},
-                               dict(tile, RES_MODE=res_mode, RELU=True, WRITE_DRES=res_mode == 1), dtype),
+                   launch_args(T._bwd_reduce_kernel, acc_ptrs, floats,
+                               dict(tile, RES_MODE=res_mode, RELU=True, WRITE_DRES=res_mode == 1, FINALIZE=True,
+                                    MODE_A=1, MODE_B=1 if res_mode == 2 else 0, TRAINING=True), dtype),
                    dict(num_warps=T.reduce_warps(res_mode) if hasattr(T, "reduce_warps") else 4))
             yield ("elementwise", T._bwd_apply_kernel, label, "BLOCK=1024",
                    launch_args(T._bwd_apply_kernel, acc_ptrs, {}, dict(flags, BLOCK=1024), dtype), {})
     yield ("finalize", T._stats_finalize_kernel, "float32", "C64",
-           launch_args(T._stats_finalize_kernel, {}, {}, dict(ACC=tl.float32, BLOCK_C=64), f32), {})
+           launch_args(T._stats_finalize_kernel, {"nbt_ptr": torch.int64}, floats, dict(ACC=tl.float32, BLOCK_C=64),
+                       f32), {})
 
     # conv_bn_act at a ResNet-50 3x3 layer's sizes (56x56, 64 channels, batch 256): every config of this
     # architecture's autotune list and the heuristic (untuned) one with conv mode's inner-conv options in bf16
@@ -260,13 +269,10 @@ def triton_variants(arch: int):
              if k in TC._stats_merge_kernel.arg_names}
     f64 = torch.float64
     parts = 256 * 56 * 56 // 64
-    _, _, chunks, per_chunk = TC.merge_plan(parts, 64, False)
+    _, _, _, per_chunk = TC.merge_plan(parts, 64, False)
     yield ("finalize", TC._stats_merge_kernel, "float32", TC.config_label(merge),
-           launch_args(TC._stats_merge_kernel, dict(cnt_ptr=f64, mean_ptr=f64, m2_out_ptr=f64),
+           launch_args(TC._stats_merge_kernel, dict(cnt_ptr=f64, mean_ptr=f64, m2_out_ptr=f64, sem_ptr=torch.int32),
                        dict(P=parts, C=64, M=256 * 56 * 56, per_chunk=per_chunk), merge, f32), {})
-    yield ("finalize", TC._stats_finalize_kernel, "float64 chunks", "C64",
-           launch_args(TC._stats_finalize_kernel, dict(cnt_ptr=f64, mean_part_ptr=f64, m2_part_ptr=f64),
-                       dict(S=chunks, C=64), dict(BLOCK_C=64), f32), {})
 
 
 def _triton_row(arch: int, index: int) -> Row:

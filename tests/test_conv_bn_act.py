@@ -397,13 +397,40 @@ def test_bn_prologue_backward_like_stock(dtype, geometry, channels_last):
         assert err_ours <= 2 * err_stock + floor, f"{name}: error {err_ours:.2e} vs stock {err_stock:.2e}"
 
 
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_bn_prologue_given_params_match_formed(channels_last):
+    """The prologue's x * in_scale + in_shift form given with the statistics (conv mode passes the finalize
+    launch's `fusedres::bn_finalize(centred=True)` output) computes what the op forms itself: y and every
+    gradient, with no gradient of their own."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 6, 5, 5) * 2 + 0.5
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    w = torch.randn(4, 6, 3, 3) / 7
+    gamma, beta = torch.rand(6) + 0.5, torch.randn(6)
+    var, mean = torch.var_mean(x, dim=(0, 2, 3), unbiased=False)
+    scale, shift = torch.ops.fusedres.bn_finalize(x, mean, var, gamma, beta, 1e-5, None, None, None, 0.0, True)
+    gy = torch.randn(2, 4, 5, 5)
+    outs = []
+    for params in ({}, dict(in_scale=scale, in_shift=shift)):
+        leaves = [t.clone().requires_grad_() for t in (x, w, gamma, beta)]
+        y = conv_bn_act(leaves[0], leaves[1], padding=1, in_stats=(mean, var), in_weight=leaves[2],
+                        in_bias=leaves[3], in_eps=1e-5, in_relu=True, allow_tf32=False, **params)
+        (y * gy).sum().backward()
+        outs.append([y] + [t.grad for t in leaves])
+    for name, a, b in zip(("y", "grad x", "grad w", "grad gamma", "grad beta"), *outs):
+        torch.testing.assert_close(b, a, rtol=2e-6, atol=2e-6, msg=name)
+
+
 @pytest.mark.parametrize("kwargs,match", [
     (dict(in_stats=(torch.zeros(4),)), "in_stats must be a \\(mean, var\\) pair"),
     (dict(in_stats=(torch.zeros(4), torch.ones(3))), "in_var has shape"),
-    (dict(in_stats=(torch.zeros(4), torch.ones(4)), in_scale=torch.ones(4)), "not both"),
+    (dict(in_stats=(torch.zeros(4), torch.ones(4)), in_scale=torch.ones(4)), "if given, both"),
+    (dict(in_stats=(torch.zeros(4), torch.ones(4)), in_scale=torch.ones(4, requires_grad=True),
+          in_shift=torch.zeros(4)), "no gradient of their own"),
     (dict(in_weight=torch.ones(4)), "need in_mean and in_var"),
     (dict(in_stats=(torch.zeros(4), torch.ones(4)), in_eps=0.0), "in_eps must be positive"),
-], ids=["not_a_pair", "var_channels", "both_prologues", "weight_without_stats", "eps"])
+], ids=["not_a_pair", "var_channels", "half_given_params", "params_with_grad", "weight_without_stats", "eps"])
 def test_bn_prologue_errors(kwargs, match):
     with pytest.raises((ValueError, TypeError), match=match):
         conv_bn_act(torch.randn(2, 4, 5, 5), torch.randn(6, 4, 3, 3), in_relu=True, **kwargs)

@@ -31,6 +31,7 @@ ACC_PTRS = {"cnt_ptr", "mean_ptr", "m2_ptr", "mean_part_ptr", "m2_part_ptr", "va
             "w_ptr", "b_ptr", "rm_ptr", "rv_ptr", "var_b_ptr", "a0_ptr", "a1_ptr", "a2_ptr", "a3_ptr", "b0_ptr",
             "b1_ptr", "b2_ptr", "b3_ptr"}
 INT64_PTRS = {"nbt_ptr"}
+INT32_PTRS = {"sem_ptr"}
 FLOAT_ARGS = {"eps", "eps_b", "count", "mom_hi", "mom_lo", "unb_hi", "unb_lo"}
 
 
@@ -42,6 +43,7 @@ def compile_variant(fn, dtype, constexprs, target):
         consts["ACC"] = getattr(tl, ACC[dtype])
     ptrs = {name: getattr(torch, ACC[dtype]) for name in ACC_PTRS}
     ptrs.update({name: torch.int64 for name in INT64_PTRS})
+    ptrs.update({name: torch.int32 for name in INT32_PTRS})
     if "BLOCK_M" in consts:  # the conv kernel's w_ptr is the conv weight, in the activation dtype
         ptrs.pop("w_ptr")
     floats = {name: 1e-5 for name in FLOAT_ARGS}  # float arguments: specialised as fp32, as at launch
@@ -59,27 +61,42 @@ def variants():
             if idx64 and dtype in ("bfloat16", "float64"):
                 continue
             tile = dict(CL=cl, ACC=None, IDX64=idx64, BLOCK_R=64, BLOCK_C=64)
-            yield T._stats_partial_kernel, dtype, tile
+            # the statistics pass finalizes in its last programs: batch_stats, bn_stats (momentum, + the
+            # num_batches_tracked increment, momentum=None)
+            for fin in (dict(), dict(PARAMS=True, HAS_W=True, HAS_B=True, RUNNING=1, COUNT=True),
+                        dict(PARAMS=True, HAS_W=True, HAS_B=True, RUNNING=2)):
+                yield T._stats_partial_kernel, dtype, dict(tile, FINALIZE=True, **fin)
             for res_mode, relu in itertools.product((0, 1, 2, 3), (False, True)):
                 if dtype != "float32" and (res_mode, relu) not in ((1, True), (2, True), (3, True)):
                     continue
                 yield T._apply_kernel, dtype, dict(CL=cl, RES_MODE=res_mode, RELU=relu, ACC=None, IDX64=idx64,
                                                     BLOCK=1024)
-                yield T._bwd_reduce_kernel, dtype, dict(tile, RES_MODE=res_mode, RELU=relu,
-                                                         WRITE_DRES=res_mode == 1)
+                # the backward's reduction finalizes in its last programs (FINALIZE, side modes as the ops use
+                # them); the synchronised ops' plain reduction does not
+                for fin in _finalize_modes(res_mode, dtype):
+                    yield T._bwd_reduce_kernel, dtype, dict(tile, RES_MODE=res_mode, RELU=relu,
+                                                             WRITE_DRES=res_mode == 1, **fin)
                 # K_A / K_B: BatchNorm sides (k_x, k_c read) or affine ones (scale_shift_act, weighted residual)
                 for k_a in (True, False) if dtype == "float32" else (True,):
                     yield T._bwd_apply_kernel, dtype, dict(CL=cl, RES_MODE=res_mode, RELU=relu, K_A=k_a,
                                                             K_B=res_mode == 2 and k_a, ACC=None, IDX64=idx64,
                                                             BLOCK=1024)
-        for from_parts, params, running in ((True, False, 0), (True, True, 1), (True, True, 2), (False, True, 0)):
-            yield T._stats_finalize_kernel, dtype, dict(FROM_PARTIALS=from_parts, PARAMS=params, HAS_W=params,
-                                                        HAS_B=params, RUNNING=running, ACC=None, BLOCK_C=64)
-        for mode_a, mode_b, training in ((1, 0, True), (1, 0, False), (1, 1, True), (1, 3, True), (2, 0, True),
-                                         (2, 2, True)):
-            yield T._bwd_finalize_kernel, dtype, dict(MODE_A=mode_a, MODE_B=mode_b, TRAINING=training, ACC=None,
-                                                      BLOCK_C=64)
+        # on given statistics: eval's (scale, shift), a conv prologue's (CENTRED), conv mode's running statistics
+        for params, centred, running, count in ((True, False, 0, False), (True, True, 0, False), (False, False, 1, True)):
+            yield T._stats_finalize_kernel, dtype, dict(PARAMS=params, HAS_W=params, HAS_B=params, RUNNING=running,
+                                                        CENTRED=centred, COUNT=count, ACC=None, BLOCK_C=64)
     yield from conv_variants()
+
+
+def _finalize_modes(res_mode: int, dtype: str):
+    """The FINALIZE switches of _bwd_reduce_kernel a launch uses with this second input: none (the synchronised
+    ops), a BatchNorm side a (training and eval) or an affine one (scale_shift_act), and the matching side b."""
+    yield dict(FINALIZE=False)
+    side_b = {0: 0, 1: 0, 2: 1, 3: 3}[res_mode]
+    yield dict(FINALIZE=True, MODE_A=1, MODE_B=side_b, TRAINING=True)
+    if dtype == "float32":
+        yield dict(FINALIZE=True, MODE_A=1, MODE_B=side_b, TRAINING=False)
+        yield dict(FINALIZE=True, MODE_A=2, MODE_B=2 if res_mode == 2 else side_b, TRAINING=True)
 
 
 def conv_variants():
@@ -115,7 +132,6 @@ def conv_variants():
                                            STAT_ROWS=TC.INTERPRET_STAT_ROWS,
                                            **{k: v for k, v in TC.INTERPRET_CONFIG.items() if k.startswith("BLOCK")})
     yield TC._stats_merge_kernel, "float32", dict(STAT_ROWS=TC.GPU_STAT_ROWS, BLOCK_P=64, BLOCK_C=64)
-    yield TC._stats_finalize_kernel, "float64", dict(BLOCK_C=64)
 
 
 def main(archs):

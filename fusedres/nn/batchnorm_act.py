@@ -16,7 +16,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from fusedres.ops import batch_stats as _batch_stats, bn_act, dual_bn_act  # noqa: F401  (bn_running_update)
+from fusedres.ops import batch_stats as _batch_stats, bn_act, dual_bn_act  # noqa: F401  (bn_finalize)
 from fusedres.ops._common import check_batch_size, check_bn, check_eps, check_like
 from fusedres.ops.sync_bn_act import sync_bn_act, sync_dual_bn_act
 
@@ -85,24 +85,34 @@ def settle_count(*bns) -> None:
             bn.__dict__["_fusedres_count"] = (bn.num_batches_tracked, bn.num_batches_tracked._version, count)
 
 
-def update_running(bn: nn.modules.batchnorm._BatchNorm, x: Tensor, mean: Tensor, var: Tensor) -> None:
-    """nn.BatchNorm2d's training bookkeeping for batch statistics (mean, biased var) of x computed elsewhere (a
-    conv epilogue's): running statistics (momentum, or momentum=None's 1 / num_batches_tracked from the host
-    count, as `batch_norm_args`) and the num_batches_tracked increment, in one launch
-    (`fusedres::bn_running_update`)."""
-    if not (bn.training and bn.track_running_stats):
-        return
-    t = bn.num_batches_tracked
+def finalize_batch(bn: nn.modules.batchnorm._BatchNorm, x: Tensor, mean: Tensor, var: Tensor, centred: bool,
+                   affine=None) -> tuple[Tensor, Tensor]:
+    """A training-mode BatchNorm's per-channel work on batch statistics (mean, biased var) of x computed
+    elsewhere (a conv epilogue's), in one launch (`fusedres::bn_finalize`): its (scale, shift) (`centred`: BN(x)
+    = x * scale + shift, the conv prologue's form) and nn.BatchNorm2d's bookkeeping (running statistics with
+    momentum, or momentum=None's 1 / num_batches_tracked from the host count as `batch_norm_args`; the
+    num_batches_tracked increment). `affine`: the (weight, bias) the params use instead of bn's (a learned skip
+    gain folded in)."""
+    weight, bias = affine if affine is not None else (bn.weight, bn.bias)
+    track = bn.training and bn.track_running_stats
+    t = bn.num_batches_tracked if track else None
     factor = 0.0 if bn.momentum is None else bn.momentum
     count = None
     if t is not None and bn.momentum is None:
         known = _host_count(bn)
         count = (known if known is not None else int(t)) + 1
         factor = 1.0 / count
-    torch.ops.fusedres.bn_running_update(x, mean.detach(), var.detach(), bn.running_mean, bn.running_var, t,
-                                         float(factor))
+    params = torch.ops.fusedres.bn_finalize(x.detach(), mean.detach(), var.detach(), _detached(weight),
+                                            _detached(bias), float(bn.eps),
+                                            bn.running_mean if track else None, bn.running_var if track else None,
+                                            t, float(factor), centred)
     if count is not None:
         bn.__dict__["_fusedres_count"] = (t, t._version, count)
+    return params
+
+
+def _detached(t):
+    return None if t is None else t.detach()
 
 
 def _host_count(bn) -> int | None:

@@ -28,7 +28,7 @@ import torch
 from torch.nn.modules.utils import _pair
 
 from fusedres.nn.batchnorm_act import (BatchNormAct2d, _check_input, _per_channel, _uses_batch_stats, batch_norm_args,
-                                       gained_affine, update_running)
+                                       finalize_batch, gained_affine)
 from fusedres.nn.blocks import BasicBlock, Bottleneck, _is_conv_bn
 from fusedres._layout import acc_dtype
 from fusedres.ops import bn_act_pool as _bn_act_pool  # noqa: F401  (registers fusedres::bn_act_pool_train)
@@ -50,29 +50,31 @@ def _conv(conv: nn.Conv2d, x: Tensor, prologue, stats: bool, residual=None):
                        **(prologue or {}))
 
 
-def _bn_stats(bn: nn.BatchNorm2d, out):
-    """The statistics BN normalises the conv output c with, out = (c, mean, var): the batch statistics in
-    training (the running statistics updated as nn.BatchNorm2d does; returned as they are, for an op whose
-    backward is BatchNorm's) or the running statistics (eval). Returns (mean, var, is_batch)."""
+def _bn_stats(bn: nn.BatchNorm2d, out, centred: bool = False, affine=None):
+    """The statistics BN normalises the conv output c with, out = (c, mean, var), and its (scale, shift): in
+    training the batch statistics (returned as they are, for an op whose backward is BatchNorm's) with the
+    (scale, shift) of the same launch that does nn.BatchNorm2d's bookkeeping (`finalize_batch`: `centred` form,
+    `affine` instead of bn's weight and bias); in eval the running statistics and None. Returns (mean, var,
+    params)."""
     c = out[0]
     if _uses_batch_stats(bn):  # as nn.BatchNorm2d, before num_batches_tracked is touched
         check_batch_size(c, "the conv output")
-    if _uses_batch_stats(bn):  # running statistics and num_batches_tracked in one launch, once per forward
         _, mean, var = out
-        update_running(bn, c, mean, var)
-        return mean, var, True
+        return mean, var, finalize_batch(bn, c, mean, var, centred, affine)
     args = batch_norm_args(bn)
     acc = acc_dtype(c.dtype)
-    return args["running_mean"].to(acc), args["running_var"].to(acc), False
+    return args["running_mean"].to(acc), args["running_var"].to(acc), None
 
 
 def _bn_prologue(bn: nn.BatchNorm2d, out):
     """conv_bn_act keyword arguments for bn + ReLU in the next conv's prologue: a BatchNorm prologue with the
-    batch statistics (training: its backward is BatchNorm's, statistics gradient folded in), else the
-    running statistics as (in_scale, in_shift) with BN(c) = c * in_scale + in_shift."""
-    mean, var, is_batch = _bn_stats(bn, out)
-    if is_batch:
-        return dict(in_stats=(mean, var), in_weight=bn.weight, in_bias=bn.bias, in_eps=bn.eps)
+    batch statistics (training: its backward is BatchNorm's, statistics gradient folded in; its x * in_scale +
+    in_shift form comes with them, from the finalize launch), else the running statistics as (in_scale,
+    in_shift) with BN(c) = c * in_scale + in_shift."""
+    mean, var, params = _bn_stats(bn, out, centred=True)
+    if params is not None:
+        return dict(in_stats=(mean, var), in_weight=bn.weight, in_bias=bn.bias, in_eps=bn.eps, in_scale=params[0],
+                    in_shift=params[1])
     _, scale, shift = scale_shift(mean, var, bn.weight, bn.bias, bn.eps)
     return dict(in_scale=scale, in_shift=shift - mean * scale)
 
@@ -101,22 +103,22 @@ class _ConvTrainMixin:
         # the last conv emits its statistics too; the tail is one stats_bn_act pass over its output
         res = _conv(last_conv, out, prologue, stats=True)
         gain, res_gain = self.skip_gains()  # learned skip weights fold into the tail's BN affine
-        mean, var, _ = _bn_stats(last_bn, res)
         weight, bias = gained_affine(last_bn, gain)
+        mean, var, params = _bn_stats(last_bn, res, affine=(weight, bias))
         c = res[0]
         relu = getattr(last_bn, "act", "relu") == "relu"
         ds = self.downsample
         if _is_conv_bn(ds) and _plain_conv(ds[0]) and _uses_batch_stats(ds[1]):
             res_b = _conv(ds[0], x, None, stats=True)
-            mean_b, var_b, _ = _bn_stats(ds[1], res_b)
             weight_b, bias_b = gained_affine(ds[1], res_gain)
+            mean_b, var_b, params_b = _bn_stats(ds[1], res_b, affine=(weight_b, bias_b))
             return stats_bn_act(c, mean, var, weight, bias, last_bn.eps, xb=res_b[0].to(c.dtype),
                                 stats_b=(mean_b, var_b), weight_b=weight_b, bias_b=bias_b, eps_b=ds[1].eps,
-                                relu=relu)
+                                relu=relu, params=params, params_b=params_b)
         residual = (x if ds is None else ds(x)).to(c.dtype)
         res_weight = None if res_gain is None else _per_channel(res_gain, c.shape[1])
         return stats_bn_act(c, mean, var, weight, bias, last_bn.eps, residual=residual,
-                            residual_weight=res_weight, relu=relu)
+                            residual_weight=res_weight, relu=relu, params=params)
 
     @classmethod
     def from_fused(cls, block: nn.Module) -> nn.Module:
@@ -168,7 +170,7 @@ class BatchNormActPool2d(BatchNormAct2d):
         y, mean, var = torch.ops.fusedres.bn_act_pool_train(
             x, self.weight, self.bias, self.eps, self.act == "relu", list(_pair(p.kernel_size)), list(_pair(stride)),
             list(_pair(p.padding)), list(_pair(p.dilation)), p.ceil_mode)
-        update_running(self, x, mean, var)
+        finalize_batch(self, x, mean, var, centred=False)  # the bookkeeping (its params are not needed)
         return y
 
 

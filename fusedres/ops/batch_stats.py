@@ -103,28 +103,34 @@ def _(x, weight, bias, running_mean, running_var, num_batches_tracked, momentum,
     return tuple(fake_channels(x) for _ in range(4))
 
 
-@torch.library.custom_op("fusedres::bn_running_update",
+@torch.library.custom_op("fusedres::bn_finalize",
                          mutates_args=("running_mean", "running_var", "num_batches_tracked"))
-def bn_running_update(x: Tensor, mean: Tensor, var: Tensor, running_mean: Optional[Tensor],
-                      running_var: Optional[Tensor], num_batches_tracked: Optional[Tensor], momentum: float) -> None:
-    check_bn(x, "x", None, None, running_mean, running_var)
+def bn_finalize(x: Tensor, mean: Tensor, var: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float,
+                running_mean: Optional[Tensor], running_var: Optional[Tensor], num_batches_tracked: Optional[Tensor],
+                momentum: float, centred: bool) -> tuple[Tensor, Tensor]:
+    _check_finalize(x, mean, var, weight, bias, running_mean, running_var, num_batches_tracked)
+    backend = backends.select(x) if x.numel() else reference
+    acc = acc_dtype(x.dtype)
+    return backend.bn_finalize(x, mean.to(acc).contiguous(), var.to(acc).contiguous(), weight, bias, eps,
+                               running_mean, running_var, float(momentum), num_batches_tracked, centred)
+
+
+def _check_finalize(x, mean, var, weight, bias, running_mean, running_var, num_batches_tracked):
+    check_bn(x, "x", weight, bias, running_mean, running_var)
     check_channels(mean, x, "mean")
     check_channels(var, x, "var")
     if (running_mean is None) != (running_var is None):
-        raise ValueError("fusedres: bn_running_update needs both running_mean and running_var, or neither")
+        raise ValueError("fusedres: bn_finalize needs both running_mean and running_var, or neither")
     if num_batches_tracked is not None and (num_batches_tracked.numel() != 1
                                             or num_batches_tracked.dtype != torch.int64
                                             or num_batches_tracked.device != x.device):
         raise ValueError(f"fusedres: num_batches_tracked must be a one-element int64 tensor on {x.device}")
-    backend = backends.select(x) if x.numel() else reference
-    acc = acc_dtype(x.dtype)
-    backend.running_update(x, mean.to(acc).contiguous(), var.to(acc).contiguous(), running_mean, running_var,
-                           float(momentum), num_batches_tracked)
 
 
-@bn_running_update.register_fake
-def _(x, mean, var, running_mean, running_var, num_batches_tracked, momentum):
-    check_bn(x, "x", None, None, running_mean, running_var)
+@bn_finalize.register_fake
+def _(x, mean, var, weight, bias, eps, running_mean, running_var, num_batches_tracked, momentum, centred):
+    _check_finalize(x, mean, var, weight, bias, running_mean, running_var, num_batches_tracked)
+    return fake_channels(x), fake_channels(x)
 
 
 @torch.library.custom_op("fusedres::bn_params", mutates_args=())

@@ -101,9 +101,11 @@ def _check(x, weight, in_scale, in_shift, out_scale, out_shift, residual, res_sc
     if bn_prologue:
         if in_mean is None or in_var is None:
             raise ValueError("fusedres: conv_bn_act needs both in_mean and in_var (a BatchNorm prologue), got one")
-        if in_scale is not None or in_shift is not None:
-            raise ValueError("fusedres: conv_bn_act takes either in_scale/in_shift or a BatchNorm prologue "
-                             "(in_mean, in_var, in_weight, in_bias), not both")
+        if (in_scale is None) != (in_shift is None) or any(
+                isinstance(v, Tensor) and v.requires_grad for v in (in_scale, in_shift)):
+            raise ValueError("fusedres: with a BatchNorm prologue (in_mean, in_var, in_weight, in_bias), in_scale "
+                             "and in_shift are optional and, if given, both: its precomputed x * in_scale + in_shift "
+                             "form (no gradient of their own; e.g. fusedres::bn_finalize(centred=True))")
         check_eps(in_eps, True, "in_eps")
     elif in_weight is not None or in_bias is not None:
         raise ValueError("fusedres: conv_bn_act in_weight / in_bias need in_mean and in_var (a BatchNorm prologue)")
@@ -173,7 +175,7 @@ def conv_bn_act_op(x: Tensor, weight: Tensor, in_scale: Optional[Tensor], in_shi
     if x.numel() == 0:
         return _empty_batch(x, weight, stride, padding, dilation, stats)
     triton_conv = _use_triton(x)
-    if in_mean is not None:  # BN prologue: BN(x) = x * scale + (shift - mean * scale), in one launch
+    if in_mean is not None and in_scale is None:  # BN prologue: BN(x) = x * scale + (shift - mean * scale)
         in_scale, in_shift = _prologue_params(x, in_weight, in_bias, in_mean, in_var, in_eps, triton_conv)
     if triton_conv:
         return _triton_module().conv_bn_act(x, weight, in_scale, in_shift, in_relu, out_scale, out_shift, residual,
@@ -310,9 +312,13 @@ def _backward(ctx, gy, gmean, gvar):
     prologue = bn_prologue or s_in is not None or t_in is not None
     a = x
     if prologue:  # the prologue output, once, in x's dtype and layout
-        if bn_prologue:  # (scale, shift) in one launch (a registered op: this formula must stay traceable)
+        if bn_prologue:
             p_mean = in_mean.to(acc)
-            p_scale, p_shift = torch.ops.fusedres.bn_params(x, p_mean, in_var.to(acc), in_w, in_b, ctx.in_eps)
+            if s_in is not None:  # the forward's precomputed form: scale, and shift = bias
+                p_scale = s_in.to(acc)
+                p_shift = in_b.to(acc) if in_b is not None else torch.zeros_like(p_scale)
+            else:  # one launch (a registered op: this formula must stay traceable)
+                p_scale, p_shift = torch.ops.fusedres.bn_params(x, p_mean, in_var.to(acc), in_w, in_b, ctx.in_eps)
         else:
             zero = torch.zeros(x.shape[1], dtype=acc, device=x.device)
             p_mean = zero

@@ -14,6 +14,7 @@ import struct
 
 import torch
 import triton
+from torch._subclasses.fake_tensor import FakeTensor
 import triton.language as tl
 
 from fusedres._layout import acc_dtype, empty, empty_like, is_channels_last
@@ -72,7 +73,14 @@ def _stats_partial_kernel(
     num_tiles,    # reduction tiles in total
     tiles_per_program,
     tiles_per_n,  # NCHW only: tiles per image
+    # FINALIZE: the last program of each channel block (a ticket from sem_ptr) also does _stats_finalize_kernel's
+    # work for its channels (from the partials; its arguments of the same names), so BatchNorm's statistics are
+    # one launch
+    sem_ptr, out_mean_ptr, out_var_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, rm_ptr, rv_ptr, nbt_ptr, eps,
+    mom_hi, mom_lo, unb_hi, unb_lo,
     CL: tl.constexpr, ACC: tl.constexpr, IDX64: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+    FINALIZE: tl.constexpr = False, PARAMS: tl.constexpr = False, HAS_W: tl.constexpr = False,
+    HAS_B: tl.constexpr = False, RUNNING: tl.constexpr = 0, COUNT: tl.constexpr = False,
 ):
     p = tl.program_id(0)
     c_offs = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -97,19 +105,27 @@ def _stats_partial_kernel(
     tl.store(cnt_ptr + out, count, mask=c_mask)
     tl.store(mean_ptr + out, mean, mask=c_mask)
     tl.store(m2_ptr + out, m2, mask=c_mask)
+    if FINALIZE:
+        if _last_program(sem_ptr):
+            _stats_finalize_block(cnt_ptr, mean_ptr, m2_ptr, out_mean_ptr, out_var_ptr, w_ptr, b_ptr, scale_ptr,
+                                  shift_ptr, rm_ptr, rv_ptr, nbt_ptr, tl.num_programs(0), C, eps, mom_hi, mom_lo,
+                                  unb_hi, unb_lo, c_offs, c_mask, tl.program_id(1) == 0, True, PARAMS, HAS_W, HAS_B,
+                                  RUNNING, ACC, BLOCK_C, False, COUNT)
+            _release(sem_ptr)
 
 
 @triton.jit
 def _welford_merge(cnt_ptr, mean_part_ptr, m2_part_ptr, P, C, c_offs, c_mask, ACC: tl.constexpr,
                    BLOCK_C: tl.constexpr):
-    """(mean, biased var) of channels c_offs from the [P, C] partials, merged in program order (Chan)."""
+    """(mean, biased var) of channels c_offs from the [P, C] partials, merged in program order (Chan); read
+    from L2 (other programs of a fused launch wrote them)."""
     count = tl.zeros([BLOCK_C], dtype=ACC)
     mean = tl.zeros([BLOCK_C], dtype=ACC)
     m2 = tl.zeros([BLOCK_C], dtype=ACC)
     for p in range(0, P):
-        n_p = tl.load(cnt_ptr + p * C + c_offs, mask=c_mask, other=0.0)
-        mean_p = tl.load(mean_part_ptr + p * C + c_offs, mask=c_mask, other=0.0)
-        m2_p = tl.load(m2_part_ptr + p * C + c_offs, mask=c_mask, other=0.0)
+        n_p = tl.load(cnt_ptr + p * C + c_offs, mask=c_mask, other=0.0, cache_modifier=".cg")
+        mean_p = tl.load(mean_part_ptr + p * C + c_offs, mask=c_mask, other=0.0, cache_modifier=".cg")
+        m2_p = tl.load(m2_part_ptr + p * C + c_offs, mask=c_mask, other=0.0, cache_modifier=".cg")
         total = count + n_p
         frac = tl.where(total > 0, n_p / tl.where(total > 0, total, 1.0), 0.0)
         delta = mean_p - mean
@@ -142,28 +158,40 @@ def _lerp(a, b, w):
     return tl.where(w < 0.5, a + w * (b - a), b - (b - a) * (1.0 - w))
 
 
-@triton.jit(do_not_specialize=["P"])
+@triton.jit
 def _stats_finalize_kernel(
-    cnt_ptr, mean_part_ptr, m2_part_ptr,   # [P, C] partials from _stats_partial_kernel (FROM_PARTIALS)
-    mean_ptr, var_ptr,                     # [C] out (FROM_PARTIALS) or in: mean and biased variance
+    mean_ptr, var_ptr,                     # [C] mean and biased variance (out when finalizing partials)
     w_ptr, b_ptr,                          # [C] BN weight and bias (HAS_W / HAS_B; else 1 and 0)
     scale_ptr, shift_ptr,                  # [C] out (PARAMS): BN(x) = (x - mean) * scale + shift
     rm_ptr, rv_ptr,                        # [C] running mean / var, updated in place (RUNNING > 0)
     nbt_ptr,                               # [] int64 num_batches_tracked (RUNNING == 2: factor 1 / nbt)
-    P, C, eps,
+    C, eps,
     mom_hi, mom_lo, unb_hi, unb_lo,        # momentum and unbias = count / (count - 1) as float32 hi + lo pairs
-    FROM_PARTIALS: tl.constexpr, PARAMS: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
+    PARAMS: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
     RUNNING: tl.constexpr, ACC: tl.constexpr, BLOCK_C: tl.constexpr, CENTRED: tl.constexpr = False,
     COUNT: tl.constexpr = False,
 ):
-    """One launch for all per-channel work after the statistics pass: merge the partials into (mean, var),
-    form (scale, shift) and update the running statistics with `momentum` (RUNNING 1) or the cumulative
+    """The per-channel work of a BatchNorm on given statistics (eval's (scale, shift), a conv prologue's, conv
+    mode's running statistics); the statistics pass runs the same work on its partials (FINALIZE): form
+    (scale, shift) and update the running statistics with `momentum` (RUNNING 1) or the cumulative
     factor 1 / num_batches_tracked read on the device (RUNNING 2, momentum=None: no host sync). CENTRED: shift
     is stored as shift - mean * scale, so BN(x) = x * scale + shift (a conv prologue's form). COUNT (with
     RUNNING 1 only, so nothing else reads it): program 0 adds one to num_batches_tracked, nn.BatchNorm2d's
     bookkeeping without a launch of its own."""
     c_offs = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
-    c_mask = c_offs < C
+    _stats_finalize_block(mean_ptr, mean_ptr, mean_ptr, mean_ptr, var_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr,
+                          rm_ptr, rv_ptr, nbt_ptr, 0, C, eps, mom_hi, mom_lo, unb_hi, unb_lo, c_offs, c_offs < C,
+                          tl.program_id(0) == 0, False, PARAMS, HAS_W, HAS_B, RUNNING, ACC, BLOCK_C, CENTRED, COUNT)
+
+
+@triton.jit
+def _stats_finalize_block(cnt_ptr, mean_part_ptr, m2_part_ptr, mean_ptr, var_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr,
+                          rm_ptr, rv_ptr, nbt_ptr, P, C, eps, mom_hi, mom_lo, unb_hi, unb_lo, c_offs, c_mask, first,
+                          FROM_PARTIALS: tl.constexpr, PARAMS: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
+                          RUNNING: tl.constexpr, ACC: tl.constexpr, BLOCK_C: tl.constexpr, CENTRED: tl.constexpr,
+                          COUNT: tl.constexpr):
+    """_stats_finalize_kernel's work for channels c_offs (`first`: the block that also counts the batch), run by
+    that kernel or by the last program of a channel block of _stats_partial_kernel (FINALIZE)."""
     if FROM_PARTIALS:
         mean, var = _welford_merge(cnt_ptr, mean_part_ptr, m2_part_ptr, P, C, c_offs, c_mask, ACC, BLOCK_C)
         tl.store(mean_ptr + c_offs, mean, mask=c_mask)
@@ -197,7 +225,7 @@ def _stats_finalize_kernel(
         tl.store(rm_ptr + c_offs, new_m.to(rm_t), mask=c_mask)
         tl.store(rv_ptr + c_offs, new_v.to(rv.dtype), mask=c_mask)
     if COUNT:
-        if tl.program_id(0) == 0:
+        if first:
             tl.store(nbt_ptr, tl.load(nbt_ptr) + 1)
 
 
@@ -264,8 +292,13 @@ def _bwd_reduce_kernel(
     mean_ptr, scale_ptr, shift_ptr, mean_b_ptr, scale_b_ptr, shift_b_ptr,  # [C] both BNs (mask recompute)
     sum_g_ptr, sum_gx_ptr, sum_gxb_ptr,  # [P, C] out: partial sum(g), sum(g*(x-mean)), sum(g*(xb-mean_b))
     N, C, HW, num_tiles, tiles_per_program, tiles_per_n,
+    # FINALIZE: the last program of each channel block (a ticket from sem_ptr) also finalizes its channels
+    # (_bwd_finalize_block), so the backward is two launches
+    sem_ptr, var_ptr, var_b_ptr, a0_ptr, a1_ptr, a2_ptr, a3_ptr, b0_ptr, b1_ptr, b2_ptr, b3_ptr, eps, eps_b, count,
     CL: tl.constexpr, RES_MODE: tl.constexpr, RELU: tl.constexpr, WRITE_DRES: tl.constexpr,
     ACC: tl.constexpr, IDX64: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+    FINALIZE: tl.constexpr = False, MODE_A: tl.constexpr = 1, MODE_B: tl.constexpr = 0,
+    TRAINING: tl.constexpr = True,
 ):
     p = tl.program_id(0)
     c_offs = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -299,6 +332,29 @@ def _bwd_reduce_kernel(
     tl.store(sum_gx_ptr + out, sum_gx, mask=c_mask)
     if RES_MODE >= 2:
         tl.store(sum_gxb_ptr + out, sum_gxb, mask=c_mask)
+    if FINALIZE:
+        if _last_program(sem_ptr):
+            _bwd_finalize_block(sum_g_ptr, sum_gx_ptr, sum_gxb_ptr, scale_ptr, var_ptr, scale_b_ptr, var_b_ptr,
+                                a0_ptr, a1_ptr, a2_ptr, a3_ptr, b0_ptr, b1_ptr, b2_ptr, b3_ptr,
+                                tl.num_programs(0), C, eps, eps_b, count, c_offs, c_mask, MODE_A, MODE_B, TRAINING,
+                                ACC, BLOCK_C)
+            _release(sem_ptr)
+
+
+@triton.jit
+def _last_program(sem_ptr, BLOCK_AXIS: tl.constexpr = 1):
+    """Whether this program is the last of its channel block (program index on BLOCK_AXIS; the partials run
+    along the other axis) to finish writing its partials: all threads' stores are ordered before the ticket
+    (barrier, then an acq_rel atomic at GPU scope, as Inductor's cooperative reductions do), and the winner's
+    later loads see every program's partials. The winner zeroes the counter again (`_release`)."""
+    tl.debug_barrier()
+    ticket = tl.atomic_add(sem_ptr + tl.program_id(BLOCK_AXIS), 1, sem="acq_rel", scope="gpu")
+    return ticket == tl.num_programs(1 - BLOCK_AXIS) - 1
+
+
+@triton.jit
+def _release(sem_ptr, BLOCK_AXIS: tl.constexpr = 1):
+    tl.atomic_xchg(sem_ptr + tl.program_id(BLOCK_AXIS), 0)  # zero again for the next launch
 
 
 @triton.jit
@@ -308,30 +364,26 @@ def _centred_term(x, mean, kx, ACC: tl.constexpr):
     return tl.where(kx == 0.0, 0.0, (x.to(ACC) - mean) * kx)
 
 
-@triton.jit(do_not_specialize=["P"])
-def _bwd_finalize_kernel(
-    sum_g_ptr, sum_gx_ptr, sum_gxb_ptr,  # [P, C] partial sum(g), sum(g*(x-mean)), sum(g*(xb-mean_b))
-    scale_ptr, var_ptr,             # [C] side a: scale, and the biased variance (MODE_A 1: a BatchNorm)
-    scale_b_ptr, var_b_ptr,         # [C] side b (xb), likewise
-    a0_ptr, a1_ptr, a2_ptr, a3_ptr,  # [C] out, side a: MODE 1 (BN): k_x, k_c, grad_weight, grad_bias;
-    b0_ptr, b1_ptr, b2_ptr, b3_ptr,  #   MODE 2 (affine): grad_mean, grad_scale, grad_shift; MODE 3: grad_scale
-    P, C, eps, eps_b, count,
-    MODE_A: tl.constexpr, MODE_B: tl.constexpr, TRAINING: tl.constexpr, ACC: tl.constexpr,
-    BLOCK_C: tl.constexpr,
-):
-    """Merge the backward partials in program order and turn them into what the apply pass and autograd need:
-    for a BatchNorm side dx = scale * g + k_x * (x - mean) + k_c with k_x, k_c from the sums (0 in eval) and
+@triton.jit
+def _bwd_finalize_block(sum_g_ptr, sum_gx_ptr, sum_gxb_ptr, scale_ptr, var_ptr, scale_b_ptr, var_b_ptr,
+                        a0_ptr, a1_ptr, a2_ptr, a3_ptr, b0_ptr, b1_ptr, b2_ptr, b3_ptr, P, C, eps, eps_b, count,
+                        c_offs, c_mask, MODE_A: tl.constexpr, MODE_B: tl.constexpr, TRAINING: tl.constexpr,
+                        ACC: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Channels c_offs, by the last program of their block in _bwd_reduce_kernel: merge the backward partials in
+    program order (read from L2: other programs wrote them) and turn them into what the apply pass and autograd
+    need: for a BatchNorm side dx = scale * g + k_x * (x - mean) + k_c with k_x, k_c from the sums (0 in eval) and
     the weight / bias gradients; for an affine side (scale_shift_act) the mean / scale / shift gradients."""
-    c_offs = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
-    c_mask = c_offs < C
+    # sum_g / sum_gx / sum_gxb: [P, C] partials; scale, var (scale_b, var_b): side a (b); a0..a3 / b0..b3 [C] out:
+    # MODE 1 (BN): k_x, k_c, grad_weight, grad_bias; MODE 2 (affine): grad_mean, grad_scale, grad_shift; MODE 3:
+    # grad_scale
     sg = tl.zeros([BLOCK_C], dtype=ACC)
     sgx = tl.zeros([BLOCK_C], dtype=ACC)
     sgxb = tl.zeros([BLOCK_C], dtype=ACC)
     for p in range(0, P):
-        sg += tl.load(sum_g_ptr + p * C + c_offs, mask=c_mask, other=0.0)
-        sgx += tl.load(sum_gx_ptr + p * C + c_offs, mask=c_mask, other=0.0)
+        sg += tl.load(sum_g_ptr + p * C + c_offs, mask=c_mask, other=0.0, cache_modifier=".cg")
+        sgx += tl.load(sum_gx_ptr + p * C + c_offs, mask=c_mask, other=0.0, cache_modifier=".cg")
         if MODE_B > 0:
-            sgxb += tl.load(sum_gxb_ptr + p * C + c_offs, mask=c_mask, other=0.0)
+            sgxb += tl.load(sum_gxb_ptr + p * C + c_offs, mask=c_mask, other=0.0, cache_modifier=".cg")
     _side_grads(sg, sgx, scale_ptr, var_ptr, eps, count, a0_ptr, a1_ptr, a2_ptr, a3_ptr, c_offs, c_mask, MODE_A,
                 TRAINING, ACC, BLOCK_C)
     _side_grads(sg, sgxb, scale_b_ptr, var_b_ptr, eps_b, count, b0_ptr, b1_ptr, b2_ptr, b3_ptr, c_offs, c_mask,
@@ -341,7 +393,7 @@ def _bwd_finalize_kernel(
 @triton.jit
 def _side_grads(sg, sgx, scale_ptr, var_ptr, eps, count, o0, o1, o2, o3, c_offs, c_mask, MODE: tl.constexpr,
                 TRAINING: tl.constexpr, ACC: tl.constexpr, BLOCK_C: tl.constexpr):
-    """One side's outputs of _bwd_finalize_kernel (fusedres.ops._common.grad_coefficients' formulas)."""
+    """One side's outputs of _bwd_finalize_block (fusedres.ops._common.grad_coefficients' formulas)."""
     if MODE == 1:
         scale = tl.load(scale_ptr + c_offs, mask=c_mask, other=0.0)
         var = tl.load(var_ptr + c_offs, mask=c_mask, other=1.0)
@@ -462,17 +514,21 @@ def _channels(geo, x, k: int = 1):
     return [empty((geo.C,), dtype=geo.acc, device=x.device) for _ in range(k)]
 
 
-def _stats_partials(x, geo):
+def _statistics(x, geo, mean, var, **finalize):
+    """The statistics pass, whose last program per channel block also finalizes (_finalize's keyword
+    arguments): BatchNorm's per-channel work in the same launch."""
     parts = [empty((geo.programs, geo.C), dtype=geo.acc, device=x.device) for _ in range(3)]
-    _stats_partial_kernel[geo.reduce_grid](x, *parts, *geo.tile_args(), CL=geo.cl, ACC=geo.tl_acc,
-                                           IDX64=geo.idx64, BLOCK_R=geo.block_r, BLOCK_C=geo.block_c)
-    return parts
+    ptrs, scalars, flags = _finalize_args(geo, mean, var, **finalize)
+    _stats_partial_kernel[geo.reduce_grid](x, *parts, *geo.tile_args(), semaphores(x, geo.reduce_grid[1]), *ptrs,
+                                           scalars[0], *scalars[1:], CL=geo.cl, ACC=geo.tl_acc, IDX64=geo.idx64,
+                                           BLOCK_R=geo.block_r, BLOCK_C=geo.block_c, FINALIZE=True, **flags)
 
 
-def _finalize(geo, parts, mean, var, weight=None, bias=None, eps=0.0, scale=None, shift=None, running_mean=None,
-              running_var=None, momentum=None, num_batches_tracked=None, count=0, centred=False, increment=None):
-    """Launch _stats_finalize_kernel (parts None: mean and var are inputs); `increment`: a num_batches_tracked
-    to add one to (momentum must then be a number: the kernel does not also read it)."""
+def _finalize_args(geo, mean, var, weight=None, bias=None, eps=0.0, scale=None, shift=None, running_mean=None,
+                   running_var=None, momentum=None, num_batches_tracked=None, count=0, increment=None):
+    """(pointers, float scalars, constexprs) of the finalize: mean, var, w, b, scale, shift, rm, rv, nbt;
+    eps, momentum and unbias as hi + lo pairs; PARAMS, HAS_W, HAS_B, RUNNING, COUNT. `increment`: a
+    num_batches_tracked to add one to (momentum must then be a number: the kernel does not also read it)."""
     running = 0 if running_mean is None else 2 if momentum is None else 1
     if running == 2 and num_batches_tracked is None:
         raise ValueError("fusedres: momentum=None (cumulative average) needs num_batches_tracked")
@@ -481,16 +537,20 @@ def _finalize(geo, parts, mean, var, weight=None, bias=None, eps=0.0, scale=None
     if increment is not None:
         num_batches_tracked = increment
     stand_in = mean
-    parts = parts if parts is not None else (stand_in,) * 3
+    pick = lambda t, on=True: t if (t is not None and on) else stand_in  # noqa: E731
+    ptrs = (mean, var, pick(weight), pick(bias), pick(scale), pick(shift), pick(running_mean, running),
+            pick(running_var, running), pick(num_batches_tracked, running == 2 or increment is not None))
+    scalars = (float(eps), *_hi_lo(momentum or 0.0), *_hi_lo(count / (count - 1) if count > 1 else 1.0))
+    flags = dict(PARAMS=scale is not None, HAS_W=weight is not None, HAS_B=bias is not None, RUNNING=running,
+                 COUNT=increment is not None)
+    return ptrs, scalars, flags
+
+
+def _finalize(geo, mean, var, centred=False, **finalize):
+    """Launch _stats_finalize_kernel on given mean and var (_finalize_args' keyword arguments)."""
+    ptrs, scalars, flags = _finalize_args(geo, mean, var, **finalize)
     _stats_finalize_kernel[(triton.cdiv(geo.C, geo.block_c),)](
-        *parts, mean, var, weight if weight is not None else stand_in, bias if bias is not None else stand_in,
-        scale if scale is not None else stand_in, shift if shift is not None else stand_in,
-        running_mean if running else stand_in, running_var if running else stand_in,
-        num_batches_tracked if running == 2 or increment is not None else stand_in, geo.programs, geo.C, float(eps),
-        *_hi_lo(momentum or 0.0), *_hi_lo(count / (count - 1) if count > 1 else 1.0),
-        FROM_PARTIALS=parts[0] is not stand_in, PARAMS=scale is not None, HAS_W=weight is not None,
-        HAS_B=bias is not None, RUNNING=running, ACC=geo.tl_acc, BLOCK_C=geo.block_c, CENTRED=centred,
-        COUNT=increment is not None)
+        *ptrs, geo.C, *scalars, ACC=geo.tl_acc, BLOCK_C=geo.block_c, CENTRED=centred, **flags)
 
 
 def _hi_lo(v: float):
@@ -500,22 +560,23 @@ def _hi_lo(v: float):
 
 
 def batch_stats(x: torch.Tensor):
-    """Per-channel mean and biased variance of x, in the accumulation dtype (2 launches)."""
+    """Per-channel mean and biased variance of x, in the accumulation dtype (one launch)."""
     geo = _Geometry(x)
     mean, var = _channels(geo, x, 2)
-    _finalize(geo, _stats_partials(x, geo), mean, var)
+    _statistics(x, geo, mean, var)
     return mean, var
 
 
 def bn_stats(x, weight, bias, eps, running_mean, running_var, momentum, num_batches_tracked, increment=None):
-    """(mean, biased var, scale, shift) of BatchNorm on x in 2 launches (statistics pass + finalize); the
-    finalize also updates running_mean / running_var in place when given, with `momentum`, or with the
-    cumulative factor 1 / num_batches_tracked read on the device when momentum is None, and adds one to
-    `increment` (a num_batches_tracked) when given."""
+    """(mean, biased var, scale, shift) of BatchNorm on x in one launch (the statistics pass, finalized by its
+    last programs), which also updates running_mean / running_var in place when given, with `momentum`, or
+    with the cumulative factor 1 / num_batches_tracked read on the device when momentum is None, and adds one
+    to `increment` (a num_batches_tracked) when given."""
     geo = _Geometry(x)
     mean, var, scale, shift = _channels(geo, x, 4)
-    _finalize(geo, _stats_partials(x, geo), mean, var, weight, bias, eps, scale, shift, running_mean, running_var,
-              momentum, num_batches_tracked, geo.N * geo.HW, increment=increment)
+    _statistics(x, geo, mean, var, weight=weight, bias=bias, eps=eps, scale=scale, shift=shift,
+                running_mean=running_mean, running_var=running_var, momentum=momentum,
+                num_batches_tracked=num_batches_tracked, count=geo.N * geo.HW, increment=increment)
     return mean, var, scale, shift
 
 
@@ -535,16 +596,21 @@ def bn_params(x, mean, var, weight, bias, eps, centred=False):
     shift - mean * scale, so BN(x) = x * scale + shift (the conv prologue's form)."""
     geo = _Channels(x)
     scale, shift = _channels(geo, x, 2)
-    _finalize(geo, None, mean, var, weight, bias, eps, scale, shift, centred=centred)
+    _finalize(geo, mean, var, centred=centred, weight=weight, bias=bias, eps=eps, scale=scale, shift=shift)
     return scale, shift
 
 
-def running_update(x, mean, var, running_mean, running_var, momentum, num_batches_tracked):
-    """nn.BatchNorm2d's bookkeeping from given batch statistics of x (a conv epilogue's): running_mean /
-    running_var updated with factor `momentum`, num_batches_tracked (when given) incremented; one launch."""
+def bn_finalize(x, mean, var, weight, bias, eps, running_mean, running_var, momentum, num_batches_tracked,
+                centred):
+    """A BatchNorm's per-channel work on batch statistics of x computed elsewhere (a conv epilogue's), in one
+    launch: (scale, shift) (`centred`: BN(x) = x * scale + shift, a conv prologue's form; else (x - mean) * scale
+    + shift), running statistics updated with factor `momentum`, num_batches_tracked (when given) plus one."""
     geo = _Channels(x)
-    _finalize(geo, None, mean, var, running_mean=running_mean, running_var=running_var, momentum=float(momentum),
+    scale, shift = _channels(geo, x, 2)
+    _finalize(geo, mean, var, centred=centred, weight=weight, bias=bias, eps=eps, scale=scale, shift=shift,
+              running_mean=running_mean, running_var=running_var, momentum=float(momentum),
               count=x.shape[0] * x.shape[2] * x.shape[3], increment=num_batches_tracked)
+    return scale, shift
 
 
 def _second(xb, mean, scale, shift, mean_b, scale_b, shift_b):
@@ -570,19 +636,51 @@ def apply(x, mean, scale, shift, residual, xb, mean_b, scale_b, shift_b, relu):
 
 
 def _reduce_partials(geo, dy, x, mean, scale, shift, residual, xb, mean_b, scale_b, shift_b, relu,
-                     want_grad_residual):
+                     want_grad_residual, fin=None):
+    """The reduction launch; `fin` (a dict of _bwd_reduce_kernel's finalize arguments: var, var_b, outs_a,
+    outs_b, eps, eps_b, count, MODE_A, MODE_B, TRAINING) makes its last program per channel block finalize."""
     n_sums = 3 if xb is not None else 2
     parts = [empty((geo.programs, geo.C), dtype=geo.acc, device=x.device) for _ in range(n_sums)]
     d_res = empty_like(x) if want_grad_residual else None  # the residual has x's shape, dtype and layout
+    if fin is None:
+        stand_in = parts[0]
+        tail = (stand_in,) * 11 + (0.0, 0.0, 0.0)
+        flags = {}
+    else:
+        tail = (semaphores(x, geo.reduce_grid[1]), fin["var"], fin["var_b"], *fin["outs_a"], *fin["outs_b"],
+                fin["eps"], fin["eps_b"], fin["count"])
+        flags = dict(FINALIZE=True, MODE_A=fin["MODE_A"], MODE_B=fin["MODE_B"], TRAINING=fin["TRAINING"])
     _bwd_reduce_kernel[geo.reduce_grid](
         dy, x, residual if residual is not None else x, xb if xb is not None else x,
         d_res if d_res is not None else dy,
         mean, scale, shift, *_second(xb, mean, scale, shift, mean_b, scale_b, shift_b),
         parts[0], parts[1], parts[n_sums - 1],
-        *geo.tile_args(), CL=geo.cl, RES_MODE=_res_mode(residual, xb, mean_b), RELU=relu,
+        *geo.tile_args(), *tail, CL=geo.cl, RES_MODE=_res_mode(residual, xb, mean_b), RELU=relu,
         WRITE_DRES=d_res is not None, ACC=geo.tl_acc, IDX64=geo.idx64, BLOCK_R=geo.block_r, BLOCK_C=geo.block_c,
-        num_warps=reduce_warps(_res_mode(residual, xb, mean_b)))
+        num_warps=reduce_warps(_res_mode(residual, xb, mean_b)), **flags)
     return parts, d_res
+
+
+_SEMAPHORES: dict = {}
+
+
+def semaphores(like: torch.Tensor, n: int) -> torch.Tensor:
+    """n int32 counters on like's device, zero between launches, for the last-program finalize: each launch's
+    winners put their counter back to 0, so one zero-filled buffer per (device, stream) serves every launch in
+    stream order (kernels sharing a buffer never run concurrently). Fake tensors (the count level) get an
+    uninitialised stand-in: nothing runs."""
+    device = like.device
+    if isinstance(like, FakeTensor):
+        return torch.empty(n, dtype=torch.int32, device=device)
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    key = (device.type, device.index, stream)
+    buf = _SEMAPHORES.get(key)
+    if buf is None or buf.numel() < n:  # once per stream: outside any dispatch mode, not part of a step
+        from torch.utils._python_dispatch import _disable_current_modes
+
+        with _disable_current_modes():
+            buf = _SEMAPHORES[key] = torch.zeros(max(n, 1024), dtype=torch.int32, device=device)
+    return buf
 
 
 def backward_reduce(dy, x, mean, scale, shift, residual, xb, mean_b, scale_b, shift_b, relu, want_grad_residual):
@@ -622,7 +720,7 @@ def backward_apply(dy, x, mean, scale, shift, residual, xb, mean_b, scale_b, shi
 
 
 def _side_mode(present, var, mean) -> int:
-    """_bwd_finalize_kernel's MODE of one side."""
+    """_bwd_finalize_block's MODE of one side."""
     if not present:
         return 0
     if var is not None:
@@ -635,21 +733,19 @@ _SIDE_OUTPUTS = {0: (), 1: (2, 3), 2: (0, 1, 2), 3: (1,)}
 
 def backward(dy, x, mean, scale, shift, var, eps, residual, xb, mean_b, scale_b, shift_b, var_b, eps_b, relu,
              training, want_grad_residual):
-    """The whole backward of y = act(side_a(x) [+ residual | + side_b(xb)]) in 3 launches: reduce, finalize,
-    apply. Each side is a BatchNorm when its biased variance (var, var_b) is given — (mean, scale, shift) from
+    """The whole backward of y = act(side_a(x) [+ residual | + side_b(xb)]) in 2 launches: the reduction,
+    whose last program per channel block also finalizes (coefficients, parameter gradients), and apply. Each side is a BatchNorm when its biased variance (var, var_b) is given — (mean, scale, shift) from
     the forward, gradients (grad_weight, grad_bias) — or else an affine map with gradients (grad_mean,
     grad_scale, grad_shift); a side b without mean_b / shift_b is the weighted residual xb * scale_b, gradient
     (grad_scale_b,). Returns (dx, dxb | None, grad_residual | None, grads_a, grads_b)."""
     geo = _Geometry(x)
-    parts, d_res = _reduce_partials(geo, dy, x, mean, scale, shift, residual, xb, mean_b, scale_b, shift_b, relu,
-                                    want_grad_residual)
     mode_a, mode_b = _side_mode(True, var, mean), _side_mode(xb is not None, var_b, mean_b)
     outs_a, outs_b = _channels(geo, x, 4), _channels(geo, x, 4)
-    _bwd_finalize_kernel[(triton.cdiv(geo.C, geo.block_c),)](
-        parts[0], parts[1], parts[-1], scale, var if var is not None else scale,
-        scale_b if scale_b is not None else scale, var_b if var_b is not None else scale, *outs_a, *outs_b,
-        geo.programs, geo.C, float(eps), float(eps_b), float(geo.N * geo.HW), MODE_A=mode_a, MODE_B=mode_b,
-        TRAINING=bool(training), ACC=geo.tl_acc, BLOCK_C=geo.block_c)
+    fin = dict(var=var if var is not None else scale, var_b=var_b if var_b is not None else scale,
+               outs_a=outs_a, outs_b=outs_b, eps=float(eps), eps_b=float(eps_b), count=float(geo.N * geo.HW),
+               MODE_A=mode_a, MODE_B=mode_b, TRAINING=bool(training))
+    _, d_res = _reduce_partials(geo, dy, x, mean, scale, shift, residual, xb, mean_b, scale_b, shift_b, relu,
+                                want_grad_residual, fin)
     bn_a, bn_b = mode_a == 1, mode_b == 1
     dx, dxb = _bwd_apply(geo, dy, x, mean, scale, shift, residual, xb, mean_b, scale_b, shift_b, relu,
                          scale, outs_a[0] if bn_a else None, outs_a[1] if bn_a else None,
@@ -679,10 +775,20 @@ def _apply_traffic(a):
     return [a["x_ptr"]] + _pre_activation_reads(a), [a["y_ptr"]]
 
 
-def _stats_finalize_traffic(a):
-    partials = a["FROM_PARTIALS"]
-    reads = [a["cnt_ptr"], a["mean_part_ptr"], a["m2_part_ptr"]] if partials else [a["mean_ptr"], a["var_ptr"]]
-    writes = [a["mean_ptr"], a["var_ptr"]] if partials else []
+def _stats_traffic(a):
+    reads, writes = [a["x_ptr"]], [a["cnt_ptr"], a["mean_ptr"], a["m2_ptr"]]
+    if a["FINALIZE"]:
+        more_reads, more_writes = _stats_finalize_traffic(a, partials=True)
+        reads, writes = reads + more_reads, writes + more_writes
+    return reads, writes
+
+
+def _stats_finalize_traffic(a, partials=False):
+    """The finalize's reads and writes (`partials`: the statistics pass's last programs, which read the
+    partials back and write mean and var; named out_mean_ptr / out_var_ptr there)."""
+    mean, var = ("out_mean_ptr", "out_var_ptr") if partials else ("mean_ptr", "var_ptr")
+    reads = [a["cnt_ptr"], a["mean_ptr"], a["m2_ptr"]] if partials else [a[mean], a[var]]
+    writes = [a[mean], a[var]] if partials else []
     if a["PARAMS"]:
         reads += ([a["w_ptr"]] if a["HAS_W"] else []) + ([a["b_ptr"]] if a["HAS_B"] else [])
         writes += [a["scale_ptr"], a["shift_ptr"]]
@@ -703,6 +809,9 @@ def _bwd_reduce_traffic(a):
         reads += _pre_activation_reads(a)
     writes = [a["sum_g_ptr"], a["sum_gx_ptr"]] + ([a["sum_gxb_ptr"]] if mode >= 2 else []) \
         + ([a["dres_ptr"]] if a["WRITE_DRES"] else [])
+    if a["FINALIZE"]:  # the last programs read the partials back and write the per-channel outputs
+        more_reads, more_writes = _bwd_finalize_traffic(a)
+        reads, writes = reads + more_reads, writes + more_writes
     return reads, writes
 
 
@@ -731,10 +840,9 @@ def _bwd_apply_traffic(a):
 
 
 TRAFFIC = {
-    "_stats_partial_kernel": lambda a: ([a["x_ptr"]], [a["cnt_ptr"], a["mean_ptr"], a["m2_ptr"]]),
+    "_stats_partial_kernel": _stats_traffic,
     "_stats_finalize_kernel": _stats_finalize_traffic,
     "_apply_kernel": _apply_traffic,
     "_bwd_reduce_kernel": _bwd_reduce_traffic,
-    "_bwd_finalize_kernel": _bwd_finalize_traffic,
     "_bwd_apply_kernel": _bwd_apply_traffic,
 }

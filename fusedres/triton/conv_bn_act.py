@@ -13,7 +13,8 @@ the weight already is one, as `fusedres.fold` arranges), so a K-tile is contiguo
 BN statistics are deterministic and independent of the tile configuration: every group of STAT_ROWS output
 rows writes its own partial (sum and sum of squared deviations from the group's own mean) and the launcher
 merges the [M / STAT_ROWS, C_out] partials in float64 with the exact parallel-variance formula
-(`_stats_merge_kernel` over chunks of partials in parallel, then `_stats_finalize_kernel` per channel; fixed order, no atomics).
+(`_stats_merge_kernel` over chunks of partials in parallel, whose last program per channel block merges the
+chunks; fixed order: the counters only pick which program does it).
 
 Programs run in grouped order (GROUP_M row tiles share L2 across all column tiles). A small C_in/groups with a
 spatial filter (the 7x7 stem's 3 channels) reduces over the flat (kh, kw, c) index (`PACKED`) so K lanes are
@@ -38,6 +39,7 @@ import triton.language as tl
 
 from fusedres._layout import empty
 from fusedres.triton import INTERPRET, device_reasons
+from fusedres.triton.bn_act import _last_program, _release, semaphores
 
 _INTERPRET = INTERPRET  # tests patch the module-level copy
 # Element counts from which offsets are computed in int64 (tests lower it to cover that path on tiny inputs).
@@ -236,11 +238,14 @@ def _stats_merge_kernel(
     sum_ptr, m2_ptr,      # [P, C_out] fp32 per-row-group partials from _conv_kernel
     cnt_ptr, mean_ptr, m2_out_ptr,  # [S, C_out] fp64 out: rows, mean and M2 of each of the S chunks of partials
     P, C, M, per_chunk,   # row groups, channels, rows (output pixels), row groups per chunk
+    sem_ptr,              # [>= channel blocks] int32 counters, zero between launches
+    out_mean_ptr, out_var_ptr,  # [C_out] fp32 out: mean and biased variance (stage 2)
     STAT_ROWS: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     """Stage 1 of the statistics merge, one program per (channel block, chunk of partials): the exact
     parallel-variance merge of its chunk in float64, partials in a fixed order: mean = sum(s_p) / n,
-    M2 = sum(m2_p + n_p * (s_p / n_p - mean)^2)."""
+    M2 = sum(m2_p + n_p * (s_p / n_p - mean)^2). The last chunk of each channel block to finish runs stage 2
+    (`_merge_chunks`) for its channels: the merge is one launch."""
     c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_mask = c < C
     chunk = tl.program_id(1)
@@ -268,25 +273,23 @@ def _stats_merge_kernel(
     tl.store(cnt_ptr + out, tl.zeros([BLOCK_C], dtype=tl.float64) + rows, mask=c_mask)
     tl.store(mean_ptr + out, mean, mask=c_mask)
     tl.store(m2_out_ptr + out, m2, mask=c_mask)
+    if _last_program(sem_ptr, 0):
+        _merge_chunks(cnt_ptr, mean_ptr, m2_out_ptr, out_mean_ptr, out_var_ptr, tl.num_programs(1), C, c, c_mask,
+                      BLOCK_C)
+        _release(sem_ptr, 0)
 
 
-@triton.jit(do_not_specialize=["S"])
-def _stats_finalize_kernel(
-    cnt_ptr, mean_part_ptr, m2_part_ptr,   # [S, C_out] fp64 chunk statistics from _stats_merge_kernel
-    mean_ptr, var_ptr,                     # [C_out] fp32 out: mean and biased variance
-    S, C,
-    BLOCK_C: tl.constexpr,
-):
-    """Stage 2: Chan's merge of the S chunk statistics in float64, chunks in order."""
-    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
-    c_mask = c < C
+@triton.jit
+def _merge_chunks(cnt_ptr, mean_part_ptr, m2_part_ptr, mean_ptr, var_ptr, S, C, c, c_mask, BLOCK_C: tl.constexpr):
+    """Stage 2 for channels c: Chan's merge of the S chunk statistics in float64, chunks in order (read from L2:
+    other programs wrote them)."""
     count = tl.zeros([BLOCK_C], dtype=tl.float64)
     mean = tl.zeros([BLOCK_C], dtype=tl.float64)
     m2 = tl.zeros([BLOCK_C], dtype=tl.float64)
     for i in range(0, S):
-        n_i = tl.load(cnt_ptr + i * C + c, mask=c_mask, other=0.0)
-        mean_i = tl.load(mean_part_ptr + i * C + c, mask=c_mask, other=0.0)
-        m2_i = tl.load(m2_part_ptr + i * C + c, mask=c_mask, other=0.0)
+        n_i = tl.load(cnt_ptr + i * C + c, mask=c_mask, other=0.0, cache_modifier=".cg")
+        mean_i = tl.load(mean_part_ptr + i * C + c, mask=c_mask, other=0.0, cache_modifier=".cg")
+        m2_i = tl.load(m2_part_ptr + i * C + c, mask=c_mask, other=0.0, cache_modifier=".cg")
         total = count + n_i
         frac = n_i / total
         delta = mean_i - mean
@@ -560,7 +563,8 @@ def merge_plan(P: int, C_out: int, interpret: bool) -> tuple[int, int, int, int]
 
 def _merge(sums, m2s, M, stat_rows, C_out, stats, device):
     """mean and biased variance from the per-row-group partials: the exact parallel-variance merge in float64
-    and a fixed order, in two launches (chunks of partials in parallel, then the chunks per channel)."""
+    and a fixed order, in one launch (chunks of partials in parallel; the last chunk per channel block merges
+    the chunks)."""
     if not stats:
         return (torch.empty(0, dtype=torch.float32, device=device),
                 torch.empty(0, dtype=torch.float32, device=device))
@@ -574,9 +578,8 @@ def _merge(sums, m2s, M, stat_rows, C_out, stats, device):
     parts = [empty((chunks, C_out), dtype=torch.float64, device=device) for _ in range(3)]
     c_blocks = triton.cdiv(C_out, block_c)
     with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
-        _stats_merge_kernel[(c_blocks, chunks)](sums, m2s, *parts, P, C_out, M, per_chunk, STAT_ROWS=stat_rows,
-                                                BLOCK_P=block_p, BLOCK_C=block_c)
-        _stats_finalize_kernel[(c_blocks,)](*parts, mean, var, chunks, C_out, BLOCK_C=block_c)
+        _stats_merge_kernel[(c_blocks, chunks)](sums, m2s, *parts, P, C_out, M, per_chunk, semaphores(sums, c_blocks),
+                                                mean, var, STAT_ROWS=stat_rows, BLOCK_P=block_p, BLOCK_C=block_c)
     return mean, var
 
 
@@ -613,9 +616,9 @@ def conv_flops(a) -> int:
 
 TRAFFIC = {
     "_conv_kernel": _conv_traffic,
-    "_stats_merge_kernel": lambda a: ([a["sum_ptr"], a["m2_ptr"]],
-                                      [a["cnt_ptr"], a["mean_ptr"], a["m2_out_ptr"]]),
-    "_stats_finalize_kernel": lambda a: ([a["cnt_ptr"], a["mean_part_ptr"], a["m2_part_ptr"]],
-                                         [a["mean_ptr"], a["var_ptr"]]),
+    # stage 1 writes the chunk statistics; the last programs read them back and write mean and var
+    "_stats_merge_kernel": lambda a: ([a["sum_ptr"], a["m2_ptr"], a["cnt_ptr"], a["mean_ptr"], a["m2_out_ptr"]],
+                                      [a["cnt_ptr"], a["mean_ptr"], a["m2_out_ptr"], a["out_mean_ptr"],
+                                       a["out_var_ptr"]]),
 }
 FLOPS = {"_conv_kernel": conv_flops}

@@ -176,6 +176,39 @@ PYBIND11_MODULE(_C, m) {
       py::arg("eps_b"), py::arg("out_a"), py::arg("out_b"),
       "One launch: coefficients and parameter gradients per side from the backward partials (fr_finalize.h).");
 
+  m.def(
+      "backward_reduce_finalize",
+      [](const fr::Launch& L, u dy, u x, u scale, u shift, u mean, u res, u xb, u scale_b, u shift_b, u mean_b,
+         bool relu, u grad_res, u ws, std::int64_t ws_numel, int splits, int mode_a, int mode_b, bool training,
+         float count, u var, float eps, u var_b, float eps_b, std::array<u, 4> out_a, std::array<u, 4> out_b, u sem,
+         std::int64_t sem_numel) {
+        fr::BwdFinalizeArgs a;
+        a.mode_a = mode_a;
+        a.mode_b = mode_b;
+        a.training = training;
+        a.count = count;
+        a.var = ptr<const float>(var);
+        a.eps = eps;
+        a.var_b = ptr<const float>(var_b);
+        a.eps_b = eps_b;
+        for (int i = 0; i < 4; ++i) {
+          a.out_a[i] = ptr<float>(out_a[i]);
+          a.out_b[i] = ptr<float>(out_b[i]);
+        }
+        fr::backward_reduce_finalize(L, ptr<const void>(dy), ptr<const void>(x), ptr<const float>(scale),
+                                     ptr<const float>(shift), ptr<const float>(mean), ptr<const void>(res),
+                                     ptr<const void>(xb), ptr<const float>(scale_b), ptr<const float>(shift_b),
+                                     ptr<const float>(mean_b), relu, ptr<void>(grad_res), ptr<float>(ws), ws_numel,
+                                     splits, a, ptr<unsigned>(sem), sem_numel);
+      },
+      py::arg("launch"), py::arg("dy"), py::arg("x"), py::arg("scale"), py::arg("shift"), py::arg("mean"),
+      py::arg("res"), py::arg("xb"), py::arg("scale_b"), py::arg("shift_b"), py::arg("mean_b"), py::arg("relu"),
+      py::arg("grad_res"), py::arg("ws"), py::arg("ws_numel"), py::arg("splits"), py::arg("mode_a"),
+      py::arg("mode_b"), py::arg("training"), py::arg("count"), py::arg("var"), py::arg("eps"), py::arg("var_b"),
+      py::arg("eps_b"), py::arg("out_a"), py::arg("out_b"), py::arg("sem"), py::arg("sem_numel"),
+      "One launch: backward_partials, and the last block of each channel tile does backward_finalize's work on "
+      "it (same bits); sem: >= C zeroed uint32 counters, zero again afterwards (fr_api.h).");
+
   m.def("build_info", &fr::build_info, "Compiled CUDA runtime version and architectures.");
   m.def("device_unsupported", &fr::device_unsupported, py::arg("device"),
         "Empty string when the kernels can run on this CUDA device, else the reason.");

@@ -1,8 +1,12 @@
 // bn_act_backward.cu — backward kernels of bn_act and dual_bn_act.
 //   backward_reduce: g = dy * relu'(z) (z recomputed from the saved inputs), per-channel sum(g),
 //     sum(g*(x-mean)) [, sum(g*(xb-mean_b))] as per-block partials in a workspace, then a finalize kernel
-//     folding the splits in a fixed order: no atomics, bit-reproducible run to run. Optionally writes g as the
-//     residual's gradient in the same pass.
+//     folding the splits in a fixed order: no float atomics, bit-reproducible run to run. Optionally writes g
+//     as the residual's gradient in the same pass.
+//   backward_reduce_finalize: the same reduction kernels, and the last block of each grid column (the last
+//     split of its channels to finish: an integer ticket, fr_cuda.cuh last_block_of_column) folds that
+//     column's partials in bwd_finalize_kernel's order and finishes the channels (fold_finish): the backward
+//     of a fused BatchNorm is two launches (this, then backward_apply) instead of three, with the same bits.
 //   backward_apply: dx = k_g*g + k_x*(x-mean) + k_c (and dxb), elementwise.
 // Same layout choice as the forward (see bn_act_forward.cu).
 #include "fr_cuda.cuh"
@@ -16,10 +20,12 @@ __device__ __forceinline__ void write_sums(float* ws, int split, int splits, int
   for (int q = 0; q < Q; ++q) ws[ws_index(q, split, c, splits, C)] = v[q];
 }
 
-// NHWC rows; Q = 2 (x only) or 3 (with xb) quantities.
+// NHWC rows; Q = 2 (x only) or 3 (with xb) quantities. sem non-null: the last block of each grid column also
+// finalizes its bx*V channels (f; f.ws unused: the partials are read through ws).
 template <class T, int V, int Q>
 __global__ void __launch_bounds__(kBlock, kMinBlocksPerSm) bwd_reduce_rows_kernel(BwdArgs<T> a, i64 M, int C,
-                                                                                  float* __restrict__ ws) {
+                                                                                  float* __restrict__ ws,
+                                                                                  BwdFinalizeArgs f, unsigned* sem) {
   __shared__ float sh[3][kBlock];
   BwdReduceBody<T, V, Q == 3> body(a);
   const int cv = blockIdx.x * blockDim.x + threadIdx.x;
@@ -33,13 +39,16 @@ __global__ void __launch_bounds__(kBlock, kMinBlocksPerSm) bwd_reduce_rows_kerne
     block_sum_y<Q>(v, sh);
     if (threadIdx.y == 0 && cv * V < C) write_sums<Q>(ws, blockIdx.y, gridDim.y, C, cv * V + j, v);
   }
+  if (sem && last_block_of_column(sem)) fold_finish<Q, true>(f, ws, C, blockIdx.x * blockDim.x * V, V, sh);
 }
 
 // NCHW: block (1, kBlock) for channel blockIdx.x, split blockIdx.y; lanes summed in lane order. Planes: V does
-// not divide HW (plane_thread), else channel_thread.
+// not divide HW (plane_thread), else channel_thread. sem non-null: the last split finalizes the channel.
 template <class T, int V, int Q, bool Planes>
 __global__ void __launch_bounds__(kBlock, kMinBlocksPerSm) bwd_reduce_channels_kernel(BwdArgs<T> a, i64 N, i64 HW,
-                                                                                      int C, float* __restrict__ ws) {
+                                                                                      int C, float* __restrict__ ws,
+                                                                                      BwdFinalizeArgs f,
+                                                                                      unsigned* sem) {
   __shared__ float sh[3][kBlock];
   BwdReduceBody<T, V, Q == 3> body(a);
   const i64 v0 = static_cast<i64>(blockIdx.y) * kBlock + threadIdx.y, vs = static_cast<i64>(gridDim.y) * kBlock;
@@ -57,6 +66,7 @@ __global__ void __launch_bounds__(kBlock, kMinBlocksPerSm) bwd_reduce_channels_k
   }
   block_sum_y<Q>(v, sh);
   if (threadIdx.y == 0) write_sums<Q>(ws, blockIdx.y, gridDim.y, C, blockIdx.x, v);
+  if (sem && last_block_of_column(sem)) fold_finish<Q, true>(f, ws, C, blockIdx.x, 1, sh);
 }
 
 template <int Q>
@@ -87,23 +97,29 @@ void launch_sums_finalize(const float* ws, int quantities, int splits, int C, fl
   check_launch("sums_finalize_kernel");
 }
 
+// sem null: partials only. Else also the fused finalize (f), sem: one zeroed counter per grid column (<= C).
 template <class T, int V, int Q, bool Planes = false>
-void launch_bwd_reduce(const Launch& L, const BwdArgs<T>& a, int splits, float* ws, cudaStream_t st) {
+void launch_bwd_reduce(const Launch& L, const BwdArgs<T>& a, int splits, float* ws, const BwdFinalizeArgs& f,
+                       unsigned* sem, cudaStream_t st) {
   if (L.channels_last) {
     const RowPlan p = row_plan(L.c, V, splits);
-    bwd_reduce_rows_kernel<T, V, Q><<<dim3(p.gx, p.gy), dim3(p.bx, p.by), 0, st>>>(a, L.n * L.hw, L.c, ws);
+    // the fused finalize folds with the first kFinalBy rows of the block (row_plan: by = kBlock / bx >= 8)
+    static_assert(kBlock / kMaxBx >= kFinalBy, "row blocks too short for the fused finalize");
+    bwd_reduce_rows_kernel<T, V, Q><<<dim3(p.gx, p.gy), dim3(p.bx, p.by), 0, st>>>(a, L.n * L.hw, L.c, ws, f, sem);
     check_launch("bwd_reduce_rows_kernel");
   } else {
     const dim3 grid(static_cast<unsigned>(L.c), static_cast<unsigned>(splits));
-    bwd_reduce_channels_kernel<T, V, Q, Planes><<<grid, dim3(1, kBlock), 0, st>>>(a, L.n, L.hw, L.c, ws);
+    bwd_reduce_channels_kernel<T, V, Q, Planes><<<grid, dim3(1, kBlock), 0, st>>>(a, L.n, L.hw, L.c, ws, f, sem);
     check_launch("bwd_reduce_channels_kernel");
   }
 }
 
-void backward_partials(const Launch& L, const void* dy, const void* x, const float* scale, const float* shift,
-                       const float* mean, const void* res, const void* xb, const float* scale_b,
-                       const float* shift_b, const float* mean_b, bool relu, void* grad_res, float* ws,
-                       std::int64_t ws_numel, int splits) {
+namespace {
+
+void reduce_launch(const Launch& L, const void* dy, const void* x, const float* scale, const float* shift,
+                   const float* mean, const void* res, const void* xb, const float* scale_b, const float* shift_b,
+                   const float* mean_b, bool relu, void* grad_res, float* ws, std::int64_t ws_numel, int splits,
+                   const BwdFinalizeArgs& f, unsigned* sem) {
   DeviceGuard guard(L.device);
   const int Q = xb ? 3 : 2;
   if (splits < 1 || splits > kMaxSplits) throw std::runtime_error("fusedres._C: bad split count");
@@ -128,16 +144,47 @@ void backward_partials(const Launch& L, const void* dy, const void* x, const flo
     a.relu = relu;
     const Reduce kind = choose_reduce(L.channels_last, al, L.c, L.hw, VV);
     if (kind == Reduce::kRowsVec || kind == Reduce::kChannelsVec) {
-      if (Q == 3) launch_bwd_reduce<T, VV, 3>(L, a, splits, ws, st);
-      else launch_bwd_reduce<T, VV, 2>(L, a, splits, ws, st);
+      if (Q == 3) launch_bwd_reduce<T, VV, 3>(L, a, splits, ws, f, sem, st);
+      else launch_bwd_reduce<T, VV, 2>(L, a, splits, ws, f, sem, st);
     } else if (kind == Reduce::kChannelsPlanes) {
-      if (Q == 3) launch_bwd_reduce<T, VV, 3, true>(L, a, splits, ws, st);
-      else launch_bwd_reduce<T, VV, 2, true>(L, a, splits, ws, st);
+      if (Q == 3) launch_bwd_reduce<T, VV, 3, true>(L, a, splits, ws, f, sem, st);
+      else launch_bwd_reduce<T, VV, 2, true>(L, a, splits, ws, f, sem, st);
     } else {
-      if (Q == 3) launch_bwd_reduce<T, 1, 3>(L, a, splits, ws, st);
-      else launch_bwd_reduce<T, 1, 2>(L, a, splits, ws, st);
+      if (Q == 3) launch_bwd_reduce<T, 1, 3>(L, a, splits, ws, f, sem, st);
+      else launch_bwd_reduce<T, 1, 2>(L, a, splits, ws, f, sem, st);
     }
   });
+}
+
+}  // namespace
+
+void backward_partials(const Launch& L, const void* dy, const void* x, const float* scale, const float* shift,
+                       const float* mean, const void* res, const void* xb, const float* scale_b,
+                       const float* shift_b, const float* mean_b, bool relu, void* grad_res, float* ws,
+                       std::int64_t ws_numel, int splits) {
+  reduce_launch(L, dy, x, scale, shift, mean, res, xb, scale_b, shift_b, mean_b, relu, grad_res, ws, ws_numel,
+                splits, BwdFinalizeArgs{}, nullptr);
+}
+
+void backward_reduce_finalize(const Launch& L, const void* dy, const void* x, const float* scale,
+                              const float* shift, const float* mean, const void* res, const void* xb,
+                              const float* scale_b, const float* shift_b, const float* mean_b, bool relu,
+                              void* grad_res, float* ws, std::int64_t ws_numel, int splits,
+                              const BwdFinalizeArgs& f, unsigned* sem, std::int64_t sem_numel) {
+  if (!sem) throw std::runtime_error("fusedres._C: backward_reduce_finalize needs a semaphore buffer");
+  if (sem_numel < L.c) {
+    throw std::runtime_error("fusedres._C: the semaphore buffer has " + std::to_string(sem_numel) +
+                             " counters, the launch needs " + std::to_string(L.c));
+  }
+  if ((f.mode_b != kSideNone) != (xb != nullptr))
+    throw std::runtime_error("fusedres._C: backward_reduce_finalize: mode_b must be set exactly when xb is given");
+  BwdFinalizeArgs g = f;
+  g.ws = ws;
+  g.splits = splits;
+  g.scale = scale;
+  g.scale_b = scale_b;
+  reduce_launch(L, dy, x, scale, shift, mean, res, xb, scale_b, shift_b, mean_b, relu, grad_res, ws, ws_numel,
+                splits, g, sem);
 }
 
 void backward_reduce(const Launch& L, const void* dy, const void* x, const float* scale, const float* shift,

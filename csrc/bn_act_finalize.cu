@@ -55,21 +55,7 @@ void stats_finalize(const Launch& L, const StatsFinalizeArgs& a) {
 template <int Q>
 __global__ void __launch_bounds__(kFinalBx* kFinalBy) bwd_finalize_kernel(BwdFinalizeArgs a, int C) {
   __shared__ float sh[3][kBlock];
-  const int c = blockIdx.x * kFinalBx + threadIdx.x;
-  float v[Q];
-  for (int q = 0; q < Q; ++q) v[q] = c < C ? sum_partials(a.ws, q, a.splits, C, c, threadIdx.y, kFinalBy) : 0.f;
-  block_sum_y<Q>(v, sh);
-  if (threadIdx.y != 0 || c >= C) return;
-  float out[4];
-  side_grads(a.mode_a, v[0], v[1], ldp0(a.scale, c), a.var ? a.var[c] : 1.f, a.eps, a.count, a.training, out);
-  for (int i = 0; i < 4; ++i)
-    if (a.out_a[i]) a.out_a[i][c] = out[i];
-  if constexpr (Q == 3) {
-    side_grads(a.mode_b, v[0], v[2], ldp0(a.scale_b, c), a.var_b ? a.var_b[c] : 1.f, a.eps_b, a.count, a.training,
-               out);
-    for (int i = 0; i < 4; ++i)
-      if (a.out_b[i]) a.out_b[i][c] = out[i];
-  }
+  fold_finish<Q, false>(a, a.ws, C, blockIdx.x * kFinalBx, 1, sh);
 }
 
 void backward_finalize(const Launch& L, const BwdFinalizeArgs& a) {

@@ -89,6 +89,19 @@ struct BwdFinalizeArgs {
 };
 void backward_finalize(const Launch& L, const BwdFinalizeArgs& a);
 
+// backward_partials and backward_finalize in one launch: the reduction kernels write their partials into ws,
+// and the last block to finish each channel tile (an atomic ticket in sem) folds that tile's partials exactly
+// as backward_finalize does (same order, same bits) and writes the outputs of f. f.ws, f.splits, f.scale and
+// f.scale_b are taken from ws, splits, scale and scale_b; f.mode_b must be set exactly when xb is given.
+// sem: uint32 counters, at least C of them, all zero; they are zero again when the launch completes
+// (self-cleaning), so one buffer serves every launch that is stream-ordered after it — not two launches that
+// may run concurrently (fusedres/cuda.py keeps one per device and stream).
+void backward_reduce_finalize(const Launch& L, const void* dy, const void* x, const float* scale,
+                              const float* shift, const float* mean, const void* res, const void* xb,
+                              const float* scale_b, const float* shift_b, const float* mean_b, bool relu,
+                              void* grad_res, float* ws, std::int64_t ws_numel, int splits,
+                              const BwdFinalizeArgs& f, unsigned* sem, std::int64_t sem_numel);
+
 // Build facts for fusedres.cuda (compiled architectures, CUDA runtime version).
 const char* build_info();
 

@@ -73,6 +73,14 @@ FR_HD float ldp(const float* p) {
 #endif
 }
 
+// A float written by another block of the same launch (the last-block finalize of the backward reduction):
+// __ldcg reads it from L2, never from a possibly stale L1 line; the host harness (plain C++) loads it plainly.
+#if defined(__CUDA_ARCH__)
+#define FR_LDCG(p) __ldcg(p)
+#else
+#define FR_LDCG(p) (*(p))
+#endif
+
 // An optional per-channel parameter: 0 where the vector is absent (null), e.g. mean_b and shift_b of a weighted
 // residual xb * scale_b, or k_x and k_c of an affine (scale_shift_act) or weighted-residual side.
 FR_HD float ldp0(const float* p, int c) { return p ? ldp(p + c) : 0.f; }
@@ -473,9 +481,14 @@ FR_HD Welford welford_partials(const float* ws, int splits, int C, int c, int p0
   return w;
 }
 
+// L2: the partials were written by other blocks of this launch (FR_LDCG); else by an earlier launch.
+template <bool L2 = false>
 FR_HD float sum_partials(const float* ws, int q, int splits, int C, int c, int p0, int pstep) {
   float s = 0.f;
-  for (int p = p0; p < splits; p += pstep) s = s + ws[ws_index(q, p, c, splits, C)];
+  for (int p = p0; p < splits; p += pstep) {
+    const float* w = ws + ws_index(q, p, c, splits, C);
+    s = s + (L2 ? FR_LDCG(w) : *w);
+  }
   return s;
 }
 

@@ -13,6 +13,7 @@
 
 #include "fr_api.h"
 #include "fr_bodies.h"
+#include "fr_finalize.h"
 
 namespace fr {
 
@@ -57,21 +58,68 @@ __device__ __forceinline__ Welford block_reduce_y(Welford w, float (*sh)[kBlock]
   return r;
 }
 
-// The same tree for up to 3 plain sums (backward).
+// The same tree for up to 3 plain sums (backward), over the first `rows` rows of threads (rows <= blockDim.y;
+// the others take part in the barriers only): the association depends on `rows` alone, so a block of any
+// height folds like one that is `rows` high.
 template <int Q>
-__device__ __forceinline__ void block_sum_y(float (&v)[Q], float (*sh)[kBlock]) {
-  const int tx = threadIdx.x, ty = threadIdx.y, bx = blockDim.x, by = blockDim.y;
+__device__ __forceinline__ void block_sum_rows(float (&v)[Q], float (*sh)[kBlock], int rows) {
+  const int tx = threadIdx.x, ty = threadIdx.y, bx = blockDim.x;
   const int t = ty * bx + tx;
   for (int q = 0; q < Q; ++q) sh[q][t] = v[q];
   __syncthreads();
-  for (int s = tree_start(by); s > 0; s >>= 1) {
-    if (ty < s && ty + s < by) {
+  for (int s = tree_start(rows); s > 0; s >>= 1) {
+    if (ty < s && ty + s < rows) {
       for (int q = 0; q < Q; ++q) sh[q][t] = sh[q][t] + sh[q][t + s * bx];
     }
     __syncthreads();
   }
   for (int q = 0; q < Q; ++q) v[q] = sh[q][tx];
   __syncthreads();
+}
+
+template <int Q>
+__device__ __forceinline__ void block_sum_y(float (&v)[Q], float (*sh)[kBlock]) {
+  block_sum_rows<Q>(v, sh, blockDim.y);
+}
+
+// The backward finalize of the channels c_lo + k*blockDim.x + threadIdx.x (k < chunks, c < C): per channel,
+// thread row ty < kFinalBy sums the partials ws[q][ty], ws[q][ty + kFinalBy], ... (sum_partials), the first
+// kFinalBy rows are folded by the block tree, then bwd_finish_channel (fr_finalize.h). The order of the
+// additions depends on kFinalBy and `splits` only, not on the block shape: bwd_finalize_kernel (block
+// (kFinalBx, kFinalBy), one chunk) and the last block of a reduction kernel (any block of >= kFinalBy rows)
+// give bitwise the same results. L2: the partials come from other blocks of this launch (read with __ldcg).
+template <int Q, bool L2>
+__device__ __forceinline__ void fold_finish(const BwdFinalizeArgs& a, const float* ws, int C, int c_lo, int chunks,
+                                            float (*sh)[kBlock]) {
+  for (int k = 0; k < chunks; ++k) {
+    const int c = c_lo + k * static_cast<int>(blockDim.x) + static_cast<int>(threadIdx.x);
+    const bool live = c < C && threadIdx.y < kFinalBy;
+    float v[Q];
+    for (int q = 0; q < Q; ++q)
+      v[q] = live ? sum_partials<L2>(ws, q, a.splits, C, c, threadIdx.y, kFinalBy) : 0.f;
+    block_sum_rows<Q>(v, sh, kFinalBy);
+    if (threadIdx.y == 0 && c < C) bwd_finish_channel<Q>(a, c, v);
+  }
+}
+
+// The "last block" of a grid column (threadFenceReduction): called by every thread of the block after its
+// partials are stored. Each block of column blockIdx.x takes a ticket from sem[blockIdx.x]; the one that takes
+// gridDim.y - 1 finishes last and sees every other block's partials (their __threadfence precedes their
+// ticket). That block returns true after its own fence, and resets sem[blockIdx.x] to 0 for the next launch
+// (every ticket of this launch is taken by then).
+__device__ __forceinline__ bool last_block_of_column(unsigned* sem) {
+  __shared__ bool last;
+  __threadfence();
+  __syncthreads();
+  if (threadIdx.x == 0 && threadIdx.y == 0) {
+    const unsigned ticket = atomicAdd(sem + blockIdx.x, 1u);
+    last = ticket == gridDim.y - 1;
+    if (last) sem[blockIdx.x] = 0u;
+  }
+  __syncthreads();
+  if (!last) return false;
+  __threadfence();
+  return true;
 }
 
 // ------------------------------------------------------------------------------------------------ host

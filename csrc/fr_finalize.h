@@ -5,13 +5,16 @@
 //             BN(x) = (x - mean) * scale + shift, update the running statistics (momentum, or the cumulative
 //             factor 1 / num_batches_tracked read on the device);
 //   backward: merge the reduction partials into sum(g), sum(g*(x-mean)) [, sum(g*(xb-mean_b))] and turn them
-//             into the apply pass's coefficients and the parameter gradients, per side (x, and xb).
+//             into the apply pass's coefficients and the parameter gradients, per side (x, and xb)
+//             (bwd_finish_channel: also run by the last block of the fused reduction, bn_act_backward.cu).
 // Plain FR_HD C++ on floats (IEEE sqrt and division: the kernels are built without fast-math), in the
 // operation order of fusedres.reference / fusedres.ops._common.
 #pragma once
 
 #include <cmath>
 
+#include "fr_api.h"
+#include "fr_bodies.h"
 #include "fr_math.h"
 
 namespace fr {
@@ -62,6 +65,24 @@ FR_HD void side_grads(int mode, float sum_g, float sum_gx, float scale, float va
     out[2] = sum_g;
   } else if (mode == kSideScale) {
     out[1] = sum_gx;
+  }
+}
+
+// Everything the backward finalize does with one channel c once its sums v = (sum g, sum g*(x-mean)
+// [, sum g*(xb-mean_b)]) are folded: both sides' outputs, written where a.out_* is non-null. Shared by
+// bwd_finalize_kernel (bn_act_finalize.cu), the last-block finalize of the reduction kernels
+// (bn_act_backward.cu) and the host harness.
+template <int Q>
+FR_HD void bwd_finish_channel(const BwdFinalizeArgs& a, int c, const float (&v)[Q]) {
+  float out[4];
+  side_grads(a.mode_a, v[0], v[1], ldp0(a.scale, c), a.var ? a.var[c] : 1.f, a.eps, a.count, a.training, out);
+  for (int i = 0; i < 4; ++i)
+    if (a.out_a[i]) a.out_a[i][c] = out[i];
+  if constexpr (Q == 3) {
+    side_grads(a.mode_b, v[0], v[2], ldp0(a.scale_b, c), a.var_b ? a.var_b[c] : 1.f, a.eps_b, a.count, a.training,
+               out);
+    for (int i = 0; i < 4; ++i)
+      if (a.out_b[i]) a.out_b[i][c] = out[i];
   }
 }
 

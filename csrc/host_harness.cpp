@@ -307,15 +307,22 @@ void bwd_partials_q(const fr::BwdArgs<float>& a, const Shape& s, int splits, std
   else bwd_partials<V, 2>(a, s, splits, ws, planes);
 }
 
-py::tuple backward_reduce(const F32& dy, const F32& x, const F32& scale, const F32& shift, const F32& mean,
-                          const OptF32& res, const OptF32& xb, const OptF32& scale_b, const OptF32& shift_b,
-                          const OptF32& mean_b, bool relu, bool want_grad_res, i64 n, int c, i64 hw, bool cl,
-                          int vec, bool aligned, int sm_count) {
-  const Shape s{n, hw, c, cl};
+// The reduction pass (bwd_reduce_*_kernel): partials ws[Q][splits][C] and grad_res.
+struct Partials {
+  std::vector<float> ws;
+  int q = 2, splits = 1;
+  fr::RowPlan plan{};  // the row kernel's grid (channels_last)
+  std::optional<F32> grad_res;
+};
+
+Partials reduce_partials(const F32& dy, const F32& x, const F32& scale, const F32& shift, const F32& mean,
+                         const OptF32& res, const OptF32& xb, const OptF32& scale_b, const OptF32& shift_b,
+                         const OptF32& mean_b, bool relu, bool want_grad_res, const Shape& s, int vec, bool aligned,
+                         int sm_count) {
   check_size(x, s.numel(), "x");
   check_size(dy, s.numel(), "dy");
-  std::optional<F32> grad_res;
-  if (want_grad_res) grad_res = nan_array(s.numel());
+  Partials r;
+  if (want_grad_res) r.grad_res = nan_array(s.numel());
   fr::BwdArgs<float> a{};
   a.dy = data(dy);
   a.x = data(x);
@@ -327,20 +334,34 @@ py::tuple backward_reduce(const F32& dy, const F32& x, const F32& scale, const F
   a.scale_b = data(scale_b);
   a.shift_b = data(shift_b);
   a.mean_b = data(mean_b);
-  a.grad_res = grad_res ? grad_res->mutable_data() : nullptr;
+  a.grad_res = r.grad_res ? r.grad_res->mutable_data() : nullptr;
   a.relu = relu;
-  const int Q = xb ? 3 : 2;
-  const int splits = fr::reduce_splits(n, c, hw, cl, 16 / vec, sm_count);
-  const fr::Reduce kind = fr::choose_reduce(cl, aligned, c, hw, vec);
+  r.q = xb ? 3 : 2;
+  r.splits = fr::reduce_splits(s.n, s.c, s.hw, s.cl, 16 / vec, sm_count);
+  const fr::Reduce kind = fr::choose_reduce(s.cl, aligned, s.c, s.hw, vec);
   const bool planes = kind == fr::Reduce::kChannelsPlanes;
   const bool vp = kind == fr::Reduce::kRowsVec || kind == fr::Reduce::kChannelsVec || planes;
-  std::vector<float> ws(static_cast<size_t>(Q) * splits * c, std::numeric_limits<float>::quiet_NaN());
-  switch (vp ? vec : 1) {
-    case 1: bwd_partials_q<1>(a, s, splits, ws, false); break;
-    case 4: bwd_partials_q<4>(a, s, splits, ws, planes); break;
-    case 8: bwd_partials_q<8>(a, s, splits, ws, planes); break;
+  r.ws.assign(static_cast<size_t>(r.q) * r.splits * s.c, std::numeric_limits<float>::quiet_NaN());
+  const int v = vp ? vec : 1;
+  if (s.cl) r.plan = fr::row_plan(s.c, v, r.splits);
+  switch (v) {
+    case 1: bwd_partials_q<1>(a, s, r.splits, r.ws, false); break;
+    case 4: bwd_partials_q<4>(a, s, r.splits, r.ws, planes); break;
+    case 8: bwd_partials_q<8>(a, s, r.splits, r.ws, planes); break;
     default: throw std::invalid_argument("vec must be 1, 4 or 8");
   }
+  return r;
+}
+
+py::tuple backward_reduce(const F32& dy, const F32& x, const F32& scale, const F32& shift, const F32& mean,
+                          const OptF32& res, const OptF32& xb, const OptF32& scale_b, const OptF32& shift_b,
+                          const OptF32& mean_b, bool relu, bool want_grad_res, i64 n, int c, i64 hw, bool cl,
+                          int vec, bool aligned, int sm_count) {
+  const Shape s{n, hw, c, cl};
+  const Partials r = reduce_partials(dy, x, scale, shift, mean, res, xb, scale_b, shift_b, mean_b, relu,
+                                     want_grad_res, s, vec, aligned, sm_count);
+  const int Q = r.q, splits = r.splits;
+  const std::vector<float>& ws = r.ws;
   // sums_finalize_kernel
   std::vector<F32> out;
   for (int q = 0; q < Q; ++q) out.push_back(nan_array(c));
@@ -358,8 +379,89 @@ py::tuple backward_reduce(const F32& dy, const F32& x, const F32& scale, const F
       for (int q = 0; q < Q; ++q) out[q].mutable_data()[c0 + tx] = v[tx][q];
   }
   py::object third = Q == 3 ? py::object(out[2]) : py::object(py::none());
-  py::object gr = grad_res ? py::object(*grad_res) : py::object(py::none());
+  py::object gr = r.grad_res ? py::object(*r.grad_res) : py::object(py::none());
   return py::make_tuple(out[0], out[1], third, gr, splits);
+}
+
+// Emulates fold_finish (fr_cuda.cuh) in a block of bx threads per row (and >= kFinalBy rows, of which the first
+// kFinalBy take part): chunk k, thread (tx, ty) sums channel c_lo + k*bx + tx's splits ty, ty + kFinalBy, ...,
+// the tree folds the kFinalBy rows, bwd_finish_channel writes the outputs. sums[q][c] records the folded sums.
+template <int Q>
+void fold_finish(const fr::BwdFinalizeArgs& a, const float* ws, int C, int c_lo, int chunks, int bx,
+                 std::vector<F32>& sums) {
+  for (int k = 0; k < chunks; ++k) {
+    std::vector<std::array<float, 3>> v(static_cast<size_t>(bx) * fr::kFinalBy, std::array<float, 3>{0.f, 0.f, 0.f});
+    for (int ty = 0; ty < fr::kFinalBy; ++ty)
+      for (int tx = 0; tx < bx; ++tx) {
+        const int c = c_lo + k * bx + tx;
+        if (c < C)
+          for (int q = 0; q < Q; ++q)
+            v[ty * bx + tx][q] = fr::sum_partials<true>(ws, q, a.splits, C, c, ty, fr::kFinalBy);
+      }
+    tree_y(v, bx, fr::kFinalBy, [](std::array<float, 3> u, std::array<float, 3> w) {
+      return std::array<float, 3>{u[0] + w[0], u[1] + w[1], u[2] + w[2]};
+    });
+    for (int tx = 0; tx < bx; ++tx) {
+      const int c = c_lo + k * bx + tx;
+      if (c >= C) continue;
+      float vv[Q];
+      for (int q = 0; q < Q; ++q) vv[q] = sums[q].mutable_data()[c] = v[tx][q];
+      fr::bwd_finish_channel<Q>(a, c, vv);
+    }
+  }
+}
+
+// Emulates backward_reduce_finalize: the reduction kernels, then, for every grid column, its last block's
+// fold_finish with that kernel's block shape (rows: bx channel vectors of V channels per block, V chunks;
+// NCHW: one channel per block, bx = 1). Outputs: per side [4, C] (NaN where the mode writes nothing), the
+// folded sums [Q][C], grad_res, splits.
+py::tuple backward_reduce_finalize(const F32& dy, const F32& x, const F32& scale, const F32& shift, const F32& mean,
+                                   const OptF32& res, const OptF32& xb, const OptF32& scale_b, const OptF32& shift_b,
+                                   const OptF32& mean_b, bool relu, bool want_grad_res, i64 n, int c, i64 hw,
+                                   bool cl, int vec, bool aligned, int sm_count, int mode_a, int mode_b,
+                                   bool training, const OptF32& var, float eps, const OptF32& var_b, float eps_b) {
+  const Shape s{n, hw, c, cl};
+  const Partials r = reduce_partials(dy, x, scale, shift, mean, res, xb, scale_b, shift_b, mean_b, relu,
+                                     want_grad_res, s, vec, aligned, sm_count);
+  if ((mode_b != fr::kSideNone) != (r.q == 3)) throw std::invalid_argument("mode_b must be set exactly with xb");
+  static const std::vector<int> written[4] = {{}, {0, 1, 2, 3}, {0, 1, 2}, {1}};  // fusedres.cuda._SIDE_OUTPUTS
+  py::array_t<float> out_a({static_cast<py::ssize_t>(4), static_cast<py::ssize_t>(c)});
+  py::array_t<float> out_b({static_cast<py::ssize_t>(4), static_cast<py::ssize_t>(c)});
+  for (auto* o : {&out_a, &out_b}) {
+    float* p = o->mutable_data();
+    for (i64 i = 0; i < 4 * static_cast<i64>(c); ++i) p[i] = std::numeric_limits<float>::quiet_NaN();
+  }
+  fr::BwdFinalizeArgs a;
+  a.ws = r.ws.data();
+  a.splits = r.splits;
+  a.mode_a = mode_a;
+  a.mode_b = mode_b;
+  a.training = training;
+  a.count = static_cast<float>(n * hw);
+  a.scale = data(scale);
+  a.var = data(var);
+  a.eps = eps;
+  a.scale_b = data(scale_b);
+  a.var_b = data(var_b);
+  a.eps_b = eps_b;
+  for (int i : written[mode_a]) a.out_a[i] = out_a.mutable_data() + static_cast<i64>(i) * c;
+  for (int i : written[mode_b]) a.out_b[i] = out_b.mutable_data() + static_cast<i64>(i) * c;
+  std::vector<F32> sums;
+  for (int q = 0; q < r.q; ++q) sums.push_back(nan_array(c));
+  auto column = [&](int c_lo, int chunks, int bx) {
+    if (r.q == 3) fold_finish<3>(a, r.ws.data(), c, c_lo, chunks, bx, sums);
+    else fold_finish<2>(a, r.ws.data(), c, c_lo, chunks, bx, sums);
+  };
+  if (cl) {
+    for (int gxi = 0; gxi < r.plan.gx; ++gxi) column(gxi * r.plan.bx * r.plan.vec, r.plan.vec, r.plan.bx);
+  } else {
+    for (int ci = 0; ci < c; ++ci) column(ci, 1, 1);
+  }
+  py::list sl;
+  for (auto& t : sums) sl.append(t);
+  py::object ob = mode_b != fr::kSideNone ? py::object(out_b) : py::object(py::none());
+  py::object gr = r.grad_res ? py::object(*r.grad_res) : py::object(py::none());
+  return py::make_tuple(out_a, ob, sl, gr, r.splits);
 }
 
 template <int V, bool XB>
@@ -637,6 +739,14 @@ PYBIND11_MODULE(_C_host, m) {
         py::arg("relu"), py::arg("want_grad_res"), py::arg("n"), py::arg("c"), py::arg("hw"),
         py::arg("channels_last"), py::arg("vec"), py::arg("aligned") = true, py::arg("sm_count") = 4,
         "(sum_g, sum_g_xc, sum_g_xbc | None, grad_res | None, splits)");
+  m.def("backward_reduce_finalize", &backward_reduce_finalize, py::arg("dy"), py::arg("x"), py::arg("scale"),
+        py::arg("shift"), py::arg("mean"), py::arg("res"), py::arg("xb"), py::arg("scale_b"), py::arg("shift_b"),
+        py::arg("mean_b"), py::arg("relu"), py::arg("want_grad_res"), py::arg("n"), py::arg("c"), py::arg("hw"),
+        py::arg("channels_last"), py::arg("vec"), py::arg("aligned") = true, py::arg("sm_count") = 4,
+        py::arg("mode_a") = 1, py::arg("mode_b") = 0, py::arg("training") = true, py::arg("var") = py::none(),
+        py::arg("eps") = 1e-5f, py::arg("var_b") = py::none(), py::arg("eps_b") = 1e-5f,
+        "the fused reduction + last-block finalize: (out_a [4, C], out_b [4, C] | None, [sums per quantity], "
+        "grad_res | None, splits)");
   m.def("backward_apply", &backward_apply, py::arg("dy"), py::arg("x"), py::arg("scale"), py::arg("shift"),
         py::arg("res"), py::arg("xb"), py::arg("scale_b"), py::arg("shift_b"), py::arg("relu"), py::arg("mean"),
         py::arg("k_g"), py::arg("k_x"), py::arg("k_c"), py::arg("mean_b"), py::arg("k_g_b"), py::arg("k_x_b"),

@@ -5,7 +5,8 @@ The extension sees raw device pointers, sizes, a layout flag and the current tor
 headers — so one build serves every torch version. Everything torch-specific happens here: input checks,
 layout of the secondary tensors, output and workspace allocation (`fusedres._layout.empty*`, so test poisoning
 applies), the stream. Reductions write per-block partials to a workspace and fold them in a fixed order in a
-second kernel: results are deterministic (no float atomics).
+second kernel, or (the fused BatchNorm backward) in the last block of the same kernel to finish its channels:
+results are deterministic (no float atomics; an integer ticket only picks which block folds).
 
 `fusedres._C` is imported on first use; when it is missing (no CUDA toolkit at install time) every input is
 refused with the reason and the dispatcher falls back to Triton.
@@ -16,6 +17,7 @@ import functools
 
 import torch
 
+from fusedres._counters import counters
 from fusedres._layout import dense, empty, empty_like, is_channels_last, memory_format_of
 
 _DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}  # csrc/fr_api.h DType
@@ -114,6 +116,22 @@ def _workspace(ext, x: torch.Tensor, quantities: int) -> tuple[torch.Tensor, int
     return torch.empty(quantities * splits * c, dtype=torch.float32, device=x.device), splits
 
 
+# Zeroed uint32 counters of backward_reduce_finalize's last-block finalize (csrc/fr_cuda.cuh
+# last_block_of_column), one buffer per (device index, stream): each launch leaves its counters at zero again,
+# so the buffer is zero-filled once, when it is made (or grown), and never memset per launch. A buffer must
+# serve one stream only: launches on one stream run one after another, two streams sharing counters could
+# interleave their tickets. Kernels still in flight on the stream keep an outgrown buffer's memory valid (the
+# caching allocator reuses it only in that stream's order).
+def _semaphore(x: torch.Tensor, n: int) -> torch.Tensor | None:
+    """At least n zeroed counters for a launch on x's device and the current stream (fusedres._counters); None
+    where nothing runs (not a real CUDA tensor: the launch-counting fakes of fusedres.bench.count)."""
+    from torch._subclasses.fake_tensor import is_fake
+
+    if x.device.type != "cuda" or is_fake(x):
+        return None
+    return counters(x, n)
+
+
 # ------------------------------------------------------------------------------------------------ primitives
 def batch_stats(x: torch.Tensor):
     """Per-channel mean and biased variance (float32) of x [N, C, H, W]."""
@@ -171,7 +189,7 @@ def backward_apply(dy, x, mean, scale, shift, residual, xb, mean_b, scale_b, shi
     return dx, dxb
 
 
-# ------------------------------------------------------------------------------- fused BatchNorm (3 + 3 launches)
+# ------------------------------------------------------------------------------- fused BatchNorm (3 + 2 launches)
 def _f32_buffer(t: torch.Tensor | None) -> bool:
     return t is None or (t.dtype == torch.float32 and t.is_contiguous())
 
@@ -246,9 +264,9 @@ def _side(present, var, mean) -> int:
 
 def backward(dy, x, mean, scale, shift, var, eps, residual, xb, mean_b, scale_b, shift_b, var_b, eps_b, relu,
              training, want_grad_residual):
-    """The backward of act(side_a(x) [+ residual | + side_b(xb)]) in three launches: backward_partials,
-    backward_finalize (coefficients and parameter gradients), backward_apply. Same contract as
-    `fusedres.triton.bn_act.backward`."""
+    """The backward of act(side_a(x) [+ residual | + side_b(xb)]) in two launches: backward_reduce_finalize (the
+    reduction, whose last block per channel tile computes the coefficients and parameter gradients exactly as
+    backward_finalize would), backward_apply. Same contract as `fusedres.triton.bn_act.backward`."""
     ext = _load()
     L = _launch(ext, x)
     dy, residual, xb = _like(dy, x), _like(residual, x), _like(xb, x)
@@ -256,16 +274,16 @@ def backward(dy, x, mean, scale, shift, var, eps, residual, xb, mean_b, scale_b,
         _vec(v, x) for v in (mean, scale, shift, var, mean_b, scale_b, shift_b, var_b))
     grad_residual = empty_like(x) if want_grad_residual else None
     ws, splits = _workspace(ext, x, 3 if xb is not None else 2)
-    ext.backward_partials(L, dy.data_ptr(), x.data_ptr(), scale.data_ptr(), shift.data_ptr(), mean.data_ptr(),
-                          _ptr(residual), _ptr(xb), _ptr(scale_b), _ptr(shift_b), _ptr(mean_b), bool(relu),
-                          _ptr(grad_residual), ws.data_ptr(), ws.numel(), splits)
     mode_a, mode_b = _side(True, var, mean), _side(xb is not None, var_b, mean_b)
     outs_a = [_channels(x) if i in _SIDE_OUTPUTS[mode_a] or mode_a == 1 else None for i in range(4)]
     outs_b = [_channels(x) if i in _SIDE_OUTPUTS[mode_b] or mode_b == 1 else None for i in range(4)]
-    ext.backward_finalize(L, ws.data_ptr(), splits, mode_a, mode_b, bool(training),
-                          float(x.shape[0] * x.shape[2] * x.shape[3]), scale.data_ptr(), _ptr(var), float(eps),
-                          _ptr(scale_b), _ptr(var_b), float(eps_b), [_ptr(t) for t in outs_a],
-                          [_ptr(t) for t in outs_b])
+    sem = _semaphore(x, x.shape[1])
+    ext.backward_reduce_finalize(L, dy.data_ptr(), x.data_ptr(), scale.data_ptr(), shift.data_ptr(),
+                                 mean.data_ptr(), _ptr(residual), _ptr(xb), _ptr(scale_b), _ptr(shift_b),
+                                 _ptr(mean_b), bool(relu), _ptr(grad_residual), ws.data_ptr(), ws.numel(), splits,
+                                 mode_a, mode_b, bool(training), float(x.shape[0] * x.shape[2] * x.shape[3]),
+                                 _ptr(var), float(eps), _ptr(var_b), float(eps_b), [_ptr(t) for t in outs_a],
+                                 [_ptr(t) for t in outs_b], _ptr(sem), 0 if sem is None else sem.numel())
     dx = empty_like(x)
     dxb = empty_like(xb) if xb is not None else None
     bn_a, bn_b = mode_a == 1, mode_b == 1
@@ -327,7 +345,18 @@ def _bwd_finalize_kernels(launch, ws, splits, mode_a, mode_b, training, count, s
     return [("bwd_finalize_kernel", [ws, scale, var, scale_b, var_b], [t for t in out_a + out_b if t is not None])]
 
 
+def _bwd_reduce_finalize_kernels(launch, dy, x, scale, shift, mean, res, xb, scale_b, shift_b, mean_b, relu,
+                                 grad_res, ws, ws_numel, splits, mode_a, mode_b, training, count, var, eps, var_b,
+                                 eps_b, out_a, out_b, sem, sem_numel):
+    """One kernel: the reduction (partials into ws), then the last block of each channel tile reads the tile's
+    partials back and writes the finalize's outputs; sem (None when counting: not allocated) is read and
+    written once per block."""
+    reads = [dy, x, mean, xb, mean_b] + ([scale, shift, res, scale_b, shift_b] if relu else [])
+    return [("bwd_reduce_finalize_kernel", reads + [ws, scale, var, scale_b, var_b, sem],
+             [grad_res, ws, sem] + [t for t in out_a + out_b if t is not None])]
+
+
 KERNELS = {"batch_stats": _stats_kernels, "apply": _apply_kernels, "backward_reduce": _bwd_reduce_kernels,
            "backward_apply": _bwd_apply_kernels, "stats_partials": _stats_partials_kernels,
            "stats_finalize": _stats_params_kernels, "backward_partials": _bwd_partials_kernels,
-           "backward_finalize": _bwd_finalize_kernels}
+           "backward_finalize": _bwd_finalize_kernels, "backward_reduce_finalize": _bwd_reduce_finalize_kernels}

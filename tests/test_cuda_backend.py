@@ -246,6 +246,89 @@ def test_reductions_are_deterministic(channels_last):
             assert torch.equal(u, v)
 
 
+def _bits(t):
+    """t's bit patterns (-0 and NaN payloads included), as integers."""
+    return t.contiguous().view(torch.int32 if t.dtype == torch.float32 else torch.int16)
+
+
+def _backward_three_launches(dy, x, mean, scale, shift, var, eps, residual, xb, mean_b, scale_b, shift_b, var_b,
+                             eps_b, relu, training):
+    """fusedres.cuda.backward as it was before the finalize moved into the reduction: backward_partials,
+    backward_finalize, backward_apply. Returns (dx, dxb, grad_residual, grads_a, grads_b)."""
+    from fusedres import cuda as C
+
+    ext = C.extension()
+    L = C._launch(ext, x)
+    grad_residual = torch.empty_like(x) if residual is not None else None
+    ws, splits = C._workspace(ext, x, 3 if xb is not None else 2)
+    ext.backward_partials(L, dy.data_ptr(), x.data_ptr(), scale.data_ptr(), shift.data_ptr(), mean.data_ptr(),
+                          C._ptr(residual), C._ptr(xb), C._ptr(scale_b), C._ptr(shift_b), C._ptr(mean_b), relu,
+                          C._ptr(grad_residual), ws.data_ptr(), ws.numel(), splits)
+    mode_a, mode_b = C._side(True, var, mean), C._side(xb is not None, var_b, mean_b)
+    outs_a = [C._channels(x) if i in C._SIDE_OUTPUTS[mode_a] or mode_a == 1 else None for i in range(4)]
+    outs_b = [C._channels(x) if i in C._SIDE_OUTPUTS[mode_b] or mode_b == 1 else None for i in range(4)]
+    ext.backward_finalize(L, ws.data_ptr(), splits, mode_a, mode_b, training,
+                          float(x.shape[0] * x.shape[2] * x.shape[3]), scale.data_ptr(), C._ptr(var), float(eps),
+                          C._ptr(scale_b), C._ptr(var_b), float(eps_b), [C._ptr(t) for t in outs_a],
+                          [C._ptr(t) for t in outs_b])
+    dx, dxb = C.backward_apply(dy, x, mean, scale, shift, residual, xb, mean_b, scale_b, shift_b, relu, scale,
+                               outs_a[0] if mode_a == 1 else None, outs_a[1] if mode_a == 1 else None, scale_b,
+                               outs_b[0] if mode_b == 1 else None, outs_b[1] if mode_b == 1 else None)
+    return (dx, dxb, grad_residual, tuple(outs_a[i] for i in C._SIDE_OUTPUTS[mode_a]),
+            tuple(outs_b[i] for i in C._SIDE_OUTPUTS[mode_b]))
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("variant", ["residual", "dual"])
+@pytest.mark.parametrize("shape", [(2, 3, 5, 5), (3, 1000, 2, 2), (4, 64, 28, 28)] if QUICK else
+                         [(2, 3, 5, 5), (3, 1000, 2, 2), (32, 256, 28, 28), (8, 24, 14, 14)])
+def test_fused_backward_is_bitwise_the_three_launch_backward(shape, dtype, channels_last, variant):
+    """backward (backward_reduce_finalize: the reduction's last block per channel tile finalizes) gives the same
+    bits as backward_partials + backward_finalize + backward_apply, run to run, and leaves its counters at 0."""
+    from fusedres import cuda as C
+
+    a = inputs(shape, dtype, channels_last, variant)
+    dy = make(shape, dtype, channels_last)
+    c = shape[1]
+    var, var_b = torch.rand(c, device="cuda") + 0.5, (torch.rand(c, device="cuda") + 0.5 if variant == "dual"
+                                                        else None)
+    args = (dy, a["x"], a["mean"], a["scale"], a["shift"], var, 1e-5, a["residual"], a["xb"], a["mean_b"],
+            a["scale_b"], a["shift_b"], var_b, 1e-3, True, True)
+    want = _backward_three_launches(*args)
+    for _ in range(2):
+        got = cuda_backend.backward(*args, a["residual"] is not None)
+        for g, w in zip(got, want):
+            for u, v in (zip(g, w) if isinstance(g, tuple) else [(g, w)]):
+                assert (u is None) == (v is None)
+                if u is not None:
+                    assert torch.equal(_bits(u), _bits(v))
+    torch.cuda.synchronize()
+    sem = C._semaphore(a["x"], c)
+    assert sem.numel() >= c and int(sem.count_nonzero()) == 0
+
+
+def test_fused_backward_counters_per_stream():
+    """Each stream gets its own counter buffer; the fused backward on a side stream gives the same bits."""
+    from fusedres import cuda as C
+
+    shape = (8, 64, 14, 14)
+    a = inputs(shape, torch.float16, True, "residual")
+    dy = make(shape, torch.float16, True)
+    var = torch.rand(64, device="cuda") + 0.5
+    args = (dy, a["x"], a["mean"], a["scale"], a["shift"], var, 1e-5, a["residual"], None, None, None, None, None,
+            1e-5, True, True, True)
+    want = cuda_backend.backward(*args)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        got = cuda_backend.backward(*args)
+        side_sem = C._semaphore(a["x"], 64)
+    torch.cuda.current_stream().wait_stream(side)
+    assert side_sem.data_ptr() != C._semaphore(a["x"], 64).data_ptr()
+    assert torch.equal(got[0], want[0]) and all(torch.equal(u, v) for u, v in zip(got[3], want[3]))
+
+
 def test_runs_on_the_current_stream():
     shape = (4, 64, 14, 14)
     a = inputs(shape, torch.float16, True, "residual")

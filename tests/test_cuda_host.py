@@ -493,3 +493,68 @@ def test_backward_finalize_matches_reference(h, variant, cl, vec):
     torch.testing.assert_close(from_mem(dx, x.shape, cl), want[0], rtol=1e-4, atol=1e-4)
     if xb is not None:
         torch.testing.assert_close(from_mem(dxb, x.shape, cl), want[1], rtol=1e-4, atol=1e-4)
+
+
+# ------------------------------------------------------------------------------------------------ fused finalize
+FUSED_CASES = [case for case in LAYOUT_CASES if case[0] * case[2] * case[3] > 1] + [
+    (16, 16, 32, 32, True, 8, True),   # 16 splits > kFinalBy: every folding row adds several partials
+    (8, 2, 128, 128, False, 4, True),  # ... NCHW (16 splits), one channel per block
+    (16, 24, 16, 16, True, 4, True),   # bx = 6 channel vectors: blocks of 6 x 42 threads, 13 splits
+]
+
+
+@pytest.mark.parametrize("variant", ["bn", "bn_eval", "dual", "weighted", "affine_xb"])
+@pytest.mark.parametrize("case", FUSED_CASES, ids=lambda t: "x".join(map(str, t[:4])) + f"-cl{int(t[4])}-v{t[5]}"
+                         + ("" if t[6] else "-unaligned"))
+def test_fused_finalize_is_bitwise_the_separate_finalize(h, case, variant):
+    """backward_reduce_finalize (the last block of each grid column folds its channels, with the reduction
+    kernel's own block shape) gives bit for bit the sums and outputs of the three-launch path: partials ->
+    bwd_finalize_kernel (block (kFinalBx, kFinalBy)) -> side_grads."""
+    n, c, hh, ww, cl, vec, aligned = case
+    torch.manual_seed(n * 1000 + c)
+    eps, eps_b = 1e-5, 1e-3
+    x = torch.randn(n, c, hh, ww) + 1
+    dy = torch.randn(n, c, hh, ww)
+    dy[0, 0] = -0.0  # a channel whose partials may be -0
+    mean, var = x.mean((0, 2, 3)), x.var((0, 2, 3), unbiased=False)
+    scale, shift = reference.bn_params(x, mean, var, torch.rand(c) + 0.5, torch.randn(c), eps)
+    xb = torch.randn(n, c, hh, ww) - 1 if variant in ("dual", "weighted", "affine_xb") else None
+    mean_b = scale_b = shift_b = var_b = None
+    if variant == "dual":
+        var_b, mean_b = xb.var((0, 2, 3), unbiased=False), xb.mean((0, 2, 3))
+        scale_b, shift_b = reference.bn_params(xb, mean_b, var_b, torch.rand(c) + 0.5, torch.randn(c), eps_b)
+    elif variant == "weighted":
+        scale_b = torch.randn(c)
+    elif variant == "affine_xb":
+        mean_b, scale_b, shift_b = xb.mean((0, 2, 3)), *vecs(c, 2)
+    mode_a = 2 if variant == "affine_xb" else 1
+    mode_b = 0 if xb is None else 1 if var_b is not None else 3 if mean_b is None else 2
+    va = var if mode_a == 1 else None
+    training = variant != "bn_eval"
+    mem = (lambda t: None if t is None else to_mem(t, cl))
+    args = (mem(dy), mem(x), npv(scale), npv(shift), npv(mean), None, mem(xb), npv(scale_b), npv(shift_b),
+            npv(mean_b), True, True, n, c, hh * ww, cl, vec, aligned, 132)
+    sg, sgx, sgxb, gres, splits = h.backward_reduce(*args)
+    out_a, out_b, sums, gres_f, splits_f = h.backward_reduce_finalize(
+        *args, mode_a=mode_a, mode_b=mode_b, training=training, var=npv(va), eps=eps, var_b=npv(var_b), eps_b=eps_b)
+    assert splits_f == splits
+    np.testing.assert_array_equal(gres_f, gres)
+    for got, want in zip(sums, [sg, sgx] + ([sgxb] if xb is not None else [])):
+        assert got.tobytes() == want.tobytes()  # bitwise, -0 included
+    count = float(n * hh * ww)
+    written = {1: (0, 1, 2, 3), 2: (0, 1, 2), 3: (1,)}
+    want_a = h.side_grads(mode_a, sg, sgx, npv(scale), npv(va), eps, count, training)
+    for i in written[mode_a]:
+        assert out_a[i].tobytes() == want_a[i].tobytes(), (variant, i)
+    if xb is None:
+        assert out_b is None
+    else:
+        want_b = h.side_grads(mode_b, sg, sgxb, npv(scale_b), npv(var_b), eps_b, count, training)
+        for i in written[mode_b]:
+            assert out_b[i].tobytes() == want_b[i].tobytes(), (variant, i)
+
+
+def test_fused_finalize_cases_fold_many_splits(h):
+    """The fused cases above include grids whose folding rows each add several partials (splits > kFinalBy)."""
+    many = [h.reduce_splits(n, c, hh * ww, cl, 16 // vec, 132) for n, c, hh, ww, cl, vec, _ in FUSED_CASES]
+    assert max(many) > 8 and min(many) >= 1, many

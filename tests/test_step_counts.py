@@ -2,8 +2,9 @@
 in bn and conv mode against stock, in the same run, at the count level (fake tensors: one step of ResNet-50 at batch
 256, 224x224, bf16 autocast, channels_last, the CUDA backend a GPU runs). The bounds are the counts measured when
 the per-channel glue moved into the kernels (docs/count.md); a change that adds a launch or keeps a tensor more
-fails here. The issue's targets (bn <= 1x stock launches, conv <= 0.8x launches and <= 0.6x saved bytes) are not
-all met yet: `TARGETS` states them and the test reports how far each is."""
+fails here. Of the issue's targets (`TARGETS`) bn mode's (at most stock's launches) holds and is asserted; conv
+mode's (<= 0.8x launches, <= 0.6x saved bytes) do not yet (docs/count.md says why): the messages report how far
+each is."""
 from __future__ import annotations
 
 import pytest
@@ -11,32 +12,35 @@ import torch
 
 from fusedres.bench import count as C
 
-# (model): bn-mode launches, conv-mode launches, conv-mode saved bytes / stock's — upper bounds, measured
-MEASURED = {"resnet18": (220, 283, 0.603), "resnet50": (554, 716, 0.774)}
+# (model, backend): bn-mode launches, conv-mode launches, conv-mode saved bytes / stock's — upper bounds, measured
+MEASURED = {("resnet18", "cuda"): (203, 209, 0.603), ("resnet50", "cuda"): (505, 511, 0.774),
+            ("resnet18", "triton"): (183, 208, 0.603), ("resnet50", "triton"): (452, 510, 0.774)}
 STOCK = {"resnet18": 213, "resnet50": 524}
 TARGETS = {"bn_launches": 1.0, "conv_launches": 0.8, "conv_saved": 0.6}
 
 
-@pytest.fixture(scope="module", params=sorted(MEASURED))
+@pytest.fixture(scope="module", params=sorted(MEASURED), ids=lambda p: f"{p[0]}-{p[1]}")
 def counts(request):
-    base = C.build_model(request.param)
+    name, backend = request.param
+    base = C.build_model(name)
     x = torch.empty(256, 3, 224, 224).to(memory_format=torch.channels_last)
     out = {}
-    for impl in (C.Impl("eager", "bf16", "channels_last"), C.Impl("bn", "bf16", "channels_last", "cuda", "bn"),
-                 C.Impl("conv", "bf16", "channels_last", "cuda", "conv")):
-        c = C.count_model(C.build(base, impl), x, mode="train", backend="cuda", amp_dtype=torch.bfloat16)
+    for impl in (C.Impl("eager", "bf16", "channels_last"), C.Impl("bn", "bf16", "channels_last", backend, "bn"),
+                 C.Impl("conv", "bf16", "channels_last", backend, "conv")):
+        c = C.count_model(C.build(base, impl), x, mode="train", backend=backend, amp_dtype=torch.bfloat16)
         out[impl.name] = (c.summary()["launches"], c.saved_bytes)
     return request.param, out
 
 
 def test_step_counts_do_not_regress(counts):
-    name, c = counts
+    (name, backend), c = counts
     stock_launches, stock_saved = c["eager"]
-    bn_max, conv_max, saved_max = MEASURED[name]
+    bn_max, conv_max, saved_max = MEASURED[name, backend]
     assert stock_launches == STOCK[name], f"{name}: stock's count changed ({stock_launches}); recount the bounds"
     ratios = {"bn_launches": c["bn"][0] / stock_launches, "conv_launches": c["conv"][0] / stock_launches,
               "conv_saved": c["conv"][1] / stock_saved}
     report = ", ".join(f"{k} {v:.3f}x (target {TARGETS[k]}x)" for k, v in ratios.items())
+    assert ratios["bn_launches"] <= TARGETS["bn_launches"], f"{name}: bn mode above stock's launches; {report}"
     assert c["bn"][0] <= bn_max, f"{name}: bn mode makes {c['bn'][0]} launches, bound {bn_max}; {report}"
     assert c["conv"][0] <= conv_max, f"{name}: conv mode makes {c['conv'][0]} launches, bound {conv_max}; {report}"
     assert ratios["conv_saved"] <= saved_max, f"{name}: conv mode saves {ratios['conv_saved']:.3f}x stock; {report}"

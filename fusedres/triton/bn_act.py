@@ -14,9 +14,9 @@ import struct
 
 import torch
 import triton
-from torch._subclasses.fake_tensor import FakeTensor
 import triton.language as tl
 
+from fusedres._counters import counters
 from fusedres._layout import acc_dtype, empty, empty_like, is_channels_last
 from fusedres.triton import INTERPRET, device_reasons
 
@@ -519,7 +519,7 @@ def _statistics(x, geo, mean, var, **finalize):
     arguments): BatchNorm's per-channel work in the same launch."""
     parts = [empty((geo.programs, geo.C), dtype=geo.acc, device=x.device) for _ in range(3)]
     ptrs, scalars, flags = _finalize_args(geo, mean, var, **finalize)
-    _stats_partial_kernel[geo.reduce_grid](x, *parts, *geo.tile_args(), semaphores(x, geo.reduce_grid[1]), *ptrs,
+    _stats_partial_kernel[geo.reduce_grid](x, *parts, *geo.tile_args(), counters(x, geo.reduce_grid[1]), *ptrs,
                                            scalars[0], *scalars[1:], CL=geo.cl, ACC=geo.tl_acc, IDX64=geo.idx64,
                                            BLOCK_R=geo.block_r, BLOCK_C=geo.block_c, FINALIZE=True, **flags)
 
@@ -647,7 +647,7 @@ def _reduce_partials(geo, dy, x, mean, scale, shift, residual, xb, mean_b, scale
         tail = (stand_in,) * 11 + (0.0, 0.0, 0.0)
         flags = {}
     else:
-        tail = (semaphores(x, geo.reduce_grid[1]), fin["var"], fin["var_b"], *fin["outs_a"], *fin["outs_b"],
+        tail = (counters(x, geo.reduce_grid[1]), fin["var"], fin["var_b"], *fin["outs_a"], *fin["outs_b"],
                 fin["eps"], fin["eps_b"], fin["count"])
         flags = dict(FINALIZE=True, MODE_A=fin["MODE_A"], MODE_B=fin["MODE_B"], TRAINING=fin["TRAINING"])
     _bwd_reduce_kernel[geo.reduce_grid](
@@ -659,28 +659,6 @@ def _reduce_partials(geo, dy, x, mean, scale, shift, residual, xb, mean_b, scale
         WRITE_DRES=d_res is not None, ACC=geo.tl_acc, IDX64=geo.idx64, BLOCK_R=geo.block_r, BLOCK_C=geo.block_c,
         num_warps=reduce_warps(_res_mode(residual, xb, mean_b)), **flags)
     return parts, d_res
-
-
-_SEMAPHORES: dict = {}
-
-
-def semaphores(like: torch.Tensor, n: int) -> torch.Tensor:
-    """n int32 counters on like's device, zero between launches, for the last-program finalize: each launch's
-    winners put their counter back to 0, so one zero-filled buffer per (device, stream) serves every launch in
-    stream order (kernels sharing a buffer never run concurrently). Fake tensors (the count level) get an
-    uninitialised stand-in: nothing runs."""
-    device = like.device
-    if isinstance(like, FakeTensor):
-        return torch.empty(n, dtype=torch.int32, device=device)
-    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
-    key = (device.type, device.index, stream)
-    buf = _SEMAPHORES.get(key)
-    if buf is None or buf.numel() < n:  # once per stream: outside any dispatch mode, not part of a step
-        from torch.utils._python_dispatch import _disable_current_modes
-
-        with _disable_current_modes():
-            buf = _SEMAPHORES[key] = torch.zeros(max(n, 1024), dtype=torch.int32, device=device)
-    return buf
 
 
 def backward_reduce(dy, x, mean, scale, shift, residual, xb, mean_b, scale_b, shift_b, relu, want_grad_residual):

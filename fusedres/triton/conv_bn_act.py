@@ -39,7 +39,8 @@ import triton.language as tl
 
 from fusedres._layout import empty
 from fusedres.triton import INTERPRET, device_reasons
-from fusedres.triton.bn_act import _last_program, _release, semaphores
+from fusedres._counters import counters
+from fusedres.triton.bn_act import _last_program, _release
 
 _INTERPRET = INTERPRET  # tests patch the module-level copy
 # Element counts from which offsets are computed in int64 (tests lower it to cover that path on tiny inputs).
@@ -578,7 +579,7 @@ def _merge(sums, m2s, M, stat_rows, C_out, stats, device):
     parts = [empty((chunks, C_out), dtype=torch.float64, device=device) for _ in range(3)]
     c_blocks = triton.cdiv(C_out, block_c)
     with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
-        _stats_merge_kernel[(c_blocks, chunks)](sums, m2s, *parts, P, C_out, M, per_chunk, semaphores(sums, c_blocks),
+        _stats_merge_kernel[(c_blocks, chunks)](sums, m2s, *parts, P, C_out, M, per_chunk, counters(sums, c_blocks),
                                                 mean, var, STAT_ROWS=stat_rows, BLOCK_P=block_p, BLOCK_C=block_c)
     return mean, var
 

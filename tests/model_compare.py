@@ -40,20 +40,20 @@ def assert_close(actual, expected, tol, what=""):
     torch.testing.assert_close(a, e, rtol=tol, atol=tol * scale, msg=lambda m: f"{what}: {m}")
 
 
-def error_bound(stock_err, dtype, factor=2.0):
+def error_bound(stock_err, dtype, factor=2.0, ulps=8):
     """The most a fused result may differ from float64: `factor` x stock's own error, plus a few units of
-    rounding of `dtype` for the case where stock happens to be (nearly) exact."""
-    return factor * stock_err + 8 * torch.finfo(dtype).eps
+    rounding of `dtype` (`ulps` x its eps) for the case where stock happens to be (nearly) exact."""
+    return factor * stock_err + ulps * torch.finfo(dtype).eps
 
 
-def assert_like_stock(fused, stock, ref, what="", factor=2.0):
+def assert_like_stock(fused, stock, ref, what="", factor=2.0, ulps=8):
     """Norm-wise relative error of `fused` against the float64 `ref` within `error_bound` of stock's; the message
     gives both errors and the bound."""
     assert fused.shape == stock.shape == ref.shape, (what, fused.shape, stock.shape, ref.shape)
     err_f, err_s = rel_error(fused, ref), rel_error(stock, ref)
-    bound = error_bound(err_s, stock.dtype, factor)
+    bound = error_bound(err_s, stock.dtype, factor, ulps)
     assert err_f <= bound, (f"{what}: fused error against float64 {err_f:.3e} > bound {bound:.3e} "
-                            f"({factor:g}x stock's {err_s:.3e} + 8 eps)")
+                            f"({factor:g}x stock's {err_s:.3e} + {ulps:g} eps of {stock.dtype})")
 
 
 def flat(named):

@@ -148,12 +148,15 @@ def float32_errors(stock32, fused32, shape=(4, 3, 32, 32)):
     return {k: tuple(v) for k, v in errors.items()}
 
 
-def assert_float32_like_stock(errors, factor=3.0, floor=1e-4):
-    """The fused fp32 model's error against float64 is within `factor` x stock fp32's, or under `floor`."""
+def assert_float32_like_stock(errors, dtype=torch.float32, factor=2.0):
+    """`errors` from `float32_errors`: each fused error against float64 within `error_bound` of stock's (2x stock
+    float32's own error + 8 float32 eps, the rule of `assert_like_stock`). The 8 eps (9.5e-7 relative) matter
+    only where stock's error is itself at rounding level: the running statistics and eval outputs (1e-7..8e-7
+    in the tiny models here)."""
     for key, (stock_err, fused_err) in errors.items():
-        bound = max(factor * stock_err, floor)
+        bound = error_bound(stock_err, dtype, factor)
         assert fused_err <= bound, (f"{key}: fused fp32 error against float64 {fused_err:.3e} > bound {bound:.3e} "
-                                    f"(max({factor:g}x stock's {stock_err:.3e}, {floor:g})); all: {errors}")
+                                    f"({factor:g}x stock's {stock_err:.3e} + 8 eps); all (stock, fused): {errors}")
 
 
 def structure(model):

@@ -65,11 +65,15 @@ def test_tiny_preact_trains_like_stock_float64(kind):
 
 
 def test_tiny_preact_float32_error_like_stock():
-    """float32 against a float64 reference: each fused error within 4x stock float32's or under 1e-4
-    (norm-wise; output, input gradient, worst parameter gradient, worst running statistic, eval output)."""
+    """float32 against a float64 reference: each fused error (norm-wise; output, input gradient, worst parameter
+    gradient, worst running statistic, eval output) within 2x stock float32's + 8 eps
+    (`assert_float32_like_stock`). Measured, seeds 0-7: stock 6.4e-7..1.3e-6 in the output, 1.2e-6..1.8e-6
+    input grad, 2.1e-6..3.8e-6 worst parameter grad, 1.4e-7..2.5e-7 statistics, 1.7e-7..6.8e-7 eval output;
+    fused 6.7e-7..1.9e-6, 1.3e-6..1.8e-6, 2.1e-6..3.9e-6, 1.6e-7..2.4e-7, 2.6e-7..7.3e-7: at most 0.53 of the
+    bound."""
     stock = tiny("cifar")
     fused = convert(copy.deepcopy(stock))
-    assert_float32_like_stock(float32_errors(stock, fused, shape=(4, 3, 8, 8)), factor=4.0, floor=1e-4)
+    assert_float32_like_stock(float32_errors(stock, fused, shape=(4, 3, 8, 8)))
 
 
 @pytest.mark.slow

@@ -115,14 +115,21 @@ def test_tiny_timm_trains_like_stock_float64(name):
 @pytest.mark.parametrize("name", ["resnet-bottleneck-d", "resnetv2-bottleneck-d"])
 def test_tiny_timm_float32_error_like_stock(name):
     """float32, one training step and an eval forward, judged against a float64 copy: each fused error
-    (output, input gradient, worst parameter gradient, worst running statistic, eval output; norm-wise) is
-    within 4x the stock float32 model's error or under 1e-4. Measured over seeds 0-2: stock 1e-6..4e-6 in the
-    output, 5e-6..3e-5 in the gradients, 2e-7..8e-7 in statistics and eval output; fused 2e-6..8e-6,
-    4e-6..5e-5 (up to 3.3x stock's) and the same 2e-7..8e-7."""
+    (output, input gradient, worst parameter gradient, worst running statistic, eval output; norm-wise) within
+    2x the stock float32 model's error + 8 eps (`assert_float32_like_stock`).
+
+    Batch 8: these nets reduce 32x32 to 1x1 in layer4, so a batch of 4 leaves layer4's BatchNorms 4 values per
+    channel; their backward amplifies rounding so unevenly that one run's error is a lucky or unlucky draw
+    (measured, seeds 0-7: fused/stock ratios 0.35..4.1, the 2x bound broken in 4 of 16 runs, e.g. resnet seed
+    6 input grad stock 2.8e-6 fused 1.1e-5, resnetv2 seed 3 worst grad 1.9e-5 vs 6.9e-5; averaged over seeds
+    fused was 1.2x stock). With 8 values per channel, seeds 0-7, both nets: stock 1.6e-6..3.5e-6 in the output,
+    1.7e-6..1.4e-5 input grad, 4.7e-6..3.3e-5 worst parameter grad, 1.1e-7..4.4e-7 statistics, 1.5e-7..7.9e-7
+    eval output; fused 1.6e-6..3.8e-6, 1.4e-6..2.3e-5, 3.2e-6..5.6e-5, 1.3e-7..5.9e-7, 1.8e-7..5.9e-7: at most
+    0.83 of the bound. The interpreter's time is per launch, so the larger batch costs nothing measurable."""
     stock = TINY[name]()
     fused = convert(copy.deepcopy(stock))
-    errors = float32_errors(stock, fused)
-    assert_float32_like_stock(errors, factor=4.0, floor=1e-4)
+    errors = float32_errors(stock, fused, shape=(8, 3, 32, 32))
+    assert_float32_like_stock(errors)
 
 
 @pytest.mark.parametrize("name", list(TINY))

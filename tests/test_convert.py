@@ -90,31 +90,33 @@ def test_resnet18_float32_matches_stock(device):
 
 @pytest.mark.slow
 def test_resnet50_float32_channels_last_error_like_stock(device):
-    """fp32 channels_last resnet50, one training step, judged against a float64 stock copy: the fused
-    model's output, running-statistic and (eval) output errors must be within 3x the stock fp32 model's,
-    or 3e-3 norm-wise (stock's own error is 0.9e-3..1.5e-3 in the output, 4e-4..5e-4 in the statistics over 5
-    seeds; fused 0.8e-3..1.9e-3 and 2e-4..1.1e-3). Gradients: finite only (see the float64 test)."""
+    """fp32 channels_last resnet50, one training step, judged against a float64 copy of stock: the training
+    output, the running statistics (as one vector) and the eval output of the fused model within 2x the stock
+    fp32 model's own error + 8 float32 eps (`assert_runs_like_stock`). Gradients: finite only (see the float64
+    test).
+
+    Batch 8, so layer4's BatchNorms (1x1 maps at 32x32) see 8 values per channel. With batch 4 they see 4:
+    stock's fp32 output error is 5e-4..1e-3 (seeds 0-2) and single runs' fused/stock ratios scatter (up to
+    1.6x here, 2.2x in the statistics in the measurement behind the former bound, 3x stock's or 3e-3).
+    Measured with batch 8, seeds 0-4: stock 1.2e-4..2e-4 in the output, 1e-5..1.3e-5 in the statistics,
+    5.9e-6..1.3e-5 in the eval output; fused 1.2e-4..1.8e-4, 1.1e-5..1.2e-5, 6.4e-6..1.2e-5: at most 0.54 of
+    the bound."""
     stock = _stock("resnet50", device, memory_format=CL)
-    ref = copy.deepcopy(stock).double()
     fused = convert(copy.deepcopy(stock))
-    x = torch.randn(4, 3, 32, 32, device=device).contiguous(memory_format=CL)
-    out_ref = ref(x.double())
-    ref.eval()
-    with torch.no_grad():
-        eval_ref = ref(x.double())
-    errors = {}
-    for tag, model in (("stock", stock), ("fused", fused)):
-        out = model(x)
-        F.cross_entropy(out, torch.arange(4, device=device)).backward()
+    x = torch.randn(8, 3, 32, 32, device=device, dtype=torch.float64).contiguous(memory_format=CL)
+    target = torch.arange(8, device=device)
+
+    def run(model, dtype):
+        out = model.train()(x.to(dtype))
+        F.cross_entropy(out, target).backward()
         assert all(torch.isfinite(p.grad).all() for p in model.parameters())
-        errors[tag] = _norm_error(out, out_ref)
-        errors[tag + " stats"] = max(_norm_error(b, br) for b, br in zip(model.buffers(), ref.buffers())
-                                     if b.is_floating_point())
-        model.eval()
+        results = {"train output": out,
+                   "running statistics": flat((n, b) for n, b in model.named_buffers() if b.is_floating_point())}
         with torch.no_grad():
-            errors[tag + " eval"] = _norm_error(model(x), eval_ref)
-    for key in ("", " stats", " eval"):
-        assert errors["fused" + key] <= max(3 * errors["stock" + key], 3e-3), errors
+            results["eval output"] = model.eval()(x.to(dtype))
+        return results
+
+    assert_runs_like_stock(stock, fused, run)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

@@ -135,6 +135,36 @@ PYBIND11_MODULE(_C, m) {
       "incremented (fr_api.h).");
 
   m.def(
+      "stats_reduce_finalize",
+      [](const fr::Launch& L, u x, u ws, std::int64_t ws_numel, int splits, u mean, u var, u weight, u bias,
+         float eps, u scale, u shift, u running_mean, u running_var, u num_batches_tracked, float momentum,
+         float unbias, u increment, u sem, std::int64_t sem_numel) {
+        fr::StatsFinalizeArgs a;
+        a.mean = ptr<float>(mean);
+        a.var = ptr<float>(var);
+        a.weight = ptr<const float>(weight);
+        a.bias = ptr<const float>(bias);
+        a.eps = eps;
+        a.scale = ptr<float>(scale);
+        a.shift = ptr<float>(shift);
+        a.running_mean = ptr<float>(running_mean);
+        a.running_var = ptr<float>(running_var);
+        a.num_batches_tracked = ptr<const std::int64_t>(num_batches_tracked);
+        a.momentum = momentum;
+        a.unbias = unbias;
+        a.increment = ptr<std::int64_t>(increment);
+        fr::stats_reduce_finalize(L, ptr<const void>(x), ptr<float>(ws), ws_numel, splits, a, ptr<unsigned>(sem),
+                                  sem_numel);
+      },
+      py::arg("launch"), py::arg("x"), py::arg("ws"), py::arg("ws_numel"), py::arg("splits"), py::arg("mean"),
+      py::arg("var"), py::arg("weight"), py::arg("bias"), py::arg("eps"), py::arg("scale"), py::arg("shift"),
+      py::arg("running_mean"), py::arg("running_var"), py::arg("num_batches_tracked"), py::arg("momentum"),
+      py::arg("unbias"), py::arg("increment"), py::arg("sem"), py::arg("sem_numel"),
+      "One launch: stats_partials, and the last block of each channel tile does stats_finalize's work on it "
+      "(same bits); scale / shift 0: not written; sem: >= C zeroed uint32 counters, zero again afterwards "
+      "(fr_api.h).");
+
+  m.def(
       "backward_partials",
       [](const fr::Launch& L, u dy, u x, u scale, u shift, u mean, u res, u xb, u scale_b, u shift_b, u mean_b,
          bool relu, u grad_res, u ws, std::int64_t ws_numel, int splits) {

@@ -14,34 +14,14 @@ namespace fr {
 // Block (kFinalBx, kFinalBy): channel blockIdx.x*kFinalBx + tx; rows of the partials ty, ty+kFinalBy, ...
 __global__ void __launch_bounds__(kFinalBx* kFinalBy) stats_params_kernel(StatsFinalizeArgs a, int C) {
   __shared__ float sh[3][kBlock];
+  stats_increment(a);
+  if (a.ws) {  // the partials' merge: fold_finish (fr_cuda.cuh), as the statistics kernels' last block does it
+    fold_finish<false>(a, a.ws, C, blockIdx.x * kFinalBx, 1, sh);
+    return;
+  }
   const int c = blockIdx.x * kFinalBx + threadIdx.x;
-  float mean = 0.f, var = 1.f;
-  if (a.ws) {
-    Welford w{0.f, 0.f, 0.f};
-    if (c < C) w = welford_partials(a.ws, a.splits, C, c, threadIdx.y, kFinalBy);
-    w = block_reduce_y(w, sh);
-    mean = w.mean;
-    var = w.m2 / w.n;
-  } else if (c < C) {
-    mean = a.mean[c];
-    var = a.var[c];
-  }
-  if (a.increment && blockIdx.x == 0 && threadIdx.x == 0 && threadIdx.y == 0) *a.increment += 1;
   if (threadIdx.y != 0 || c >= C) return;
-  const StatsOut o = bn_finish(mean, var, a.eps, a.weight, a.bias, c);
-  if (a.ws) {
-    a.mean[c] = o.mean;
-    a.var[c] = o.var;
-  }
-  a.scale[c] = o.scale;
-  a.shift[c] = o.shift;
-  if (a.running_mean) {
-    const float factor = a.num_batches_tracked ? 1.f / static_cast<float>(*a.num_batches_tracked) : a.momentum;
-    float rm = a.running_mean[c], rv = a.running_var[c];
-    running_update(rm, rv, o.mean, o.var, a.unbias, factor);
-    a.running_mean[c] = rm;
-    a.running_var[c] = rv;
-  }
+  stats_finish_channel(a, c, a.mean[c], a.var[c], false);
 }
 
 void stats_finalize(const Launch& L, const StatsFinalizeArgs& a) {

@@ -21,10 +21,12 @@ __device__ __forceinline__ void write_welford(float* ws, int split, int splits, 
   ws[ws_index(2, split, c, splits, C)] = w.m2;
 }
 
-// x [M, C] (NHWC). Block (bx, by): bx channel vectors x by rows; grid (channel tiles, splits).
+// x [M, C] (NHWC). Block (bx, by): bx channel vectors x by rows; grid (channel tiles, splits). sem non-null:
+// the last block of each grid column also finalizes its bx*V channels (f; f.ws unused: read through ws).
 template <class T, int V>
 __global__ void __launch_bounds__(kBlock, kMinBlocksPerSm) stats_rows_kernel(const T* __restrict__ x, i64 M, int C,
-                                                            float* __restrict__ ws) {
+                                                                             float* __restrict__ ws,
+                                                                             StatsFinalizeArgs f, unsigned* sem) {
   __shared__ float sh[3][kBlock];
   StatsBody<T, V> body(x);
   const int cv = blockIdx.x * blockDim.x + threadIdx.x;
@@ -34,14 +36,19 @@ __global__ void __launch_bounds__(kBlock, kMinBlocksPerSm) stats_rows_kernel(con
     const Welford w = block_reduce_y(body.lane(j), sh);
     if (threadIdx.y == 0 && cv * V < C) write_welford(ws, blockIdx.y, gridDim.y, C, cv * V + j, w);
   }
+  if (sem && last_block_of_column(sem)) {
+    stats_increment(f);
+    fold_finish<true>(f, ws, C, blockIdx.x * blockDim.x * V, V, sh);
+  }
 }
 
 // x [N, C, HW] (NCHW). Block (1, kBlock) reduces channel blockIdx.x over split blockIdx.y; Planes: V does not
-// divide HW (plane_thread), else channel_thread.
+// divide HW (plane_thread), else channel_thread. sem non-null: the last split finalizes the channel (f).
 template <class T, int V, bool Planes>
 __global__ void __launch_bounds__(kBlock, kMinBlocksPerSm) stats_channels_kernel(const T* __restrict__ x, i64 N,
                                                                                  i64 HW, int C,
-                                                                                 float* __restrict__ ws) {
+                                                                                 float* __restrict__ ws,
+                                                                                 StatsFinalizeArgs f, unsigned* sem) {
   __shared__ float sh[3][kBlock];
   StatsBody<T, V> body(x);
   const i64 v0 = static_cast<i64>(blockIdx.y) * kBlock + threadIdx.y, vs = static_cast<i64>(gridDim.y) * kBlock;
@@ -52,6 +59,10 @@ __global__ void __launch_bounds__(kBlock, kMinBlocksPerSm) stats_channels_kernel
   }
   const Welford w = block_reduce_y(body.merged(), sh);
   if (threadIdx.y == 0) write_welford(ws, blockIdx.y, gridDim.y, C, blockIdx.x, w);
+  if (sem && last_block_of_column(sem)) {
+    stats_increment(f);
+    fold_finish<true>(f, ws, C, blockIdx.x, 1, sh);
+  }
 }
 
 // Block (kFinalBx, kFinalBy): channel blockIdx.x*kFinalBx + tx, splits ty, ty+kFinalBy, ... then a tree.
@@ -76,11 +87,17 @@ void launch_stats_finalize(const float* ws, int splits, int C, float* mean, floa
   check_launch("stats_finalize_kernel");
 }
 
-void stats_partials(const Launch& L, const void* x, float* ws, std::int64_t ws_numel, int splits) {
+namespace {
+
+// sem null: partials only. Else also the fused finalize (f), sem: one zeroed counter per grid column (<= C).
+void stats_launch(const Launch& L, const void* x, float* ws, std::int64_t ws_numel, int splits,
+                  const StatsFinalizeArgs& f, unsigned* sem) {
   DeviceGuard guard(L.device);
   if (splits < 1 || splits > kMaxSplits) throw std::runtime_error("fusedres._C: bad split count");
   check_workspace(ws_numel, 3LL * splits * L.c);
   const cudaStream_t st = stream_of(L);
+  // the fused finalize folds with the first kFinalBy rows of the block (row_plan: by = kBlock / bx >= 8)
+  static_assert(kBlock / kMaxBx >= kFinalBy, "row blocks too short for the fused finalize");
   dispatch_dtype(L.dtype, [&](auto tag) {
     using T = decltype(tag);
     constexpr int VV = 16 / sizeof(T);
@@ -90,26 +107,49 @@ void stats_partials(const Launch& L, const void* x, float* ws, std::int64_t ws_n
     switch (choose_reduce(L.channels_last, aligned16({x}), L.c, L.hw, VV)) {
       case Reduce::kRowsVec: {
         const RowPlan p = row_plan(L.c, VV, splits);
-        stats_rows_kernel<T, VV><<<dim3(p.gx, p.gy), dim3(p.bx, p.by), 0, st>>>(xp, M, L.c, ws);
+        stats_rows_kernel<T, VV><<<dim3(p.gx, p.gy), dim3(p.bx, p.by), 0, st>>>(xp, M, L.c, ws, f, sem);
         break;
       }
       case Reduce::kRowsScalar: {
         const RowPlan p = row_plan(L.c, 1, splits);
-        stats_rows_kernel<T, 1><<<dim3(p.gx, p.gy), dim3(p.bx, p.by), 0, st>>>(xp, M, L.c, ws);
+        stats_rows_kernel<T, 1><<<dim3(p.gx, p.gy), dim3(p.bx, p.by), 0, st>>>(xp, M, L.c, ws, f, sem);
         break;
       }
       case Reduce::kChannelsVec:
-        stats_channels_kernel<T, VV, false><<<cgrid, dim3(1, kBlock), 0, st>>>(xp, L.n, L.hw, L.c, ws);
+        stats_channels_kernel<T, VV, false><<<cgrid, dim3(1, kBlock), 0, st>>>(xp, L.n, L.hw, L.c, ws, f, sem);
         break;
       case Reduce::kChannelsPlanes:
-        stats_channels_kernel<T, VV, true><<<cgrid, dim3(1, kBlock), 0, st>>>(xp, L.n, L.hw, L.c, ws);
+        stats_channels_kernel<T, VV, true><<<cgrid, dim3(1, kBlock), 0, st>>>(xp, L.n, L.hw, L.c, ws, f, sem);
         break;
       case Reduce::kChannelsScalar:
-        stats_channels_kernel<T, 1, false><<<cgrid, dim3(1, kBlock), 0, st>>>(xp, L.n, L.hw, L.c, ws);
+        stats_channels_kernel<T, 1, false><<<cgrid, dim3(1, kBlock), 0, st>>>(xp, L.n, L.hw, L.c, ws, f, sem);
         break;
     }
     check_launch("stats kernel");
   });
+}
+
+}  // namespace
+
+void stats_partials(const Launch& L, const void* x, float* ws, std::int64_t ws_numel, int splits) {
+  stats_launch(L, x, ws, ws_numel, splits, StatsFinalizeArgs{}, nullptr);
+}
+
+void stats_reduce_finalize(const Launch& L, const void* x, float* ws, std::int64_t ws_numel, int splits,
+                           const StatsFinalizeArgs& f, unsigned* sem, std::int64_t sem_numel) {
+  if (!sem) throw std::runtime_error("fusedres._C: stats_reduce_finalize needs a semaphore buffer");
+  if (sem_numel < L.c) {
+    throw std::runtime_error("fusedres._C: the semaphore buffer has " + std::to_string(sem_numel) +
+                             " counters, the launch needs " + std::to_string(L.c));
+  }
+  if (!f.mean || !f.var) throw std::runtime_error("fusedres._C: stats_reduce_finalize needs mean and var");
+  if (f.running_mean && !f.running_var) throw std::runtime_error("fusedres._C: running_var missing");
+  if (f.increment && f.num_batches_tracked)
+    throw std::runtime_error("fusedres._C: increment and the cumulative factor exclude each other");
+  StatsFinalizeArgs g = f;
+  g.ws = ws;
+  g.splits = splits;
+  stats_launch(L, x, ws, ws_numel, splits, g, sem);
 }
 
 void batch_stats(const Launch& L, const void* x, float* mean, float* var, float* ws, std::int64_t ws_numel,

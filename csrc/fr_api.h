@@ -66,6 +66,15 @@ struct StatsFinalizeArgs {
 };
 void stats_finalize(const Launch& L, const StatsFinalizeArgs& a);
 
+// stats_partials and stats_finalize (with partials) in one launch: the statistics kernels write their partials
+// into ws, and the last block to finish each channel tile (an atomic ticket in sem) merges that tile's partials
+// exactly as stats_finalize does (same order, same bits) and writes the outputs of f: mean and var (required),
+// scale and shift (null: not written), the running statistics, f.increment (+1 by one thread). f.ws and
+// f.splits are taken from ws and splits. sem: as backward_reduce_finalize (>= C zeroed uint32 counters, zero
+// again when the launch completes).
+void stats_reduce_finalize(const Launch& L, const void* x, float* ws, std::int64_t ws_numel, int splits,
+                           const StatsFinalizeArgs& f, unsigned* sem, std::int64_t sem_numel);
+
 // The reduction pass of backward_reduce alone (its first launch): partials into ws[(xb ? 3 : 2)][splits][C].
 void backward_partials(const Launch& L, const void* dy, const void* x, const float* scale, const float* shift,
                        const float* mean, const void* res, const void* xb, const float* scale_b,

@@ -471,17 +471,21 @@ FR_HD i64 ws_index(int q, int split, int c, int splits, int C) {
   return (static_cast<i64>(q) * splits + split) * C + c;
 }
 
+// L2: the partials were written by other blocks of this launch (FR_LDCG); else by an earlier launch.
+template <bool L2 = false>
 FR_HD Welford welford_partials(const float* ws, int splits, int C, int c, int p0, int pstep) {
   Welford w{0.f, 0.f, 0.f};
   for (int p = p0; p < splits; p += pstep) {
-    const Welford b{ws[ws_index(0, p, c, splits, C)], ws[ws_index(1, p, c, splits, C)],
-                    ws[ws_index(2, p, c, splits, C)]};
+    const float* q0 = ws + ws_index(0, p, c, splits, C);
+    const float* q1 = ws + ws_index(1, p, c, splits, C);
+    const float* q2 = ws + ws_index(2, p, c, splits, C);
+    const Welford b = L2 ? Welford{FR_LDCG(q0), FR_LDCG(q1), FR_LDCG(q2)} : Welford{*q0, *q1, *q2};
     w = welford_combine(w, b);
   }
   return w;
 }
 
-// L2: the partials were written by other blocks of this launch (FR_LDCG); else by an earlier launch.
+// As welford_partials, for one plain sum (quantity q).
 template <bool L2 = false>
 FR_HD float sum_partials(const float* ws, int q, int splits, int C, int c, int p0, int pstep) {
   float s = 0.f;

@@ -36,15 +36,17 @@ constexpr int kMinBlocksPerSm = 2;
 
 // Combine the values of all threadIdx.y of each threadIdx.x column (tree_start order; the result is valid in
 // every thread afterwards). sh: 3 x blockDim.x*blockDim.y floats. Ends with a barrier, so sh can be reused.
-__device__ __forceinline__ Welford block_reduce_y(Welford w, float (*sh)[kBlock]) {
-  const int tx = threadIdx.x, ty = threadIdx.y, bx = blockDim.x, by = blockDim.y;
+// block_reduce_rows: the same over the first `rows` rows of threads only (rows <= blockDim.y; the others take
+// part in the barriers), so the association depends on `rows` alone.
+__device__ __forceinline__ Welford block_reduce_rows(Welford w, float (*sh)[kBlock], int rows) {
+  const int tx = threadIdx.x, ty = threadIdx.y, bx = blockDim.x;
   const int t = ty * bx + tx;
   sh[0][t] = w.n;
   sh[1][t] = w.mean;
   sh[2][t] = w.m2;
   __syncthreads();
-  for (int s = tree_start(by); s > 0; s >>= 1) {
-    if (ty < s && ty + s < by) {
+  for (int s = tree_start(rows); s > 0; s >>= 1) {
+    if (ty < s && ty + s < rows) {
       const int u = t + s * bx;
       const Welford r = welford_combine(Welford{sh[0][t], sh[1][t], sh[2][t]}, Welford{sh[0][u], sh[1][u], sh[2][u]});
       sh[0][t] = r.n;
@@ -56,6 +58,10 @@ __device__ __forceinline__ Welford block_reduce_y(Welford w, float (*sh)[kBlock]
   const Welford r{sh[0][tx], sh[1][tx], sh[2][tx]};
   __syncthreads();
   return r;
+}
+
+__device__ __forceinline__ Welford block_reduce_y(Welford w, float (*sh)[kBlock]) {
+  return block_reduce_rows(w, sh, blockDim.y);
 }
 
 // The same tree for up to 3 plain sums (backward), over the first `rows` rows of threads (rows <= blockDim.y;
@@ -100,6 +106,30 @@ __device__ __forceinline__ void fold_finish(const BwdFinalizeArgs& a, const floa
     block_sum_rows<Q>(v, sh, kFinalBy);
     if (threadIdx.y == 0 && c < C) bwd_finish_channel<Q>(a, c, v);
   }
+}
+
+// The forward counterpart (statistics partials ws[3][splits][C] -> StatsFinalizeArgs outputs): per channel,
+// thread row ty < kFinalBy merges the Welford partials of splits ty, ty + kFinalBy, ... (welford_partials), the
+// first kFinalBy rows are combined by the block tree (block_reduce_rows), then stats_finish_channel with the
+// biased variance m2 / n. stats_params_kernel (block (kFinalBx, kFinalBy), one chunk) and the last block of a
+// statistics kernel (any block of >= kFinalBy rows) give bitwise the same results.
+template <bool L2>
+__device__ __forceinline__ void fold_finish(const StatsFinalizeArgs& a, const float* ws, int C, int c_lo,
+                                            int chunks, float (*sh)[kBlock]) {
+  for (int k = 0; k < chunks; ++k) {
+    const int c = c_lo + k * static_cast<int>(blockDim.x) + static_cast<int>(threadIdx.x);
+    const bool live = c < C && threadIdx.y < kFinalBy;
+    Welford w{0.f, 0.f, 0.f};
+    if (live) w = welford_partials<L2>(ws, a.splits, C, c, threadIdx.y, kFinalBy);
+    w = block_reduce_rows(w, sh, kFinalBy);
+    if (threadIdx.y == 0 && c < C) stats_finish_channel(a, c, w.mean, w.m2 / w.n, true);
+  }
+}
+
+// num_batches_tracked += 1 (a.increment) by one thread of the launch: thread (0, 0) of the block(s) with
+// blockIdx.x == 0 that call it (stats_params_kernel: block 0; a statistics kernel: the last block of column 0).
+__device__ __forceinline__ void stats_increment(const StatsFinalizeArgs& a) {
+  if (a.increment && blockIdx.x == 0 && threadIdx.x == 0 && threadIdx.y == 0) *a.increment += 1;
 }
 
 // The "last block" of a grid column (threadFenceReduction): called by every thread of the block after its

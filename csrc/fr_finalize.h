@@ -46,6 +46,28 @@ FR_HD void running_update(float& rm, float& rv, float mean, float var, float unb
   rv = lerp_f(rv, var * unbias, factor);
 }
 
+// Everything the forward finalize does with channel c once its (mean, biased var) are known: (scale, shift)
+// where a.scale / a.shift are given, (mean, var) stored when `store_stats` (they came from the partials), the
+// running statistics updated when a.running_mean is given (factor: momentum, or 1 / *num_batches_tracked).
+// Shared by stats_params_kernel (bn_act_finalize.cu), the last-block finalize of the statistics kernels
+// (bn_act_forward.cu) and the host harness.
+FR_HD void stats_finish_channel(const StatsFinalizeArgs& a, int c, float mean, float var, bool store_stats) {
+  const StatsOut o = bn_finish(mean, var, a.eps, a.weight, a.bias, c);
+  if (store_stats) {
+    a.mean[c] = o.mean;
+    a.var[c] = o.var;
+  }
+  if (a.scale) a.scale[c] = o.scale;
+  if (a.shift) a.shift[c] = o.shift;
+  if (a.running_mean) {
+    const float factor = a.num_batches_tracked ? 1.f / static_cast<float>(*a.num_batches_tracked) : a.momentum;
+    float rm = a.running_mean[c], rv = a.running_var[c];
+    running_update(rm, rv, o.mean, o.var, a.unbias, factor);
+    a.running_mean[c] = rm;
+    a.running_var[c] = rv;
+  }
+}
+
 // Backward finalize, one side. Modes: 0 absent; 1 BatchNorm: out = (k_x, k_c, grad_weight, grad_bias);
 // 2 affine (scale_shift_act): out = (grad_mean, grad_scale, grad_shift); 3 weighted residual: out[1] =
 // grad_scale. k_g is the side's scale itself (the apply pass reads it directly).

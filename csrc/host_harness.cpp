@@ -129,20 +129,36 @@ void stats_partials(const float* x, const Shape& s, bool vec_path, int splits, s
   }
 }
 
-std::tuple<F32, F32, int> stats(const F32& x, i64 n, int c, i64 hw, bool cl, int vec, bool aligned, int sm_count) {
-  const Shape s{n, hw, c, cl};
+// The statistics kernels' partials ws[3][splits][C] as stats_partials launches them; `v` is the vector width
+// of the kernel chosen (1 for the scalar paths).
+struct StatsPartials {
+  std::vector<float> ws;
+  int splits, v;
+};
+
+StatsPartials stats_ws(const F32& x, const Shape& s, int vec, bool aligned, int sm_count) {
   check_size(x, s.numel(), "x");
-  const int splits = fr::reduce_splits(n, c, hw, cl, 16 / vec, sm_count);
-  const fr::Reduce kind = fr::choose_reduce(cl, aligned, c, hw, vec);
+  const int c = s.c;
+  const int splits = fr::reduce_splits(s.n, c, s.hw, s.cl, 16 / vec, sm_count);
+  const fr::Reduce kind = fr::choose_reduce(s.cl, aligned, c, s.hw, vec);
   const bool planes = kind == fr::Reduce::kChannelsPlanes;
   const bool vp = kind == fr::Reduce::kRowsVec || kind == fr::Reduce::kChannelsVec || planes;
-  std::vector<float> ws(3 * static_cast<size_t>(splits) * c, std::numeric_limits<float>::quiet_NaN());
-  switch (vp ? vec : 1) {
-    case 1: stats_partials<1>(data(x), s, true, splits, ws); break;
-    case 4: stats_partials<4>(data(x), s, true, splits, ws, planes); break;
-    case 8: stats_partials<8>(data(x), s, true, splits, ws, planes); break;
+  StatsPartials r{std::vector<float>(3 * static_cast<size_t>(splits) * c, std::numeric_limits<float>::quiet_NaN()),
+                  splits, vp ? vec : 1};
+  switch (r.v) {
+    case 1: stats_partials<1>(data(x), s, true, splits, r.ws); break;
+    case 4: stats_partials<4>(data(x), s, true, splits, r.ws, planes); break;
+    case 8: stats_partials<8>(data(x), s, true, splits, r.ws, planes); break;
     default: throw std::invalid_argument("vec must be 1, 4 or 8");
   }
+  return r;
+}
+
+std::tuple<F32, F32, int> stats(const F32& x, i64 n, int c, i64 hw, bool cl, int vec, bool aligned, int sm_count) {
+  const Shape s{n, hw, c, cl};
+  StatsPartials r = stats_ws(x, s, vec, aligned, sm_count);
+  const int splits = r.splits;
+  std::vector<float>& ws = r.ws;
   // stats_finalize_kernel: block (kFinalBx, kFinalBy) per 32 channels.
   F32 mean = nan_array(c), var = nan_array(c);
   for (int c0 = 0; c0 < c; c0 += fr::kFinalBx) {
@@ -157,6 +173,75 @@ std::tuple<F32, F32, int> stats(const F32& x, i64 n, int c, i64 hw, bool cl, int
     }
   }
   return {mean, var, splits};
+}
+
+// Emulates the forward fold_finish (fr_cuda.cuh, StatsFinalizeArgs overload) in a block of bx threads per row
+// (>= kFinalBy rows, the first kFinalBy take part): chunk k, thread (tx, ty) merges channel c_lo + k*bx + tx's
+// splits ty, ty + kFinalBy, ... (welford_partials<true>), the tree folds the kFinalBy rows, then
+// stats_finish_channel (fr_finalize.h) with the biased variance m2 / n.
+void fold_finish_stats(const fr::StatsFinalizeArgs& a, const float* ws, int C, int c_lo, int chunks, int bx) {
+  for (int k = 0; k < chunks; ++k) {
+    std::vector<fr::Welford> w(static_cast<size_t>(bx) * fr::kFinalBy, fr::Welford{0.f, 0.f, 0.f});
+    for (int ty = 0; ty < fr::kFinalBy; ++ty)
+      for (int tx = 0; tx < bx; ++tx) {
+        const int c = c_lo + k * bx + tx;
+        if (c < C) w[ty * bx + tx] = fr::welford_partials<true>(ws, a.splits, C, c, ty, fr::kFinalBy);
+      }
+    tree_y(w, bx, fr::kFinalBy, fr::welford_combine);
+    for (int tx = 0; tx < bx; ++tx) {
+      const int c = c_lo + k * bx + tx;
+      if (c < C) fr::stats_finish_channel(a, c, w[tx].mean, w[tx].m2 / w[tx].n, true);
+    }
+  }
+}
+
+// Emulates stats_reduce_finalize: the statistics kernels, then, for every grid column, its last block's
+// fold_finish with that kernel's block shape (rows: bx channel vectors of V channels, V chunks; NCHW: one
+// channel per block, bx = 1), and the one increment. Returns (mean, var, scale, shift, running_mean | None,
+// running_var | None, num_batches_tracked + increments | None, splits).
+py::tuple stats_reduce_finalize(const F32& x, i64 n, int c, i64 hw, bool cl, int vec, bool aligned, int sm_count,
+                                const OptF32& weight, const OptF32& bias, float eps, const OptF32& running_mean,
+                                const OptF32& running_var, std::optional<std::int64_t> nbt, float momentum,
+                                float unbias, bool increment) {
+  const Shape s{n, hw, c, cl};
+  StatsPartials r = stats_ws(x, s, vec, aligned, sm_count);
+  F32 mean = nan_array(c), var = nan_array(c), scale = nan_array(c), shift = nan_array(c);
+  std::optional<F32> rm, rv;
+  if (running_mean) {
+    rm = F32(static_cast<py::ssize_t>(c), running_mean->data());
+    rv = F32(static_cast<py::ssize_t>(c), running_var->data());
+  }
+  std::int64_t counter = nbt ? *nbt : 0;
+  fr::StatsFinalizeArgs a;
+  a.ws = r.ws.data();
+  a.splits = r.splits;
+  a.mean = mean.mutable_data();
+  a.var = var.mutable_data();
+  a.weight = data(weight);
+  a.bias = data(bias);
+  a.eps = eps;
+  a.scale = scale.mutable_data();
+  a.shift = shift.mutable_data();
+  a.running_mean = rm ? rm->mutable_data() : nullptr;
+  a.running_var = rv ? rv->mutable_data() : nullptr;
+  a.num_batches_tracked = nbt && !increment ? &counter : nullptr;
+  a.momentum = momentum;
+  a.unbias = unbias;
+  a.increment = increment ? &counter : nullptr;
+  auto column = [&](int c_lo, int chunks, int bx, bool first) {
+    if (first && a.increment) *a.increment += 1;  // stats_increment: the last block of column 0, thread (0, 0)
+    fold_finish_stats(a, r.ws.data(), c, c_lo, chunks, bx);
+  };
+  if (cl) {
+    const fr::RowPlan p = fr::row_plan(c, r.v, r.splits);
+    for (int gxi = 0; gxi < p.gx; ++gxi) column(gxi * p.bx * r.v, r.v, p.bx, gxi == 0);
+  } else {
+    for (int ci = 0; ci < c; ++ci) column(ci, 1, 1, ci == 0);
+  }
+  py::object prm = rm ? py::object(*rm) : py::object(py::none());
+  py::object prv = rv ? py::object(*rv) : py::object(py::none());
+  py::object pn = nbt ? py::object(py::int_(counter)) : py::object(py::none());
+  return py::make_tuple(mean, var, scale, shift, prm, prv, pn, r.splits);
 }
 
 // ------------------------------------------------------------------------------------------------ elementwise
@@ -731,6 +816,14 @@ PYBIND11_MODULE(_C_host, m) {
   m.def("stats", &stats, py::arg("x"), py::arg("n"), py::arg("c"), py::arg("hw"), py::arg("channels_last"),
         py::arg("vec"), py::arg("aligned") = true, py::arg("sm_count") = 4,
         "batch_stats as the kernels compute it: (mean, biased var, splits).");
+  m.def("stats_reduce_finalize", &stats_reduce_finalize, py::arg("x"), py::arg("n"), py::arg("c"), py::arg("hw"),
+        py::arg("channels_last"), py::arg("vec"), py::arg("aligned") = true, py::arg("sm_count") = 4,
+        py::arg("weight") = py::none(), py::arg("bias") = py::none(), py::arg("eps") = 1e-5f,
+        py::arg("running_mean") = py::none(), py::arg("running_var") = py::none(),
+        py::arg("num_batches_tracked") = py::none(), py::arg("momentum") = 0.1f, py::arg("unbias") = 1.f,
+        py::arg("increment") = false,
+        "the fused statistics + last-block finalize: (mean, var, scale, shift, running_mean | None, "
+        "running_var | None, num_batches_tracked after | None, splits)");
   m.def("apply", &apply, py::arg("x"), py::arg("mean"), py::arg("scale"), py::arg("shift"), py::arg("res"),
         py::arg("xb"), py::arg("mean_b"), py::arg("scale_b"), py::arg("shift_b"), py::arg("relu"), py::arg("n"), py::arg("c"), py::arg("hw"),
         py::arg("channels_last"), py::arg("vec"), py::arg("aligned") = true, py::arg("sm_count") = 4);

@@ -554,6 +554,48 @@ def test_fused_finalize_is_bitwise_the_separate_finalize(h, case, variant):
             assert out_b[i].tobytes() == want_b[i].tobytes(), (variant, i)
 
 
+@pytest.mark.parametrize("variant", ["momentum", "cumulative", "increment", "no_affine", "stats_only"])
+@pytest.mark.parametrize("case", FUSED_CASES, ids=lambda t: "x".join(map(str, t[:4])) + f"-cl{int(t[4])}-v{t[5]}"
+                         + ("" if t[6] else "-unaligned"))
+def test_fused_stats_finalize_is_bitwise_the_separate_finalize(h, case, variant):
+    """stats_reduce_finalize (the last block of each statistics grid column merges its channels' Welford
+    partials, with the statistics kernel's own block shape, and finishes them) gives bit for bit the mean, var,
+    scale, shift and running statistics of the two-launch path: partials -> stats_params_kernel's merge (block
+    (kFinalBx, kFinalBy), emulated by `stats`) -> its per-channel finish (`stats_finalize`); num_batches_tracked
+    is incremented exactly once."""
+    n, c, hh, ww, cl, vec, aligned = case
+    torch.manual_seed(n * 1000 + c + 7)
+    eps = 1e-3
+    x = torch.randn(n, c, hh, ww) * 3 + 1
+    x[0, 0] = -0.0  # a channel whose partials may be -0
+    w, b = (None, None) if variant in ("no_affine", "stats_only") else (torch.rand(c) + 0.5, torch.randn(c))
+    running = variant != "stats_only"
+    rm, rv = (torch.randn(c), torch.rand(c) + 0.5) if running else (None, None)
+    nbt = 4 if variant in ("cumulative", "increment") else None
+    momentum = 0.0 if variant == "cumulative" else 0.1
+    count = n * hh * ww
+    unbias = count / (count - 1)
+    mem = to_mem(x, cl)
+    mean, var, splits = h.stats(mem, n, c, hh * ww, cl, vec, aligned, 132)
+    got = h.stats_reduce_finalize(mem, n, c, hh * ww, cl, vec, aligned, 132, weight=npv(w), bias=npv(b), eps=eps,
+                                  running_mean=npv(rm), running_var=npv(rv), num_batches_tracked=nbt,
+                                  momentum=momentum, unbias=unbias, increment=variant == "increment")
+    f_mean, f_var, f_scale, f_shift, f_rm, f_rv, f_nbt, f_splits = got
+    assert f_splits == splits
+    assert f_mean.tobytes() == mean.tobytes() and f_var.tobytes() == var.tobytes()  # bitwise, -0 included
+    factor_nbt = nbt if variant == "cumulative" else None
+    scale, shift, new_rm, new_rv = h.stats_finalize(mean, var, npv(w), npv(b), eps, npv(rm), npv(rv), factor_nbt,
+                                                    momentum, unbias)
+    assert f_scale.tobytes() == scale.tobytes() and f_shift.tobytes() == shift.tobytes()
+    if running:
+        assert f_rm.tobytes() == new_rm.tobytes() and f_rv.tobytes() == new_rv.tobytes()
+    else:
+        assert f_rm is None and f_rv is None
+    assert f_nbt == (None if nbt is None else nbt + (variant == "increment"))
+    torch.testing.assert_close(torch.from_numpy(f_mean), x.mean((0, 2, 3)), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(torch.from_numpy(f_var), x.var((0, 2, 3), unbiased=False), rtol=1e-4, atol=1e-4)
+
+
 def test_fused_finalize_cases_fold_many_splits(h):
     """The fused cases above include grids whose folding rows each add several partials (splits > kFinalBy)."""
     many = [h.reduce_splits(n, c, hh * ww, cl, 16 // vec, 132) for n, c, hh, ww, cl, vec, _ in FUSED_CASES]

@@ -329,6 +329,76 @@ def test_fused_backward_counters_per_stream():
     assert torch.equal(got[0], want[0]) and all(torch.equal(u, v) for u, v in zip(got[3], want[3]))
 
 
+def _bn_stats_two_launches(x, weight, bias, eps, running_mean, running_var, momentum, num_batches_tracked,
+                           increment=None):
+    """fusedres.cuda.bn_stats as it was before the finalize moved into the statistics kernel: stats_partials, then
+    stats_finalize (fusedres.cuda._finalize without `fused`). Returns (mean, var, scale, shift)."""
+    from fusedres import cuda as C
+
+    ext = C.extension()
+    L = C._launch(ext, x)
+    mean, var = C._channels(x), C._channels(x)
+    ws, splits = C._workspace(ext, x, 3)
+    ext.stats_partials(L, x.data_ptr(), ws.data_ptr(), ws.numel(), splits)
+    scale, shift = C._finalize(ext, L, x, ws, splits, mean, var, weight, bias, eps, running_mean, running_var,
+                               momentum, num_batches_tracked, increment)
+    return mean, var, scale, shift
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("variant", ["momentum", "cumulative", "increment", "bf16_running", "no_affine"])
+@pytest.mark.parametrize("shape", [(2, 3, 5, 5), (3, 1000, 2, 2), (4, 64, 28, 28)] if QUICK else
+                         [(2, 3, 5, 5), (3, 1000, 2, 2), (32, 256, 28, 28), (8, 24, 14, 14), (2, 2048, 7, 7)])
+def test_fused_stats_is_bitwise_the_two_launch_stats(shape, dtype, channels_last, variant):
+    """bn_stats (stats_reduce_finalize: the statistics kernel's last block per channel tile finalizes) gives the
+    same bits as stats_partials + stats_finalize for mean, var, scale, shift and the running statistics, run to
+    run; num_batches_tracked gets exactly one per call; the counters are 0 afterwards."""
+    from fusedres import cuda as C
+
+    x = make(shape, dtype, channels_last, 0.5)
+    c = shape[1]
+    weight, bias = (None, None) if variant == "no_affine" else (torch.rand(c, device="cuda") + 0.5,
+                                                              torch.randn(c, device="cuda"))
+    rdt = torch.bfloat16 if variant == "bf16_running" else torch.float32  # bf16: torch's lerp_ after the kernel
+    rm0, rv0 = torch.randn(c, device="cuda").to(rdt), (torch.rand(c, device="cuda") + 0.5).to(rdt)
+    momentum = None if variant == "cumulative" else 0.1
+    for _ in range(2):
+        nbt = [torch.tensor(3, device="cuda") for _ in range(2)]
+        rm, rv = [rm0.clone(), rm0.clone()], [rv0.clone(), rv0.clone()]
+        inc = variant == "increment"
+        want = _bn_stats_two_launches(x, weight, bias, 1e-3, rm[0], rv[0], momentum, nbt[0],
+                                      nbt[0] if inc else None)
+        got = cuda_backend.bn_stats(x, weight, bias, 1e-3, rm[1], rv[1], momentum, nbt[1], nbt[1] if inc else None)
+        for u, v in zip(got, want):
+            assert torch.equal(_bits(u), _bits(v))
+        assert torch.equal(_bits(rm[1]), _bits(rm[0])) and torch.equal(_bits(rv[1]), _bits(rv[0]))
+        assert int(nbt[1]) == int(nbt[0]) == 3 + inc
+    torch.cuda.synchronize()
+    sem = C._semaphore(x, c)
+    assert sem.numel() >= c and int(sem.count_nonzero()) == 0
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("misaligned", [False, True])
+@pytest.mark.parametrize("shape", [(3, 5, 7, 7), (3, 1000, 2, 2), (8, 64, 56, 56)])
+def test_fused_batch_stats_is_bitwise_the_two_launch_batch_stats(shape, channels_last, misaligned):
+    """batch_stats (one stats_reduce_finalize launch, mean and var only) is bitwise _C.batch_stats (partials +
+    stats_finalize_kernel)."""
+    from fusedres import cuda as C
+
+    x = make(shape, torch.float16, channels_last, 0.5, misaligned=misaligned)
+    ext = C.extension()
+    mean, var = C._channels(x), C._channels(x)
+    ws, splits = C._workspace(ext, x, 3)
+    ext.batch_stats(C._launch(ext, x), x.data_ptr(), mean.data_ptr(), var.data_ptr(), ws.data_ptr(), ws.numel(),
+                    splits)
+    got = cuda_backend.batch_stats(x)
+    assert torch.equal(_bits(got[0]), _bits(mean)) and torch.equal(_bits(got[1]), _bits(var))
+    torch.cuda.synchronize()
+    assert int(C._semaphore(x, shape[1]).count_nonzero()) == 0
+
+
 def test_runs_on_the_current_stream():
     shape = (4, 64, 14, 14)
     a = inputs(shape, torch.float16, True, "residual")

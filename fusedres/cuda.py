@@ -5,8 +5,9 @@ The extension sees raw device pointers, sizes, a layout flag and the current tor
 headers — so one build serves every torch version. Everything torch-specific happens here: input checks,
 layout of the secondary tensors, output and workspace allocation (`fusedres._layout.empty*`, so test poisoning
 applies), the stream. Reductions write per-block partials to a workspace and fold them in a fixed order in a
-second kernel, or (the fused BatchNorm backward) in the last block of the same kernel to finish its channels:
-results are deterministic (no float atomics; an integer ticket only picks which block folds).
+second kernel, or (the fused BatchNorm's statistics and backward, batch_stats) in the last block of the same
+kernel to finish its channels: results are deterministic (no float atomics; an integer ticket only picks which
+block folds).
 
 `fusedres._C` is imported on first use; when it is missing (no CUDA toolkit at install time) every input is
 refused with the reason and the dispatcher falls back to Triton.
@@ -116,12 +117,12 @@ def _workspace(ext, x: torch.Tensor, quantities: int) -> tuple[torch.Tensor, int
     return torch.empty(quantities * splits * c, dtype=torch.float32, device=x.device), splits
 
 
-# Zeroed uint32 counters of backward_reduce_finalize's last-block finalize (csrc/fr_cuda.cuh
-# last_block_of_column), one buffer per (device index, stream): each launch leaves its counters at zero again,
-# so the buffer is zero-filled once, when it is made (or grown), and never memset per launch. A buffer must
-# serve one stream only: launches on one stream run one after another, two streams sharing counters could
-# interleave their tickets. Kernels still in flight on the stream keep an outgrown buffer's memory valid (the
-# caching allocator reuses it only in that stream's order).
+# Zeroed uint32 counters of the last-block finalizes (stats_reduce_finalize, backward_reduce_finalize;
+# csrc/fr_cuda.cuh last_block_of_column), one buffer per (device index, stream): each launch leaves its
+# counters at zero again, so the buffer is zero-filled once, when it is made (or grown), and never memset per
+# launch. A buffer must serve one stream only: launches on one stream run one after another, two streams
+# sharing counters could interleave their tickets. Kernels still in flight on the stream keep an outgrown
+# buffer's memory valid (the caching allocator reuses it only in that stream's order).
 def _semaphore(x: torch.Tensor, n: int) -> torch.Tensor | None:
     """At least n zeroed counters for a launch on x's device and the current stream (fusedres._counters); None
     where nothing runs (not a real CUDA tensor: the launch-counting fakes of fusedres.bench.count)."""
@@ -134,12 +135,15 @@ def _semaphore(x: torch.Tensor, n: int) -> torch.Tensor | None:
 
 # ------------------------------------------------------------------------------------------------ primitives
 def batch_stats(x: torch.Tensor):
-    """Per-channel mean and biased variance (float32) of x [N, C, H, W]."""
+    """Per-channel mean and biased variance (float32) of x [N, C, H, W]: one stats_reduce_finalize launch (the
+    statistics kernel's last block per channel tile merges the partials)."""
     ext = _load()
     mean, var = _channels(x), _channels(x)
     ws, splits = _workspace(ext, x, 3)
-    ext.batch_stats(_launch(ext, x), x.data_ptr(), mean.data_ptr(), var.data_ptr(), ws.data_ptr(), ws.numel(),
-                    splits)
+    sem = _semaphore(x, x.shape[1])
+    ext.stats_reduce_finalize(_launch(ext, x), x.data_ptr(), ws.data_ptr(), ws.numel(), splits, mean.data_ptr(),
+                              var.data_ptr(), 0, 0, 0.0, 0, 0, 0, 0, 0, 0.0, 1.0, 0, _ptr(sem),
+                              0 if sem is None else sem.numel())
     return mean, var
 
 
@@ -189,16 +193,17 @@ def backward_apply(dy, x, mean, scale, shift, residual, xb, mean_b, scale_b, shi
     return dx, dxb
 
 
-# ------------------------------------------------------------------------------- fused BatchNorm (3 + 2 launches)
+# ------------------------------------------------------------------------------- fused BatchNorm (2 + 2 launches)
 def _f32_buffer(t: torch.Tensor | None) -> bool:
     return t is None or (t.dtype == torch.float32 and t.is_contiguous())
 
 
 def _finalize(ext, L, x, ws, splits, mean, var, weight, bias, eps, running_mean=None, running_var=None,
-              momentum=None, num_batches_tracked=None, increment=None):
-    """One stats_finalize launch: (scale, shift) [and mean, var from the partials when ws is given]; the
-    running statistics are updated in the same launch (float32 buffers; others get torch's lerp_) and
-    `increment` (a num_batches_tracked; momentum then numeric) gets its one added."""
+              momentum=None, num_batches_tracked=None, increment=None, fused=False):
+    """(scale, shift) [and mean, var from the partials when ws is given]; the running statistics are updated in
+    the same launch (float32 buffers; others get torch's lerp_) and `increment` (a num_batches_tracked; momentum
+    then numeric) gets its one added. One stats_finalize launch, or with `fused` (ws given, not yet written) the
+    statistics launch itself: stats_reduce_finalize, whose last block per channel tile does the same work."""
     if increment is not None and momentum is None:
         raise ValueError("fusedres: the finalize increments num_batches_tracked only with a numeric momentum")
     scale, shift = _channels(x), _channels(x)
@@ -207,10 +212,15 @@ def _finalize(ext, L, x, ws, splits, mean, var, weight, bias, eps, running_mean=
     count = x.shape[0] * x.shape[2] * x.shape[3]
     unbias = count / (count - 1) if count > 1 else 1.0
     cumulative = running_mean is not None and momentum is None
-    ext.stats_finalize(L, _ptr(ws), splits, mean.data_ptr(), var.data_ptr(), _ptr(weight), _ptr(bias), float(eps),
-                       scale.data_ptr(), shift.data_ptr(), _ptr(running_mean) if in_kernel else 0,
-                       _ptr(running_var) if in_kernel else 0, _ptr(num_batches_tracked) if cumulative else 0,
-                       float(momentum or 0.0), unbias, _ptr(increment))
+    params = (mean.data_ptr(), var.data_ptr(), _ptr(weight), _ptr(bias), float(eps), scale.data_ptr(),
+              shift.data_ptr(), _ptr(running_mean) if in_kernel else 0, _ptr(running_var) if in_kernel else 0,
+              _ptr(num_batches_tracked) if cumulative else 0, float(momentum or 0.0), unbias, _ptr(increment))
+    if fused:
+        sem = _semaphore(x, x.shape[1])
+        ext.stats_reduce_finalize(L, x.data_ptr(), ws.data_ptr(), ws.numel(), splits, *params, _ptr(sem),
+                                  0 if sem is None else sem.numel())
+    else:
+        ext.stats_finalize(L, _ptr(ws), splits, *params)
     if running_mean is not None and not in_kernel:
         factor = momentum if momentum is not None else 1.0 / num_batches_tracked.to(torch.float32)
         with torch.no_grad():
@@ -220,16 +230,16 @@ def _finalize(ext, L, x, ws, splits, mean, var, weight, bias, eps, running_mean=
 
 
 def bn_stats(x, weight, bias, eps, running_mean, running_var, momentum, num_batches_tracked, increment=None):
-    """(mean, biased var, scale, shift) in two launches (stats_partials + stats_finalize, which also updates the
-    running statistics: momentum, or 1 / num_batches_tracked read on the device when momentum is None, and adds
-    one to `increment`)."""
+    """(mean, biased var, scale, shift) in one launch (stats_reduce_finalize: the statistics kernel, whose last
+    block per channel tile merges the partials exactly as stats_finalize would and also updates the running
+    statistics: momentum, or 1 / num_batches_tracked read on the device when momentum is None, and adds one to
+    `increment`)."""
     ext = _load()
     L = _launch(ext, x)
     mean, var = _channels(x), _channels(x)
     ws, splits = _workspace(ext, x, 3)
-    ext.stats_partials(L, x.data_ptr(), ws.data_ptr(), ws.numel(), splits)
     scale, shift = _finalize(ext, L, x, ws, splits, mean, var, weight, bias, eps, running_mean, running_var,
-                             momentum, num_batches_tracked, increment)
+                             momentum, num_batches_tracked, increment, fused=True)
     return mean, var, scale, shift
 
 
@@ -334,6 +344,17 @@ def _stats_params_kernels(launch, ws, splits, mean, var, weight, bias, eps, scal
                                                                                        running_var, increment])]
 
 
+def _stats_reduce_finalize_kernels(launch, x, ws, ws_numel, splits, mean, var, weight, bias, eps, scale, shift,
+                                   running_mean, running_var, num_batches_tracked, momentum, unbias, increment, sem,
+                                   sem_numel):
+    """One kernel: the statistics pass (partials into ws), then the last block of each channel tile reads the
+    tile's partials back and writes stats_params_kernel's outputs; sem (None when counting) is read and written
+    once per block."""
+    return [("stats_reduce_finalize_kernel",
+             [x, ws, weight, bias, running_mean, running_var, num_batches_tracked, increment, sem],
+             [ws, sem, mean, var, scale, shift, running_mean, running_var, increment])]
+
+
 def _bwd_partials_kernels(launch, dy, x, scale, shift, mean, res, xb, scale_b, shift_b, mean_b, relu, grad_res, ws,
                           ws_numel, splits):
     reads = [dy, x, mean, xb, mean_b] + ([scale, shift, res, scale_b, shift_b] if relu else [])
@@ -359,4 +380,5 @@ def _bwd_reduce_finalize_kernels(launch, dy, x, scale, shift, mean, res, xb, sca
 KERNELS = {"batch_stats": _stats_kernels, "apply": _apply_kernels, "backward_reduce": _bwd_reduce_kernels,
            "backward_apply": _bwd_apply_kernels, "stats_partials": _stats_partials_kernels,
            "stats_finalize": _stats_params_kernels, "backward_partials": _bwd_partials_kernels,
-           "backward_finalize": _bwd_finalize_kernels, "backward_reduce_finalize": _bwd_reduce_finalize_kernels}
+           "backward_finalize": _bwd_finalize_kernels, "backward_reduce_finalize": _bwd_reduce_finalize_kernels,
+           "stats_reduce_finalize": _stats_reduce_finalize_kernels}

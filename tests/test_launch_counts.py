@@ -8,8 +8,9 @@ A training-mode fused BatchNorm is, with no per-channel torch op around its laun
 - Triton: 2 forward (the statistics pass, whose last program per channel block finalizes: scale, shift, the
   running statistics, num_batches_tracked; apply) and 2 backward (the reduction, finalized the same way:
   coefficients and parameter gradients; apply);
-- CUDA: 3 forward (statistics, finalize, apply) and 2 backward (the reduction kernel's last block per channel
-  tile does the finalize: backward_reduce_finalize; then apply).
+- CUDA: 2 forward (the statistics kernel's last block per channel tile does the finalize:
+  stats_reduce_finalize; then apply) and 2 backward (the same for the reduction: backward_reduce_finalize;
+  then apply).
 `LAUNCHES` lists each case per backend. (The first fused launch on a stream also zero-fills its counter buffer
 once, fusedres._counters: not counted here.)
 """
@@ -37,7 +38,7 @@ _FREE = {"empty", "empty_strided", "empty_like", "new_empty", "new_empty_strided
 # Kernel launches of each fusedres._C entry point (csrc/fr_api.h).
 _C_LAUNCHES = {"stats_partials": 1, "stats_finalize": 1, "apply": 1, "backward_partials": 1,
                "backward_finalize": 1, "backward_apply": 1, "batch_stats": 2, "backward_reduce": 2,
-               "backward_reduce_finalize": 1}
+               "backward_reduce_finalize": 1, "stats_reduce_finalize": 1}
 
 
 class _Counter(TorchDispatchMode):
@@ -93,11 +94,11 @@ class _FakeExtension:
 
 # (forward, backward) launches per case and backend
 LAUNCHES = {
-    "bn_act_train": {"triton": (2, 2), "cuda": (3, 2)},
+    "bn_act_train": {"triton": (2, 2), "cuda": (2, 2)},
     "bn_act_eval": {"triton": (2, 3), "cuda": (2, 3)},  # backward: (scale, shift) again, then the backward
-    "dual_bn_act_train": {"triton": (3, 2), "cuda": (5, 2)},  # a statistics pass (+ finalize) per BatchNorm
+    "dual_bn_act_train": {"triton": (3, 2), "cuda": (3, 2)},  # a statistics pass (+ finalize) per BatchNorm
     "scale_shift_act": {"triton": (1, 2), "cuda": (1, 2)},
-    "batch_stats": {"triton": (1, None), "cuda": (2, None)},
+    "batch_stats": {"triton": (1, None), "cuda": (1, None)},
 }
 
 

@@ -14,7 +14,7 @@ and `not_supported_reasons(x) -> list[str]`:
         -> (sum_g, sum_g_xc, sum_g_xbc | None, grad_residual | None)
     backward_apply(dy, x, mean, scale, shift, residual, xb, mean_b, scale_b, shift_b, relu,
                    k_g, k_x, k_c, k_g_b, k_x_b, k_c_b) -> (dx, dxb | None)
-bn_stats, apply and backward are a fused BatchNorm's 3 + 3 launches (CUDA: 3 + 2; docs/launches.md);
+bn_stats, apply and backward are a fused BatchNorm's 3 + 3 launches (CUDA: 2 + 2; docs/launches.md);
 backward_reduce / backward_apply serve the synchronised ops, which all-reduce the sums in between. A second
 input xb without mean_b / shift_b is a weighted residual xb * scale_b.
 

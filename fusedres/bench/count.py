@@ -23,7 +23,6 @@ import contextlib
 import copy
 import functools
 import inspect
-import math
 import time
 import warnings
 import weakref

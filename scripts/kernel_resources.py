@@ -251,7 +251,8 @@ def triton_variants(arch: int):
     runs += [(torch.bfloat16, "ieee", fold_tail, configs[0]), (torch.float32, "tf32", conv_mode, configs[0])]
     for dtype, prec, flags, kw in runs:
         dname = str(dtype).split(".")[1]
-        consts = dict(flags, KH=3, KW=3, PRECISION=prec, **TC.conv_constexprs(kw, ints["CIN_G"], 3, 3))
+        consts = dict(flags, KH=3, KW=3, PRECISION=prec, REG_A=TC.reg_a(dtype, arch // 10),
+                      **TC.conv_constexprs(kw, ints["CIN_G"], 3, 3))
         label = TC.config_label(kw) + (" (heuristic)" if kw not in configs else "")
         yield ("conv", TC._conv_kernel, f"{dname} {prec} 3x3 {_flags(consts, keys)}", label,
                launch_args(TC._conv_kernel, conv_ptrs, ints, consts, dtype),
@@ -260,7 +261,8 @@ def triton_variants(arch: int):
     stem = dict(ints, H=224, W=224, C_in=3, OH=112, OW=112, M=256 * 112 * 112, CIN_G=3, stride_h=2, stride_w=2,
                 pad_h=3, pad_w=3)
     kw = TC.heuristic_config(3, 64, 7, 7)
-    consts = dict(none, STATS=True, KH=7, KW=7, PRECISION="ieee", **TC.conv_constexprs(kw, 3, 7, 7))
+    consts = dict(none, STATS=True, KH=7, KW=7, PRECISION="ieee", REG_A=TC.reg_a(torch.bfloat16, arch // 10),
+                  **TC.conv_constexprs(kw, 3, 7, 7))
     yield ("conv", TC._conv_kernel, f"bfloat16 ieee 7x7 stem {_flags(consts, keys)}",
            TC.config_label(kw) + " (heuristic)",
            launch_args(TC._conv_kernel, conv_ptrs, stem, consts, torch.bfloat16),

@@ -102,7 +102,7 @@ def _finalize_modes(res_mode: int, dtype: str):
 def conv_variants():
     """conv_bn_act: every epilogue/prologue switch, each dtype and precision, 1x1/3x3/7x7, the configs'
     tile shapes (GPU and interpreter), int64 offsets."""
-    none = dict(UPCAST=False, PROLOGUE=False, IN_RELU=False, OUT_SCALE=False, OUT_SHIFT=False, RESIDUAL=False, RES_AFFINE=False,
+    none = dict(UPCAST=False, REG_A=False, PROLOGUE=False, IN_RELU=False, OUT_SCALE=False, OUT_SHIFT=False, RESIDUAL=False, RES_AFFINE=False,
                 RELU=False, STATS=False)
     fold = dict(none, OUT_SCALE=True, OUT_SHIFT=True, RELU=True)
     combos = [
@@ -120,11 +120,14 @@ def conv_variants():
             if dtype != "bfloat16" and i != (2 if precision == "tf32" else 5):
                 continue
             yield TC._conv_kernel, dtype, dict(flags, KH=3, KW=3, PRECISION=precision, IDX64=False, **gpu_tile)
+            if flags.get("PROLOGUE") and dtype != "float32":  # the sm_90 launch's prologue form as well
+                yield TC._conv_kernel, dtype, dict(flags, KH=3, KW=3, PRECISION=precision, IDX64=False,
+                                                   REG_A=True, **gpu_tile)
     for kh in (1, 7):
         yield TC._conv_kernel, "bfloat16", dict(fold, KH=kh, KW=kh, PRECISION="ieee", IDX64=False, STAT_ROWS=64,
                                                 BLOCK_M=128, BLOCK_N=64, BLOCK_K=16)
     for cfg in ((256, 128, 64), (128, 256, 64), (64, 64, 16)):  # the extreme autotune tile shapes
-        yield TC._conv_kernel, "float16", dict(combos[2], KH=3, KW=3, PRECISION="ieee", IDX64=False,
+        yield TC._conv_kernel, "float16", dict(combos[2], KH=3, KW=3, PRECISION="ieee", IDX64=False, REG_A=True,
                                                STAT_ROWS=TC.GPU_STAT_ROWS, **dict(zip(("BLOCK_M", "BLOCK_N",
                                                                                       "BLOCK_K"), cfg)))
     yield TC._conv_kernel, "bfloat16", dict(combos[6], KH=3, KW=3, PRECISION="ieee", IDX64=True, **gpu_tile)

@@ -110,6 +110,7 @@ def _conv_kernel(
     PRECISION: tl.constexpr,      # "tf32" or "ieee" (fp32 inputs; ignored by fp16/bf16)
     IDX64: tl.constexpr,
     UPCAST: tl.constexpr,         # interpreter only: its bf16 tl.dot is wrong, so multiply bf16 values in fp32
+    REG_A: tl.constexpr,          # sm_90+ and 16-bit x (see reg_a): prologue padding mask derived from loads
     PACKED: tl.constexpr,         # small C_in/groups: the reduction runs over flat (kh, kw, c) (see below)
     GROUP_M: tl.constexpr,        # row tiles per group of the L2-friendly program order
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -190,8 +191,20 @@ def _conv_kernel(
                 af = a.to(tl.float32) * s_in[None, :] + b_in[None, :]
                 if IN_RELU:
                     af = tl.where(af < 0, 0.0, af)  # NaN passes, like torch.relu (tl.maximum would give 0)
-                # zero padding (and masked tails) after the prologue: contribute exactly 0
-                a = tl.where(a_mask, af, 0.0).to(x_ptr.dtype.element_ty)
+                # zero padding (and masked tails) after the prologue: contribute exactly 0. With REG_A only the
+                # row (tap in bounds) mask is applied (masked channel tails already give 0: x, in_scale and
+                # in_shift load 0 there), and it is taken from two masked loads of one word (other=0 / other=1
+                # agree exactly on the rows in bounds), not from index arithmetic: Triton's OptimizeDotOperands
+                # then moves the x tile's conversion to the wgmma register-operand layout up to its load, so
+                # the prologue runs in that layout on the tile read from the pipeline's buffer (ldmatrix)
+                # instead of the transformed tile going through a second shared-memory buffer
+                # (docs/conv_bn_act.md).
+                if not REG_A:
+                    a = tl.where(a_mask, af, 0.0).to(x_ptr.dtype.element_ty)
+                else:
+                    word = in_scale_ptr.to(tl.pointer_type(tl.int32)) + g * CIN_G + tl.zeros([BLOCK_M], tl.int32)
+                    keep = tl.load(word, mask=valid, other=0) == tl.load(word, mask=valid, other=1)
+                    a = tl.where(keep[:, None], af, 0.0).to(x_ptr.dtype.element_ty)
             w_offs = co[None, :] * (KH * KW * CIN_G) + (tap * CIN_G + ck)[:, None]
             b = tl.load(w_ptr + w_offs, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
             if UPCAST:
@@ -337,7 +350,7 @@ def tune_key(x_dtype, N, OH, OW, C_out, cin_g, cout_g, KH, KW, stride, flags) ->
     batch size is not in the key, so a partial last batch and eval batches reuse the training batch's winner
     (no new timing, no new compiles), and the key is stable across processes and runs (the on-disk cache)."""
     opts = ",".join(f"{k}={int(v) if isinstance(v, bool) else v}" for k, v in sorted(flags.items())
-                    if k not in ("STAT_ROWS", "UPCAST"))
+                    if k not in ("STAT_ROWS", "UPCAST", "REG_A"))
     return f"{str(x_dtype).split('.')[-1]}|rows{OH * OW}|co{C_out}|g{cin_g}x{cout_g}|k{KH}x{KW}|s{stride[0]}x{stride[1]}|{opts}"
 
 
@@ -503,7 +516,9 @@ def conv_bn_act(x, weight, in_scale, in_shift, in_relu, out_scale, out_shift, re
                  OUT_SCALE=out_scale is not None, OUT_SHIFT=out_shift is not None, RESIDUAL=residual is not None,
                  RES_AFFINE=res_affine, RELU=bool(relu), STATS=bool(stats), STAT_ROWS=stat_rows,
                  PRECISION="tf32" if allow_tf32 and x.dtype == torch.float32 else "ieee", IDX64=idx64,
-                 UPCAST=interp and x.dtype == torch.bfloat16)
+                 UPCAST=interp and x.dtype == torch.bfloat16,
+                 REG_A=reg_a(x.dtype, plan.major if plan is not None else None if interp else
+                             torch.cuda.get_device_capability(x.device)[0]))
     cout_g = C_out // groups
 
     def launch(cfg):
@@ -535,6 +550,14 @@ def conv_bn_act(x, weight, in_scale, in_shift, in_relu, out_scale, out_shift, re
                                         _candidates(major, smem, x.dtype, cin_g, cout_g, KH, KW), launch)
                 launch(cfg)
     return y, *_merge(sums, m2s, M, stat_rows, C_out, stats, x.device)
+
+
+def reg_a(dtype, major) -> bool:
+    """Whether the prologue takes its padding mask from loads (REG_A), which lets Triton run it in the wgmma
+    register-operand layout: Hopper and later (major >= 9) with 16-bit inputs, and the interpreter (major None,
+    16-bit) so the tests cover it. Not on sm_80 (mma.sync: the hoisted fp32 prologue costs registers and
+    spills there) nor for fp32/tf32."""
+    return dtype in (torch.float16, torch.bfloat16) and (major is None or major >= 9)
 
 
 def _candidates(major, smem, dtype, cin_g, cout_g, kh, kw) -> list[dict]:

@@ -1,5 +1,6 @@
 """The count level (fusedres.bench.count): declared kernel traffic against what really runs, fake-tensor counts
-against real runs, one Bottleneck counted by hand, and the CLI path.
+against real runs (per op, and a converted Bottleneck's whole training step in bn and conv mode), one Bottleneck
+counted by hand, and the CLI path.
 
 Honesty: every fused op runs on small CPU tensors with each Triton launch executed by the interpreter while its
 loads and stores are recorded; the bytes its launcher declares (TRAFFIC) must equal the distinct bytes it
@@ -306,6 +307,43 @@ def test_count_model_leaves_the_model_alone():
     for k, v in block.state_dict().items():
         assert torch.equal(v, before[k]), k
     assert all(p.grad is None for p in block.parameters())
+
+
+@pytest.mark.parametrize("mode", ["bn", "conv"])
+def test_block_count_is_what_an_interpreted_step_launches(mode):
+    """A converted Bottleneck with a projection shortcut, one training step (issue 11: the counts confirmed by an
+    instrumented run): the count level on fake tensors makes the launches the same step makes in the interpreter
+    on real tensors, phase by phase, and each of those Triton launches touches exactly the bytes it declares."""
+    import copy
+
+    from torch import nn
+    from torchvision.models.resnet import Bottleneck, conv1x1
+
+    torch.manual_seed(0)
+    stock = Bottleneck(16, 4, stride=2, downsample=nn.Sequential(conv1x1(16, 16, 2), nn.BatchNorm2d(16)))
+    block = fusedres.convert(stock.to(memory_format=torch.channels_last), mode=mode).train()
+    x = torch.randn(2, 16, 6, 6).contiguous(memory_format=torch.channels_last)
+    loss = lambda y: (y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum()  # noqa: E731
+    with fusedres.poison_outputs(False):  # the suite's output poisoning is a test-only fill per output
+        fake = C.count_model(copy.deepcopy(block), x, backend="triton", loss=loss, optimizer=False)
+    def step(keep_detail, run):
+        counter = C.Counter(keep_detail=keep_detail)
+        real = copy.deepcopy(block)
+        with fusedres.poison_outputs(False), C.intercept(counter, "triton", run=run, gpu_geometry=False), counter:
+            value = loss(real(x))
+            counter.phase = "bwd"
+            value.backward()
+        return counter.launches
+
+    names = lambda launches: [(ln.phase, ln.kind, ln.name) for ln in launches if ln.phase in ("fwd", "bwd")]  # noqa: E731
+    # (a run that keeps each launch's tensors makes autograd copy parameter gradients it would otherwise steal)
+    real = step(False, lambda kernel, grid, args, kwargs, launch: kernel[grid](*args, **kwargs))
+    assert names(fake.launches) == names(real), "the fake-tensor count differs from the real step"
+    kernels = [ln for ln in step(True, _traced_run) if ln.kind == "triton"]
+    assert len(kernels) == sum(1 for ln in real if ln.kind == "triton") >= (10 if mode == "conv" else 8)
+    for ln in kernels:
+        declared = (traffic.declared_bytes(ln.detail["reads"]), traffic.declared_bytes(ln.detail["writes"]))
+        assert declared == ln.detail["traced"], (ln.name, declared, ln.detail["traced"])
 
 
 def test_fused_block_counts_its_kernels():

@@ -43,8 +43,8 @@ STEPS="${STEPS:-$ALL_STEPS}"
 # per-step budgets (seconds), in priority order
 declare -A BUDGET=([build]=150 [ops]=150 [train]=75 [train_bn]=90 [train_conv]=90 [kernels]=60 [tests]=240
                    [memcheck]=150 [racecheck]=120 [blocks]=120 [preact]=150)
-OP_TESTS=(tests/test_cuda_backend.py tests/test_counters.py tests/test_bn_act.py tests/test_dual_bn_act.py tests/test_scale_shift_act.py
-          tests/test_conv_bn_act.py tests/test_nonfinite.py tests/test_determinism.py)
+OP_TESTS=(tests/test_cuda_backend.py tests/test_counters.py tests/test_bn_act.py tests/test_dual_bn_act.py
+          tests/test_scale_shift_act.py tests/test_conv_bn_act.py tests/test_nonfinite.py tests/test_determinism.py)
 TRAIN=(--level models --models resnet50 --modes train --batch 256 --dtype bf16 --quick --no-plots)
 START=$SECONDS
 DEADLINE=$((SECONDS + ${GPU_BUDGET_S:-540}))

@@ -175,9 +175,9 @@ def _stats_finalize_kernel(
     mode's running statistics); the statistics pass runs the same work on its partials (FINALIZE): form
     (scale, shift) and update the running statistics with `momentum` (RUNNING 1) or the cumulative
     factor 1 / num_batches_tracked read on the device (RUNNING 2, momentum=None: no host sync). CENTRED: shift
-    is stored as shift - mean * scale, so BN(x) = x * scale + shift (a conv prologue's form). COUNT (with
-    RUNNING 1 only, so nothing else reads it): program 0 adds one to num_batches_tracked, nn.BatchNorm2d's
-    bookkeeping without a launch of its own."""
+    is stored as shift - mean * scale, so BN(x) = x * scale + shift (a conv prologue's form). COUNT (never with
+    RUNNING 2, whose factor reads it): program 0 adds one to num_batches_tracked, nn.BatchNorm2d's bookkeeping
+    without a launch of its own."""
     c_offs = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     _stats_finalize_block(mean_ptr, mean_ptr, mean_ptr, mean_ptr, var_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr,
                           rm_ptr, rv_ptr, nbt_ptr, 0, C, eps, mom_hi, mom_lo, unb_hi, unb_lo, c_offs, c_offs < C,

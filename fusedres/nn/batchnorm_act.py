@@ -94,20 +94,12 @@ def finalize_batch(bn: nn.modules.batchnorm._BatchNorm, x: Tensor, mean: Tensor,
     num_batches_tracked increment). `affine`: the (weight, bias) the params use instead of bn's (a learned skip
     gain folded in)."""
     weight, bias = affine if affine is not None else (bn.weight, bn.bias)
-    track = bn.training and bn.track_running_stats
-    t = bn.num_batches_tracked if track else None
-    factor = 0.0 if bn.momentum is None else bn.momentum
-    count = None
-    if t is not None and bn.momentum is None:
-        known = _host_count(bn)
-        count = (known if known is not None else int(t)) + 1
-        factor = 1.0 / count
+    args = batch_norm_args(bn, fused_count=True)
     params = torch.ops.fusedres.bn_finalize(x.detach(), mean.detach(), var.detach(), _detached(weight),
-                                            _detached(bias), float(bn.eps),
-                                            bn.running_mean if track else None, bn.running_var if track else None,
-                                            t, float(factor), centred)
-    if count is not None:
-        bn.__dict__["_fusedres_count"] = (t, t._version, count)
+                                            _detached(bias), float(bn.eps), args["running_mean"],
+                                            args["running_var"], args["num_batches_tracked"],
+                                            float(args["momentum"]), centred)
+    settle_count(bn)
     return params
 
 

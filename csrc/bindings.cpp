@@ -19,6 +19,27 @@ static T* ptr(u p) {
   return reinterpret_cast<T*>(p);
 }
 
+// The per-channel part of a forward finalize, shared by stats_finalize and stats_reduce_finalize.
+static fr::StatsFinalizeArgs stats_args(u mean, u var, u weight, u bias, float eps, u scale, u shift, u running_mean,
+                                        u running_var, u num_batches_tracked, float momentum, float unbias,
+                                        u increment) {
+  fr::StatsFinalizeArgs a;
+  a.mean = ptr<float>(mean);
+  a.var = ptr<float>(var);
+  a.weight = ptr<const float>(weight);
+  a.bias = ptr<const float>(bias);
+  a.eps = eps;
+  a.scale = ptr<float>(scale);
+  a.shift = ptr<float>(shift);
+  a.running_mean = ptr<float>(running_mean);
+  a.running_var = ptr<float>(running_var);
+  a.num_batches_tracked = ptr<const std::int64_t>(num_batches_tracked);
+  a.momentum = momentum;
+  a.unbias = unbias;
+  a.increment = ptr<std::int64_t>(increment);
+  return a;
+}
+
 PYBIND11_MODULE(_C, m) {
   m.doc() = "fusedres CUDA kernels (raw pointers, sizes and a stream; see csrc/fr_api.h)";
 
@@ -46,14 +67,6 @@ PYBIND11_MODULE(_C, m) {
   m.def("reduce_splits", &fr::reduce_splits, py::arg("n"), py::arg("c"), py::arg("hw"), py::arg("channels_last"),
         py::arg("elem_size"), py::arg("sm_count"),
         "Row splits of a reduction: size its workspace as quantities * splits * C floats.");
-
-  m.def(
-      "batch_stats",
-      [](const fr::Launch& L, u x, u mean, u var, u ws, std::int64_t ws_numel, int splits) {
-        fr::batch_stats(L, ptr<const void>(x), ptr<float>(mean), ptr<float>(var), ptr<float>(ws), ws_numel, splits);
-      },
-      py::arg("launch"), py::arg("x"), py::arg("mean"), py::arg("var"), py::arg("ws"), py::arg("ws_numel"),
-      py::arg("splits"));
 
   m.def(
       "apply",
@@ -103,28 +116,16 @@ PYBIND11_MODULE(_C, m) {
         fr::stats_partials(L, ptr<const void>(x), ptr<float>(ws), ws_numel, splits);
       },
       py::arg("launch"), py::arg("x"), py::arg("ws"), py::arg("ws_numel"), py::arg("splits"),
-      "One launch: the statistics partials of batch_stats into ws.");
+      "One launch: the statistics partials into ws (for stats_finalize).");
 
   m.def(
       "stats_finalize",
       [](const fr::Launch& L, u ws, int splits, u mean, u var, u weight, u bias, float eps, u scale, u shift,
          u running_mean, u running_var, u num_batches_tracked, float momentum, float unbias, u increment) {
-        fr::StatsFinalizeArgs a;
+        fr::StatsFinalizeArgs a = stats_args(mean, var, weight, bias, eps, scale, shift, running_mean, running_var,
+                                             num_batches_tracked, momentum, unbias, increment);
         a.ws = ptr<const float>(ws);
         a.splits = splits;
-        a.mean = ptr<float>(mean);
-        a.var = ptr<float>(var);
-        a.weight = ptr<const float>(weight);
-        a.bias = ptr<const float>(bias);
-        a.eps = eps;
-        a.scale = ptr<float>(scale);
-        a.shift = ptr<float>(shift);
-        a.running_mean = ptr<float>(running_mean);
-        a.running_var = ptr<float>(running_var);
-        a.num_batches_tracked = ptr<const std::int64_t>(num_batches_tracked);
-        a.momentum = momentum;
-        a.unbias = unbias;
-        a.increment = ptr<std::int64_t>(increment);
         fr::stats_finalize(L, a);
       },
       py::arg("launch"), py::arg("ws"), py::arg("splits"), py::arg("mean"), py::arg("var"), py::arg("weight"),
@@ -139,20 +140,8 @@ PYBIND11_MODULE(_C, m) {
       [](const fr::Launch& L, u x, u ws, std::int64_t ws_numel, int splits, u mean, u var, u weight, u bias,
          float eps, u scale, u shift, u running_mean, u running_var, u num_batches_tracked, float momentum,
          float unbias, u increment, u sem, std::int64_t sem_numel) {
-        fr::StatsFinalizeArgs a;
-        a.mean = ptr<float>(mean);
-        a.var = ptr<float>(var);
-        a.weight = ptr<const float>(weight);
-        a.bias = ptr<const float>(bias);
-        a.eps = eps;
-        a.scale = ptr<float>(scale);
-        a.shift = ptr<float>(shift);
-        a.running_mean = ptr<float>(running_mean);
-        a.running_var = ptr<float>(running_var);
-        a.num_batches_tracked = ptr<const std::int64_t>(num_batches_tracked);
-        a.momentum = momentum;
-        a.unbias = unbias;
-        a.increment = ptr<std::int64_t>(increment);
+        const fr::StatsFinalizeArgs a = stats_args(mean, var, weight, bias, eps, scale, shift, running_mean,
+                                                   running_var, num_batches_tracked, momentum, unbias, increment);
         fr::stats_reduce_finalize(L, ptr<const void>(x), ptr<float>(ws), ws_numel, splits, a, ptr<unsigned>(sem),
                                   sem_numel);
       },

@@ -65,28 +65,6 @@ __global__ void __launch_bounds__(kBlock, kMinBlocksPerSm) stats_channels_kernel
   }
 }
 
-// Block (kFinalBx, kFinalBy): channel blockIdx.x*kFinalBx + tx, splits ty, ty+kFinalBy, ... then a tree.
-__global__ void __launch_bounds__(kFinalBx* kFinalBy) stats_finalize_kernel(const float* __restrict__ ws,
-                                                                            int splits, int C,
-                                                                            float* __restrict__ mean,
-                                                                            float* __restrict__ var) {
-  __shared__ float sh[3][kBlock];
-  const int c = blockIdx.x * kFinalBx + threadIdx.x;
-  Welford w{0.f, 0.f, 0.f};
-  if (c < C) w = welford_partials(ws, splits, C, c, threadIdx.y, kFinalBy);
-  w = block_reduce_y(w, sh);
-  if (threadIdx.y == 0 && c < C) {
-    mean[c] = w.mean;
-    var[c] = w.m2 / w.n;  // biased, as BatchNorm normalises
-  }
-}
-
-void launch_stats_finalize(const float* ws, int splits, int C, float* mean, float* var, cudaStream_t st) {
-  const dim3 block(kFinalBx, kFinalBy);
-  stats_finalize_kernel<<<static_cast<unsigned>(ceil_div(C, kFinalBx)), block, 0, st>>>(ws, splits, C, mean, var);
-  check_launch("stats_finalize_kernel");
-}
-
 namespace {
 
 // sem null: partials only. Else also the fused finalize (f), sem: one zeroed counter per grid column (<= C).
@@ -150,13 +128,6 @@ void stats_reduce_finalize(const Launch& L, const void* x, float* ws, std::int64
   g.ws = ws;
   g.splits = splits;
   stats_launch(L, x, ws, ws_numel, splits, g, sem);
-}
-
-void batch_stats(const Launch& L, const void* x, float* mean, float* var, float* ws, std::int64_t ws_numel,
-                 int splits) {
-  stats_partials(L, x, ws, ws_numel, splits);
-  DeviceGuard guard(L.device);
-  launch_stats_finalize(ws, splits, L.c, mean, var, stream_of(L));
 }
 
 // ------------------------------------------------------------------------------------------------ apply
@@ -233,7 +204,7 @@ std::string device_unsupported(int device) {
   try {
     DeviceGuard guard(device);
     cudaFuncAttributes attr;
-    const cudaError_t e = cudaFuncGetAttributes(&attr, stats_finalize_kernel);
+    const cudaError_t e = cudaFuncGetAttributes(&attr, apply_flat_kernel<float, 1, false, false>);
     if (e != cudaSuccess) {
       cudaGetLastError();  // clear the sticky-free error so later launches do not report it
       return std::string("the compiled kernels (archs " FR_CUDA_ARCHS ") cannot run on this GPU: ") +

@@ -22,11 +22,6 @@ struct Launch {
   std::uintptr_t stream = 0;   // cudaStream_t of torch.cuda.current_stream()
 };
 
-// Per-channel mean and biased variance. ws: float32 workspace of 3 * splits * C elements, splits from
-// fr::reduce_splits (fr_math.h).
-void batch_stats(const Launch& L, const void* x, float* mean, float* var, float* ws, std::int64_t ws_numel,
-                 int splits);
-
 // y = act((x-mean)*scale + shift [+ res] [+ (xb-mean_b)*scale_b + shift_b]).
 void apply(const Launch& L, const void* x, const float* mean, const float* scale, const float* shift,
            const void* res, const void* xb, const float* mean_b, const float* scale_b, const float* shift_b,
@@ -45,7 +40,8 @@ void backward_apply(const Launch& L, const void* dy, const void* x, const float*
                     const float* mean, const float* k_g, const float* k_x, const float* k_c, const float* mean_b,
                     const float* k_g_b, const float* k_x_b, const float* k_c_b, void* dx, void* dxb);
 
-// The statistics pass alone (the first launch of batch_stats): partials into ws as batch_stats describes.
+// The statistics pass alone: per-split Welford partials of x into ws[3][splits][C] (a float32 workspace of
+// 3 * splits * C elements, splits from fr::reduce_splits, fr_math.h), for stats_finalize.
 void stats_partials(const Launch& L, const void* x, float* ws, std::int64_t ws_numel, int splits);
 
 // Forward finalize (one launch): per channel mean, biased var (from the partials ws[3][splits][C], or read from

@@ -217,7 +217,6 @@ void dispatch_dtype(int dtype, F&& f) {
 }
 
 // The finalize kernels (one thread column per channel, kFinalBy splits folded in parallel).
-void launch_stats_finalize(const float* ws, int splits, int C, float* mean, float* var, cudaStream_t st);
 void launch_sums_finalize(const float* ws, int quantities, int splits, int C, float* out0, float* out1,
                           float* out2, cudaStream_t st);
 

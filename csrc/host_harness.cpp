@@ -62,7 +62,7 @@ void tree_y(std::vector<S>& vals, int bx, int by, Combine combine) {
 
 // ------------------------------------------------------------------------------------------------ statistics
 
-// Emulates stats_rows_kernel / stats_channels_kernel + stats_finalize_kernel.
+// Emulates stats_rows_kernel / stats_channels_kernel + the merge of stats_params_kernel.
 template <int V>
 void stats_partials(const float* x, const Shape& s, bool vec_path, int splits, std::vector<float>& ws,
                     bool planes = false) {
@@ -159,7 +159,7 @@ std::tuple<F32, F32, int> stats(const F32& x, i64 n, int c, i64 hw, bool cl, int
   StatsPartials r = stats_ws(x, s, vec, aligned, sm_count);
   const int splits = r.splits;
   std::vector<float>& ws = r.ws;
-  // stats_finalize_kernel: block (kFinalBx, kFinalBy) per 32 channels.
+  // stats_params_kernel's merge: block (kFinalBx, kFinalBy) per 32 channels.
   F32 mean = nan_array(c), var = nan_array(c);
   for (int c0 = 0; c0 < c; c0 += fr::kFinalBx) {
     std::vector<fr::Welford> w(fr::kFinalBx * fr::kFinalBy, fr::Welford{0.f, 0.f, 0.f});
@@ -765,7 +765,7 @@ py::tuple channels_coverage(i64 N, i64 HW, int C, int vec, int gy, int unroll, b
 
 // ------------------------------------------------------------------------------------------------ finalize
 
-// stats_params_kernel after its merge (which is stats_finalize_kernel's, emulated by `stats`): per channel
+// stats_params_kernel after its merge (emulated by `stats`): per channel
 // scale, shift and the running-statistics update. Optional vectors absent = null pointers, as in the kernel.
 py::tuple stats_finalize(const F32& mean, const F32& var, const OptF32& weight, const OptF32& bias, float eps,
                          const OptF32& running_mean, const OptF32& running_var, std::optional<std::int64_t> nbt,

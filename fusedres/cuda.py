@@ -310,10 +310,6 @@ def backward(dy, x, mean, scale, shift, var, eps, residual, xb, mean_b, scale_b,
 # reductions), each as (kernel, reads, writes) from the entry's arguments with pointers resolved to their tensors
 # (None for 0): fusedres.bench.count counts launches and bytes from these; tests/test_count.py checks that every
 # pointer the wrappers above pass is declared.
-def _stats_kernels(launch, x, mean, var, ws, ws_numel, splits):
-    return [("stats_kernel", [x], [ws]), ("stats_finalize_kernel", [ws], [mean, var])]
-
-
 def _apply_kernels(launch, x, mean, scale, shift, res, xb, mean_b, scale_b, shift_b, y, relu):
     return [("apply_kernel", [x, mean, scale, shift, res, xb, mean_b, scale_b, shift_b], [y])]
 
@@ -377,7 +373,7 @@ def _bwd_reduce_finalize_kernels(launch, dy, x, scale, shift, mean, res, xb, sca
              [grad_res, ws, sem] + [t for t in out_a + out_b if t is not None])]
 
 
-KERNELS = {"batch_stats": _stats_kernels, "apply": _apply_kernels, "backward_reduce": _bwd_reduce_kernels,
+KERNELS = {"apply": _apply_kernels, "backward_reduce": _bwd_reduce_kernels,
            "backward_apply": _bwd_apply_kernels, "stats_partials": _stats_partials_kernels,
            "stats_finalize": _stats_params_kernels, "backward_partials": _bwd_partials_kernels,
            "backward_finalize": _bwd_finalize_kernels, "backward_reduce_finalize": _bwd_reduce_finalize_kernels,

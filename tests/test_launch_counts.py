@@ -37,7 +37,7 @@ _FREE = {"empty", "empty_strided", "empty_like", "new_empty", "new_empty_strided
          "select"}
 # Kernel launches of each fusedres._C entry point (csrc/fr_api.h).
 _C_LAUNCHES = {"stats_partials": 1, "stats_finalize": 1, "apply": 1, "backward_partials": 1,
-               "backward_finalize": 1, "backward_apply": 1, "batch_stats": 2, "backward_reduce": 2,
+               "backward_finalize": 1, "backward_apply": 1, "backward_reduce": 2,
                "backward_reduce_finalize": 1, "stats_reduce_finalize": 1}
 
 

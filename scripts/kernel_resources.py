@@ -188,6 +188,21 @@ def _flags(d: dict, keys) -> str:
     return " ".join(k for k in keys if d.get(k)) or "-"
 
 
+def conv_layer():
+    """(pointer dtypes, sizes, all-off flags) of `_conv_kernel` at a ResNet-50 3x3 layer (56x56, 64 channels,
+    batch 256): the specialisation the tables and scripts/prologue_asm.py compile."""
+    import torch
+    import fusedres.triton.conv_bn_act as TC
+
+    conv_ptrs = {n: torch.float32 for n in ("in_scale_ptr", "in_shift_ptr", "out_scale_ptr", "out_shift_ptr",
+                                            "res_scale_ptr", "res_shift_ptr", "sum_ptr", "m2_ptr")}
+    ints = dict(H=56, W=56, C_in=64, OH=56, OW=56, C_out=64, M=256 * 56 * 56, CIN_G=64, COUT_G=64, stride_h=1,
+                stride_w=1, pad_h=1, pad_w=1, dil_h=1, dil_w=1)
+    none = dict(PROLOGUE=False, IN_RELU=False, OUT_SCALE=False, OUT_SHIFT=False, RESIDUAL=False, RES_AFFINE=False,
+                RELU=False, STATS=False, UPCAST=False, IDX64=False, STAT_ROWS=TC.GPU_STAT_ROWS)
+    return conv_ptrs, ints, none
+
+
 def triton_variants(arch: int):
     """(family, fn, variant label, config label, args, options) for every Triton kernel variant a launch uses."""
     import torch
@@ -236,12 +251,7 @@ def triton_variants(arch: int):
     # architecture's autotune list and the heuristic (untuned) one with conv mode's inner-conv options in bf16
     # (prologue + statistics: the most registers); fold's block tail (bf16) and conv mode in fp32/tf32 with the
     # first config
-    conv_ptrs = {n: f32 for n in ("in_scale_ptr", "in_shift_ptr", "out_scale_ptr", "out_shift_ptr",
-                                  "res_scale_ptr", "res_shift_ptr", "sum_ptr", "m2_ptr")}
-    ints = dict(H=56, W=56, C_in=64, OH=56, OW=56, C_out=64, M=256 * 56 * 56, CIN_G=64, COUT_G=64, stride_h=1,
-                stride_w=1, pad_h=1, pad_w=1, dil_h=1, dil_w=1)
-    none = dict(PROLOGUE=False, IN_RELU=False, OUT_SCALE=False, OUT_SHIFT=False, RESIDUAL=False, RES_AFFINE=False,
-                RELU=False, STATS=False, UPCAST=False, IDX64=False, STAT_ROWS=TC.GPU_STAT_ROWS)
+    conv_ptrs, ints, none = conv_layer()
     conv_mode = dict(none, PROLOGUE=True, IN_RELU=True, STATS=True)
     fold_tail = dict(none, OUT_SCALE=True, OUT_SHIFT=True, RESIDUAL=True, RES_AFFINE=True, RELU=True)
     keys = ("PROLOGUE", "STATS", "OUT_SCALE", "RESIDUAL", "RES_AFFINE", "RELU", "PACKED")

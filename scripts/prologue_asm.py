@@ -22,13 +22,7 @@ def variants(arch, flags_name="conv", reg_a=True):
     import torch
     import fusedres.triton.conv_bn_act as TC
     import kernel_resources as KR
-    f32 = torch.float32
-    conv_ptrs = {n: f32 for n in ("in_scale_ptr", "in_shift_ptr", "out_scale_ptr", "out_shift_ptr",
-                                  "res_scale_ptr", "res_shift_ptr", "sum_ptr", "m2_ptr")}
-    ints = dict(H=56, W=56, C_in=64, OH=56, OW=56, C_out=64, M=256 * 56 * 56, CIN_G=64, COUT_G=64, stride_h=1,
-                stride_w=1, pad_h=1, pad_w=1, dil_h=1, dil_w=1)
-    none = dict(PROLOGUE=False, IN_RELU=False, OUT_SCALE=False, OUT_SHIFT=False, RESIDUAL=False, RES_AFFINE=False,
-                RELU=False, STATS=False, UPCAST=False, IDX64=False, STAT_ROWS=TC.GPU_STAT_ROWS)
+    conv_ptrs, ints, none = KR.conv_layer()
     flags = dict(none, PROLOGUE=True, IN_RELU=True, STATS=True) if flags_name == "conv" else dict(none, STATS=True)
     for kw in [c.all_kwargs() for c in TC.configs_for(arch // 10)]:
         consts = dict(flags, KH=3, KW=3, PRECISION="ieee", REG_A=reg_a, **TC.conv_constexprs(kw, 64, 3, 3))

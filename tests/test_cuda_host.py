@@ -443,6 +443,19 @@ def _reduce_sums(h, dy, x, scale, shift, mean, res, xb, scale_b, shift_b, mean_b
                              npv(shift_b), npv(mean_b), relu, False, n, c, hh * ww, cl, vec, True, 132)
 
 
+def _side_b(variant, xb, c, eps_b):
+    """(mean_b, scale_b, shift_b, var_b) of a backward variant's second input: a second BatchNorm ("dual"), a
+    weighted residual ("weighted": scale_b only), an affine map ("affine_xb"); all None otherwise."""
+    if variant == "dual":
+        var_b, mean_b = xb.var((0, 2, 3), unbiased=False), xb.mean((0, 2, 3))
+        return (mean_b, *reference.bn_params(xb, mean_b, var_b, torch.rand(c) + 0.5, torch.randn(c), eps_b), var_b)
+    if variant == "weighted":
+        return None, torch.randn(c), None, None
+    if variant == "affine_xb":
+        return (xb.mean((0, 2, 3)), *vecs(c, 2), None)
+    return None, None, None, None
+
+
 @pytest.mark.parametrize("variant", ["bn", "bn_eval", "dual", "weighted", "affine", "affine_xb"])
 @pytest.mark.parametrize("cl,vec", [(True, 8), (False, 4)])
 def test_backward_finalize_matches_reference(h, variant, cl, vec):
@@ -456,14 +469,7 @@ def test_backward_finalize_matches_reference(h, variant, cl, vec):
     scale, shift = reference.bn_params(x, mean, var, torch.rand(c) + 0.5, torch.randn(c), eps)
     bn_a = variant in ("bn", "bn_eval", "dual", "weighted")
     xb = torch.randn(n, c, hh, ww) - 1 if variant in ("dual", "weighted", "affine_xb") else None
-    mean_b = scale_b = shift_b = var_b = None
-    if variant == "dual":
-        var_b, mean_b = xb.var((0, 2, 3), unbiased=False), xb.mean((0, 2, 3))
-        scale_b, shift_b = reference.bn_params(xb, mean_b, var_b, torch.rand(c) + 0.5, torch.randn(c), eps_b)
-    elif variant == "weighted":
-        scale_b = torch.randn(c)
-    elif variant == "affine_xb":
-        mean_b, scale_b, shift_b = xb.mean((0, 2, 3)), *vecs(c, 2)
+    mean_b, scale_b, shift_b, var_b = _side_b(variant, xb, c, eps_b)
     training = variant != "bn_eval"
     va = var if bn_a else None
     want = reference.backward(dy, x, mean, scale, shift, va, eps, None, xb, mean_b, scale_b, shift_b, var_b, eps_b,
@@ -519,14 +525,7 @@ def test_fused_finalize_is_bitwise_the_separate_finalize(h, case, variant):
     mean, var = x.mean((0, 2, 3)), x.var((0, 2, 3), unbiased=False)
     scale, shift = reference.bn_params(x, mean, var, torch.rand(c) + 0.5, torch.randn(c), eps)
     xb = torch.randn(n, c, hh, ww) - 1 if variant in ("dual", "weighted", "affine_xb") else None
-    mean_b = scale_b = shift_b = var_b = None
-    if variant == "dual":
-        var_b, mean_b = xb.var((0, 2, 3), unbiased=False), xb.mean((0, 2, 3))
-        scale_b, shift_b = reference.bn_params(xb, mean_b, var_b, torch.rand(c) + 0.5, torch.randn(c), eps_b)
-    elif variant == "weighted":
-        scale_b = torch.randn(c)
-    elif variant == "affine_xb":
-        mean_b, scale_b, shift_b = xb.mean((0, 2, 3)), *vecs(c, 2)
+    mean_b, scale_b, shift_b, var_b = _side_b(variant, xb, c, eps_b)
     mode_a = 2 if variant == "affine_xb" else 1
     mode_b = 0 if xb is None else 1 if var_b is not None else 3 if mean_b is None else 2
     va = var if mode_a == 1 else None

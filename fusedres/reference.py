@@ -117,15 +117,9 @@ def bn_stats(x, weight, bias, eps, running_mean, running_var, momentum, num_batc
     (a num_batches_tracked) gets one added."""
     mean, var = batch_stats(x)
     scale, shift = bn_params(x, mean, var, weight, bias, eps)
-    if running_mean is not None:
-        count = x.shape[0] * x.shape[2] * x.shape[3]
-        factor = momentum if momentum is not None else 1.0 / num_batches_tracked.to(mean.dtype)
-        with torch.no_grad():
-            running_mean.lerp_(mean.to(running_mean.dtype), factor)
-            running_var.lerp_((var * (count / (count - 1))).to(running_var.dtype), factor)
-    if increment is not None:
-        with torch.no_grad():
-            increment.add_(1)
+    cumulative = running_mean is not None and momentum is None
+    factor = 1.0 / num_batches_tracked.to(mean.dtype) if cumulative else momentum
+    _running_update(x, mean, var, running_mean, running_var, factor, increment)
     return mean, var, scale, shift
 
 
@@ -133,14 +127,20 @@ def bn_finalize(x, mean, var, weight, bias, eps, running_mean, running_var, mome
                 centred):
     """(scale, shift) from given batch statistics of x (`centred`: BN(x) = x * scale + shift), the running
     statistics with factor `momentum`, num_batches_tracked (when given) plus one."""
-    count = x.shape[0] * x.shape[2] * x.shape[3]
-    if running_mean is not None and count > 0:
-        running_mean.lerp_(mean.to(running_mean.dtype), momentum)
-        running_var.lerp_((var * (count / (count - 1))).to(running_var.dtype), momentum)
-    if num_batches_tracked is not None:
-        num_batches_tracked.add_(1)
+    _running_update(x, mean, var, running_mean, running_var, momentum, num_batches_tracked)
     scale, shift = bn_params(x, mean, var, weight, bias, eps)
     return (scale, shift - mean * scale) if centred else (scale, shift)
+
+
+@torch.no_grad()
+def _running_update(x, mean, var, running_mean, running_var, factor, increment):
+    """nn.BatchNorm2d's running-statistics lerp with `factor` (not for an empty batch) and `increment` + 1."""
+    count = x.shape[0] * x.shape[2] * x.shape[3]
+    if running_mean is not None and count > 0:
+        running_mean.lerp_(mean.to(running_mean.dtype), factor)
+        running_var.lerp_((var * (count / (count - 1))).to(running_var.dtype), factor)
+    if increment is not None:
+        increment.add_(1)
 
 
 def bn_params(x, mean, var, weight, bias, eps):

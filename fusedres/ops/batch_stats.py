@@ -83,11 +83,9 @@ def bn_stats_op(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], run
             num_batches_tracked.add_(1)
         return tuple(fake_channels(x).zero_() for _ in range(4))
     (x,) = densify(x)
-    if increment:
-        return backends.select(x).bn_stats(x, weight, bias, eps, running_mean, running_var, momentum, None,
-                                           increment=num_batches_tracked)
     return backends.select(x).bn_stats(x, weight, bias, eps, running_mean, running_var, momentum,
-                                       num_batches_tracked)
+                                       None if increment else num_batches_tracked,
+                                       increment=num_batches_tracked if increment else None)
 
 
 def _check_stats(x, weight, bias, running_mean, running_var, num_batches_tracked, momentum, increment):

@@ -174,10 +174,10 @@ def conv_bn_act_op(x: Tensor, weight: Tensor, in_scale: Optional[Tensor], in_shi
            dilation, groups, in_relu, in_weight, in_bias, in_mean, in_var, in_eps)
     if x.numel() == 0:
         return _empty_batch(x, weight, stride, padding, dilation, stats)
-    triton_conv = _use_triton(x)
     if in_mean is not None and in_scale is None:  # BN prologue: BN(x) = x * scale + (shift - mean * scale)
-        in_scale, in_shift = _prologue_params(x, in_weight, in_bias, in_mean, in_var, in_eps, triton_conv)
-    if triton_conv:
+        in_scale, in_shift = torch.ops.fusedres.bn_finalize(x, in_mean, in_var, in_weight, in_bias, in_eps, None,
+                                                            None, None, 0.0, True)  # one launch
+    if _use_triton(x):
         return _triton_module().conv_bn_act(x, weight, in_scale, in_shift, in_relu, out_scale, out_shift, residual,
                                             res_scale, res_shift, relu, stride, padding, dilation, groups, stats,
                                             allow_tf32)
@@ -188,19 +188,6 @@ def conv_bn_act_op(x: Tensor, weight: Tensor, in_scale: Optional[Tensor], in_shi
                                              residual, res_scale, res_shift, relu, stride, padding, dilation,
                                              groups, stats)
     return y.clone() if y is x else y, mean, var.clone() if var is mean else var
-
-
-def _prologue_params(x, in_weight, in_bias, in_mean, in_var, in_eps, triton_conv: bool):
-    """(in_scale, in_shift) of a BatchNorm prologue, BN(x) = x * in_scale + in_shift: one Triton finalize launch
-    for the Triton conv, torch math for the reference."""
-    acc = acc_dtype(x.dtype)
-    if triton_conv:
-        from fusedres.triton import bn_act as tbn
-
-        return tbn.bn_params(x, in_mean.to(acc).contiguous(), in_var.to(acc).contiguous(), in_weight, in_bias,
-                             in_eps, centred=True)
-    mean, scale, shift = _bn_prologue(x, in_weight, in_bias, in_mean, in_var, in_eps)
-    return scale, shift - mean * scale
 
 
 def _empty_batch(x, weight, stride, padding, dilation, stats):

@@ -43,6 +43,8 @@ def _check(x, weight, bias, mean, var, eps, residual, residual_weight, xb, weigh
                                  f"without gradient (the finalize launch's output), got {v.dtype}")
     if xb is None and scale_b is not None:
         raise ValueError("fusedres: stats_bn_act scale_b / shift_b need xb")
+    if xb is not None and (scale is None) != (scale_b is None):
+        raise ValueError("fusedres: stats_bn_act with xb takes both BatchNorms' (scale, shift), or neither")
     for v, name in ((mean, "mean"), (var, "var")):
         if v is None:
             raise ValueError(f"fusedres: stats_bn_act needs {name} (the batch statistics of x), got None")

@@ -591,12 +591,11 @@ class _Channels:
         self.programs = 1
 
 
-def bn_params(x, mean, var, weight, bias, eps, centred=False):
-    """(scale, shift) of BatchNorm with the given (running) mean and variance: one launch. `centred`: shift is
-    shift - mean * scale, so BN(x) = x * scale + shift (the conv prologue's form)."""
+def bn_params(x, mean, var, weight, bias, eps):
+    """(scale, shift) of BatchNorm with the given (running) mean and variance: one launch."""
     geo = _Channels(x)
     scale, shift = _channels(geo, x, 2)
-    _finalize(geo, mean, var, centred=centred, weight=weight, bias=bias, eps=eps, scale=scale, shift=shift)
+    _finalize(geo, mean, var, weight=weight, bias=bias, eps=eps, scale=scale, shift=shift)
     return scale, shift
 
 

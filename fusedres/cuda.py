@@ -117,12 +117,10 @@ def _workspace(ext, x: torch.Tensor, quantities: int) -> tuple[torch.Tensor, int
     return torch.empty(quantities * splits * c, dtype=torch.float32, device=x.device), splits
 
 
-# Zeroed uint32 counters of the last-block finalizes (stats_reduce_finalize, backward_reduce_finalize;
-# csrc/fr_cuda.cuh last_block_of_column), one buffer per (device index, stream): each launch leaves its
-# counters at zero again, so the buffer is zero-filled once, when it is made (or grown), and never memset per
-# launch. A buffer must serve one stream only: launches on one stream run one after another, two streams
-# sharing counters could interleave their tickets. Kernels still in flight on the stream keep an outgrown
-# buffer's memory valid (the caching allocator reuses it only in that stream's order).
+# The counters of the last-block finalizes (stats_reduce_finalize, backward_reduce_finalize; csrc/fr_cuda.cuh
+# last_block_of_column): fusedres/_counters.py says why one zero-filled buffer per (device, stream) suffices.
+# Kernels still in flight on the stream keep an outgrown buffer's memory valid (the caching allocator reuses it
+# only in that stream's order).
 def _semaphore(x: torch.Tensor, n: int) -> torch.Tensor | None:
     """At least n zeroed counters for a launch on x's device and the current stream (fusedres._counters); None
     where nothing runs (not a real CUDA tensor: the launch-counting fakes of fusedres.bench.count)."""

@@ -226,7 +226,7 @@ def triton_variants(arch: int):
         base = dict(CL=cl, ACC=tl.float32, IDX64=False)
         tile = dict(base, BLOCK_R=T.TILE_ELEMENTS // 64, BLOCK_C=64)
         layout = "NHWC" if cl else "NCHW"
-        fin = dict(FINALIZE=True, PARAMS=True, HAS_W=True, HAS_B=True, RUNNING=1, COUNT=True)  # bn_stats
+        fin = dict(PARAMS=True, HAS_W=True, HAS_B=True, RUNNING=1, COUNT=True)  # bn_stats
         yield ("reduction", T._stats_partial_kernel, f"{dname} {layout}", "R64xC64",
                launch_args(T._stats_partial_kernel, dict(acc_ptrs, out_mean_ptr=f32, out_var_ptr=f32, w_ptr=f32,
                                                          b_ptr=f32, rm_ptr=f32, rv_ptr=f32), floats,

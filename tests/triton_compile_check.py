@@ -65,7 +65,7 @@ def variants():
             # num_batches_tracked increment, momentum=None)
             for fin in (dict(), dict(PARAMS=True, HAS_W=True, HAS_B=True, RUNNING=1, COUNT=True),
                         dict(PARAMS=True, HAS_W=True, HAS_B=True, RUNNING=2)):
-                yield T._stats_partial_kernel, dtype, dict(tile, FINALIZE=True, **fin)
+                yield T._stats_partial_kernel, dtype, dict(tile, **fin)
             for res_mode, relu in itertools.product((0, 1, 2, 3), (False, True)):
                 if dtype != "float32" and (res_mode, relu) not in ((1, True), (2, True), (3, True)):
                     continue

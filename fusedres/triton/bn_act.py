@@ -73,13 +73,12 @@ def _stats_partial_kernel(
     num_tiles,    # reduction tiles in total
     tiles_per_program,
     tiles_per_n,  # NCHW only: tiles per image
-    # FINALIZE: the last program of each channel block (a ticket from sem_ptr) also does _stats_finalize_kernel's
-    # work for its channels (from the partials; its arguments of the same names), so BatchNorm's statistics are
-    # one launch
+    # the last program of each channel block (a ticket from sem_ptr) also does _stats_finalize_kernel's work for
+    # its channels (from the partials; its arguments of the same names), so BatchNorm's statistics are one launch
     sem_ptr, out_mean_ptr, out_var_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, rm_ptr, rv_ptr, nbt_ptr, eps,
     mom_hi, mom_lo, unb_hi, unb_lo,
     CL: tl.constexpr, ACC: tl.constexpr, IDX64: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
-    FINALIZE: tl.constexpr = False, PARAMS: tl.constexpr = False, HAS_W: tl.constexpr = False,
+    PARAMS: tl.constexpr = False, HAS_W: tl.constexpr = False,
     HAS_B: tl.constexpr = False, RUNNING: tl.constexpr = 0, COUNT: tl.constexpr = False,
 ):
     p = tl.program_id(0)
@@ -105,13 +104,12 @@ def _stats_partial_kernel(
     tl.store(cnt_ptr + out, count, mask=c_mask)
     tl.store(mean_ptr + out, mean, mask=c_mask)
     tl.store(m2_ptr + out, m2, mask=c_mask)
-    if FINALIZE:
-        if _last_program(sem_ptr):
-            _stats_finalize_block(cnt_ptr, mean_ptr, m2_ptr, out_mean_ptr, out_var_ptr, w_ptr, b_ptr, scale_ptr,
-                                  shift_ptr, rm_ptr, rv_ptr, nbt_ptr, tl.num_programs(0), C, eps, mom_hi, mom_lo,
-                                  unb_hi, unb_lo, c_offs, c_mask, tl.program_id(1) == 0, True, PARAMS, HAS_W, HAS_B,
-                                  RUNNING, ACC, BLOCK_C, False, COUNT)
-            _release(sem_ptr)
+    if _last_program(sem_ptr):
+        _stats_finalize_block(cnt_ptr, mean_ptr, m2_ptr, out_mean_ptr, out_var_ptr, w_ptr, b_ptr, scale_ptr,
+                              shift_ptr, rm_ptr, rv_ptr, nbt_ptr, tl.num_programs(0), C, eps, mom_hi, mom_lo,
+                              unb_hi, unb_lo, c_offs, c_mask, tl.program_id(1) == 0, True, PARAMS, HAS_W, HAS_B,
+                              RUNNING, ACC, BLOCK_C, False, COUNT)
+        _release(sem_ptr)
 
 
 @triton.jit
@@ -172,7 +170,7 @@ def _stats_finalize_kernel(
     COUNT: tl.constexpr = False,
 ):
     """The per-channel work of a BatchNorm on given statistics (eval's (scale, shift), a conv prologue's, conv
-    mode's running statistics); the statistics pass runs the same work on its partials (FINALIZE): form
+    mode's running statistics); the statistics pass runs the same work on its partials: form
     (scale, shift) and update the running statistics with `momentum` (RUNNING 1) or the cumulative
     factor 1 / num_batches_tracked read on the device (RUNNING 2, momentum=None: no host sync). CENTRED: shift
     is stored as shift - mean * scale, so BN(x) = x * scale + shift (a conv prologue's form). COUNT (never with
@@ -191,7 +189,7 @@ def _stats_finalize_block(cnt_ptr, mean_part_ptr, m2_part_ptr, mean_ptr, var_ptr
                           RUNNING: tl.constexpr, ACC: tl.constexpr, BLOCK_C: tl.constexpr, CENTRED: tl.constexpr,
                           COUNT: tl.constexpr):
     """_stats_finalize_kernel's work for channels c_offs (`first`: the block that also counts the batch), run by
-    that kernel or by the last program of a channel block of _stats_partial_kernel (FINALIZE)."""
+    that kernel or by the last program of a channel block of _stats_partial_kernel."""
     if FROM_PARTIALS:
         mean, var = _welford_merge(cnt_ptr, mean_part_ptr, m2_part_ptr, P, C, c_offs, c_mask, ACC, BLOCK_C)
         tl.store(mean_ptr + c_offs, mean, mask=c_mask)
@@ -520,8 +518,8 @@ def _statistics(x, geo, mean, var, **finalize):
     parts = [empty((geo.programs, geo.C), dtype=geo.acc, device=x.device) for _ in range(3)]
     ptrs, scalars, flags = _finalize_args(geo, mean, var, **finalize)
     _stats_partial_kernel[geo.reduce_grid](x, *parts, *geo.tile_args(), counters(x, geo.reduce_grid[1]), *ptrs,
-                                           scalars[0], *scalars[1:], CL=geo.cl, ACC=geo.tl_acc, IDX64=geo.idx64,
-                                           BLOCK_R=geo.block_r, BLOCK_C=geo.block_c, FINALIZE=True, **flags)
+                                           *scalars, CL=geo.cl, ACC=geo.tl_acc, IDX64=geo.idx64,
+                                           BLOCK_R=geo.block_r, BLOCK_C=geo.block_c, **flags)
 
 
 def _finalize_args(geo, mean, var, weight=None, bias=None, eps=0.0, scale=None, shift=None, running_mean=None,
@@ -753,11 +751,9 @@ def _apply_traffic(a):
 
 
 def _stats_traffic(a):
-    reads, writes = [a["x_ptr"]], [a["cnt_ptr"], a["mean_ptr"], a["m2_ptr"]]
-    if a["FINALIZE"]:
-        more_reads, more_writes = _stats_finalize_traffic(a, partials=True)
-        reads, writes = reads + more_reads, writes + more_writes
-    return reads, writes
+    """The statistics pass, and its last programs reading the partials back to finalize."""
+    more_reads, more_writes = _stats_finalize_traffic(a, partials=True)
+    return [a["x_ptr"]] + more_reads, [a["cnt_ptr"], a["mean_ptr"], a["m2_ptr"]] + more_writes
 
 
 def _stats_finalize_traffic(a, partials=False):

@@ -195,11 +195,15 @@ def conv_layer():
     import fusedres.triton.conv_bn_act as TC
 
     conv_ptrs = {n: torch.float32 for n in ("in_scale_ptr", "in_shift_ptr", "out_scale_ptr", "out_shift_ptr",
-                                            "res_scale_ptr", "res_shift_ptr", "sum_ptr", "m2_ptr")}
+                                            "res_scale_ptr", "res_shift_ptr", "sum_ptr", "m2_ptr", "mean_ptr",
+                                            "var_ptr")}
+    conv_ptrs.update(cnt_ptr=torch.float64, cmean_ptr=torch.float64, cm2_ptr=torch.float64, sem_ptr=torch.int32)
     ints = dict(H=56, W=56, C_in=64, OH=56, OW=56, C_out=64, M=256 * 56 * 56, CIN_G=64, COUT_G=64, stride_h=1,
-                stride_w=1, pad_h=1, pad_w=1, dil_h=1, dil_w=1)
+                stride_w=1, pad_h=1, pad_w=1, dil_h=1, dil_w=1,
+                CHUNK_ROWS=TC.stat_chunk_rows(256 * 56 * 56, False))
     none = dict(PROLOGUE=False, IN_RELU=False, OUT_SCALE=False, OUT_SHIFT=False, RESIDUAL=False, RES_AFFINE=False,
-                RELU=False, STATS=False, UPCAST=False, IDX64=False, STAT_ROWS=TC.GPU_STAT_ROWS)
+                RELU=False, STATS=False, UPCAST=False, IDX64=False, STAT_ROWS=TC.GPU_STAT_ROWS,
+                BLOCK_P=TC.GPU_BLOCK_P)
     return conv_ptrs, ints, none
 
 
@@ -269,7 +273,7 @@ def triton_variants(arch: int):
                dict(num_warps=kw["num_warps"], num_stages=kw["num_stages"]))
     # the stem (7x7, C_in=3, stride 2, the packed small-C_in path) with the heuristic config
     stem = dict(ints, H=224, W=224, C_in=3, OH=112, OW=112, M=256 * 112 * 112, CIN_G=3, stride_h=2, stride_w=2,
-                pad_h=3, pad_w=3)
+                pad_h=3, pad_w=3, CHUNK_ROWS=TC.stat_chunk_rows(256 * 112 * 112, False))
     kw = TC.heuristic_config(3, 64, 7, 7)
     consts = dict(none, STATS=True, KH=7, KW=7, PRECISION="ieee", REG_A=TC.reg_a(torch.bfloat16, arch // 10),
                   **TC.conv_constexprs(kw, 3, 7, 7))
@@ -277,14 +281,6 @@ def triton_variants(arch: int):
            TC.config_label(kw) + " (heuristic)",
            launch_args(TC._conv_kernel, conv_ptrs, stem, consts, torch.bfloat16),
            dict(num_warps=kw["num_warps"], num_stages=kw["num_stages"]))
-    merge = {k: v for k, v in dict(STAT_ROWS=TC.GPU_STAT_ROWS, BLOCK_P=64, BLOCK_C=64).items()
-             if k in TC._stats_merge_kernel.arg_names}
-    f64 = torch.float64
-    parts = 256 * 56 * 56 // 64
-    _, _, _, per_chunk = TC.merge_plan(parts, 64, False)
-    yield ("finalize", TC._stats_merge_kernel, "float32", TC.config_label(merge),
-           launch_args(TC._stats_merge_kernel, dict(cnt_ptr=f64, mean_ptr=f64, m2_out_ptr=f64, sem_ptr=torch.int32),
-                       dict(P=parts, C=64, M=256 * 56 * 56, per_chunk=per_chunk), merge, f32), {})
 
 
 def _triton_row(arch: int, index: int) -> Row:

@@ -324,32 +324,44 @@ def test_autotune_disk_cache(tmp_path, monkeypatch):
     assert timed == [0, 1, 2, 0, 1, 2]                                         # another GPU: timed again
 
 
-@pytest.mark.parametrize("rows,channels", [(98, 6), (1000, 37), (4096, 13)])
-def test_statistics_merge_matches_float64(rows, channels):
-    """The two-stage merge (chunks of partials in parallel, then per channel) of per-row-group partials, several
-    chunks and a short last group, against float64 statistics of the rows."""
+@pytest.mark.parametrize("n,hw,c_out,groups", [(2, 9, 6, 1), (3, 11, 37, 1), (1, 13, 20, 2)])
+def test_statistics_merge_in_the_conv_matches_float64(n, hw, c_out, groups):
+    """The statistics merge in the conv's last programs (chunks of rows, several row tiles per chunk, a short last
+    chunk and a short last partial group; several column tiles; groups) against float64 statistics of the conv
+    output, offset so a naive one-pass variance would lose digits; the counters are zero afterwards."""
+    from fusedres._counters import _BUFFERS
     from fusedres.triton import conv_bn_act as tconv
-    c = torch.randn(rows, channels, dtype=torch.float64) * 3 + 50
-    stat_rows = tconv.INTERPRET_STAT_ROWS
-    groups = list(c.split(stat_rows))
-    sums = torch.stack([g.sum(0) for g in groups]).float()
-    m2s = torch.stack([((g - g.mean(0)) ** 2).sum(0) for g in groups]).float()
-    assert tconv.merge_plan(len(groups), channels, True)[2] > 1
-    mean, var = tconv._merge(sums, m2s, rows, stat_rows, channels, True, c.device)
-    torch.testing.assert_close(mean.double(), c.mean(0), rtol=1e-6, atol=0)
-    torch.testing.assert_close(var.double(), c.var(0, unbiased=False), rtol=1e-5, atol=0)
+    torch.manual_seed(n * hw + c_out)
+    x = (torch.randn(n, 4 * groups, hw, hw) + 3).to(memory_format=torch.channels_last)
+    w = torch.randn(c_out, 4, 3, 3)
+    rows = n * hw * hw
+    chunk = tconv.stat_chunk_rows(rows, True)
+    assert rows > chunk > tconv.INTERPRET_CONFIG["BLOCK_M"] and rows % chunk and rows % tconv.INTERPRET_STAT_ROWS
+    y, mean, var = conv_bn_act(x, w, padding=1, groups=groups, stats=True, allow_tf32=False)
+    c = F.conv2d(x.double(), w.double(), padding=1, groups=groups)
+    torch.testing.assert_close(mean.double(), c.mean((0, 2, 3)), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(var.double(), c.var((0, 2, 3), unbiased=False), rtol=1e-5, atol=0)
+    assert all(int(b.count_nonzero()) == 0 for b in _BUFFERS.values())
 
 
-def test_statistics_merge_parallel_at_resnet50_shapes():
-    """At batch 256 every ResNet-50 conv's statistics merge runs at least 132 programs (an H100 / H200's SMs)."""
+def test_statistics_merge_plan_at_resnet50_shapes():
+    """At batch 256 every ResNet-50 conv's statistics merge has at least 132 merging programs (an H100 / H200's
+    SMs) even with the widest column tile, and chunk rows are a multiple of every config's BLOCK_M and of
+    STAT_ROWS (a chunk is whole row tiles, so the merge does not depend on the config)."""
     from fusedres.triton import conv_bn_act as tconv
+    block_ms = {c.kwargs["BLOCK_M"] for cs in tconv.CONFIGS.values() for c in cs}
+    block_ms |= {tconv.heuristic_config(ci, co, k, k)["BLOCK_M"] for ci, co, k in ((3, 64, 7), (64, 64, 3), (256, 256, 1))}
+    widest = max(c.kwargs["BLOCK_N"] for cs in tconv.CONFIGS.values() for c in cs)
     layers = [(112, 64)] + [(56, c) for c in (64, 256)] + [(28, c) for c in (128, 512)] \
         + [(14, c) for c in (256, 1024)] + [(7, c) for c in (512, 2048)]
     for hw, c_out in layers:
-        parts = -(-256 * hw * hw // tconv.GPU_STAT_ROWS)
-        block_c, _, chunks, per_chunk = tconv.merge_plan(parts, c_out, False)
-        assert -(-c_out // block_c) * chunks >= 132, (hw, c_out)
-        assert (chunks - 1) * per_chunk < parts <= chunks * per_chunk
+        rows = 256 * hw * hw
+        chunk = tconv.stat_chunk_rows(rows, False)
+        assert all(chunk % bm == 0 for bm in block_ms) and chunk % tconv.GPU_STAT_ROWS == 0
+        assert -(-rows // chunk) * -(-c_out // widest) >= 132, (hw, c_out)
+    assert tconv.INTERPRET_CONFIG["BLOCK_M"] % tconv.INTERPRET_STAT_ROWS == 0
+    assert min(c.kwargs["BLOCK_N"] for cs in tconv.CONFIGS.values() for c in cs) >= tconv.MIN_BLOCK_N
+    assert tconv.INTERPRET_CONFIG["BLOCK_N"] >= tconv.MIN_BLOCK_N
 
 
 def _bn_relu_conv(x, w, gamma, beta, stats, geometry_kw, fused):

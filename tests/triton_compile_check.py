@@ -44,8 +44,10 @@ def compile_variant(fn, dtype, constexprs, target):
     ptrs = {name: getattr(torch, ACC[dtype]) for name in ACC_PTRS}
     ptrs.update({name: torch.int64 for name in INT64_PTRS})
     ptrs.update({name: torch.int32 for name in INT32_PTRS})
-    if "BLOCK_M" in consts:  # the conv kernel's w_ptr is the conv weight, in the activation dtype
-        ptrs.pop("w_ptr")
+    if "BLOCK_M" in consts:  # the conv kernel's w_ptr is the conv weight, in the activation dtype; its chunk
+        ptrs.pop("w_ptr")     # statistics are float64
+        ptrs.update({name: torch.float64 for name in ("cnt_ptr", "cmean_ptr", "cm2_ptr")})
+        consts.setdefault("BLOCK_P", TC.GPU_BLOCK_P)
     floats = {name: 1e-5 for name in FLOAT_ARGS}  # float arguments: specialised as fp32, as at launch
     options = {}
     if "BLOCK_M" in consts:
@@ -134,7 +136,6 @@ def conv_variants():
     yield TC._conv_kernel, "float32", dict(combos[6], KH=3, KW=3, PRECISION="ieee", IDX64=False,
                                            STAT_ROWS=TC.INTERPRET_STAT_ROWS,
                                            **{k: v for k, v in TC.INTERPRET_CONFIG.items() if k.startswith("BLOCK")})
-    yield TC._stats_merge_kernel, "float32", dict(STAT_ROWS=TC.GPU_STAT_ROWS, BLOCK_P=64, BLOCK_C=64)
 
 
 def main(archs):

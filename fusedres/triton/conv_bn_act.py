@@ -11,10 +11,10 @@ other layouts. Weights are read as [C_out, KH, KW, C_in/groups] (a channels_last
 the weight already is one, as `fusedres.fold` arranges), so a K-tile is contiguous along input channels.
 
 BN statistics are deterministic and independent of the tile configuration: every group of STAT_ROWS output
-rows writes its own partial (sum and sum of squared deviations from the group's own mean) and the launcher
-merges the [M / STAT_ROWS, C_out] partials in float64 with the exact parallel-variance formula
-(`_stats_merge_kernel` over chunks of partials in parallel, whose last program per channel block merges the
-chunks; fixed order: the counters only pick which program does it).
+rows writes its own partial (sum and sum of squared deviations from the group's own mean), and the conv's own
+last programs merge the [M / STAT_ROWS, C_out] partials in float64 with the exact parallel-variance formula
+(`_merge_stats`: chunks of rows in parallel, then the chunks per column tile; fixed order, the counters only pick
+which program does it): a conv with statistics is one launch.
 
 Programs run in grouped order (GROUP_M row tiles share L2 across all column tiles). A small C_in/groups with a
 spatial filter (the 7x7 stem's 3 channels) reduces over the flat (kh, kw, c) index (`PACKED`) so K lanes are
@@ -29,7 +29,6 @@ reproducible across processes. Under the interpreter one small fixed config is u
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 
@@ -40,7 +39,6 @@ import triton.language as tl
 from fusedres._layout import empty
 from fusedres.triton import INTERPRET, device_reasons
 from fusedres._counters import counters
-from fusedres.triton.bn_act import _last_program, _release
 
 _INTERPRET = INTERPRET  # tests patch the module-level copy
 # Element counts from which offsets are computed in int64 (tests lower it to cover that path on tiny inputs).
@@ -99,6 +97,10 @@ def _conv_kernel(
     r_ptr,                        # [N, OH, OW, C_out] residual, NHWC dense, x's dtype (RESIDUAL)
     res_scale_ptr, res_shift_ptr,  # [C_out] fp32 residual affine r * res_scale + res_shift (RES_AFFINE)
     sum_ptr, m2_ptr,              # [cdiv(M, STAT_ROWS), C_out] fp32 out: per-row-group sum and centred M2 (STATS)
+    cnt_ptr, cmean_ptr, cm2_ptr,  # [cdiv(M, CHUNK_ROWS), C_out] fp64 out: rows, mean, M2 of each chunk (STATS)
+    sem_ptr,                      # int32 counters, zero between launches (STATS; see _merge_stats)
+    mean_ptr, var_ptr,            # [C_out] fp32 out: batch mean and biased variance of c (STATS)
+    CHUNK_ROWS,                   # output rows per statistics chunk, a multiple of BLOCK_M and STAT_ROWS
     H, W, C_in, OH, OW, C_out,    # sizes and geometry that vary with the input resolution and batch are not
     M,                            # specialised (one compiled variant per layer type), N * OH * OW output pixels
     CIN_G, COUT_G,                # channels per group (input, output)
@@ -106,7 +108,7 @@ def _conv_kernel(
     KH: tl.constexpr, KW: tl.constexpr,
     PROLOGUE: tl.constexpr, IN_RELU: tl.constexpr,
     OUT_SCALE: tl.constexpr, OUT_SHIFT: tl.constexpr, RESIDUAL: tl.constexpr, RES_AFFINE: tl.constexpr,
-    RELU: tl.constexpr, STATS: tl.constexpr, STAT_ROWS: tl.constexpr,
+    RELU: tl.constexpr, STATS: tl.constexpr, STAT_ROWS: tl.constexpr, BLOCK_P: tl.constexpr,
     PRECISION: tl.constexpr,      # "tf32" or "ieee" (fp32 inputs; ignored by fp16/bf16)
     IDX64: tl.constexpr,
     UPCAST: tl.constexpr,         # interpreter only: its bf16 tl.dot is wrong, so multiply bf16 values in fp32
@@ -245,32 +247,59 @@ def _conv_kernel(
     if RELU:
         z = tl.where(z < 0, 0.0, z)  # NaN passes, like torch.relu
     tl.store(y_ptr + y_offs, z.to(y_ptr.dtype.element_ty), mask=out_mask)
+    if STATS:
+        _merge_stats(sum_ptr, m2_ptr, cnt_ptr, cmean_ptr, cm2_ptr, sem_ptr, mean_ptr, var_ptr, pid_m, pid_n, g,
+                     num_pid_n, M, C_out, COUT_G, CHUNK_ROWS, STAT_ROWS, BLOCK_M, BLOCK_P, BLOCK_N)
 
 
-@triton.jit(do_not_specialize=["P", "M", "per_chunk"])
-def _stats_merge_kernel(
-    sum_ptr, m2_ptr,      # [P, C_out] fp32 per-row-group partials from _conv_kernel
-    cnt_ptr, mean_ptr, m2_out_ptr,  # [S, C_out] fp64 out: rows, mean and M2 of each of the S chunks of partials
-    P, C, M, per_chunk,   # row groups, channels, rows (output pixels), row groups per chunk
-    sem_ptr,              # [>= channel blocks] int32 counters, zero between launches
-    out_mean_ptr, out_var_ptr,  # [C_out] fp32 out: mean and biased variance (stage 2)
-    STAT_ROWS: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
-):
-    """Stage 1 of the statistics merge, one program per (channel block, chunk of partials): the exact
-    parallel-variance merge of its chunk in float64, partials in a fixed order: mean = sum(s_p) / n,
-    M2 = sum(m2_p + n_p * (s_p / n_p - mean)^2). The last chunk of each channel block to finish runs stage 2
-    (`_merge_chunks`) for its channels: the merge is one launch."""
-    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
-    c_mask = c < C
-    chunk = tl.program_id(1)
-    p_lo = chunk * per_chunk
-    p_hi = tl.minimum(p_lo + per_chunk, P)
+@triton.jit
+def _merge_stats(sum_ptr, m2_ptr, cnt_ptr, cmean_ptr, cm2_ptr, sem_ptr, mean_ptr, var_ptr, pid_m, pid_n, g,
+                 num_pid_n, M, C, COUT_G, CHUNK_ROWS, STAT_ROWS: tl.constexpr, BLOCK_M: tl.constexpr,
+                 BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    """The statistics merge in the conv's own last programs (no merge launch). Rows are cut into chunks of
+    CHUNK_ROWS (from M alone, so the result does not depend on the tile config): per column tile, the last row
+    tile of a chunk to store its partials merges the chunk's partials (`_merge_chunk`), and the last chunk
+    merger merges the chunks into mean and var (`_merge_chunks`). Counters: one per (chunk, column tile), then
+    one per column tile after them; each winner zeroes its own. Fixed order throughout: the tickets only pick
+    which program merges. The column tile's channels are indexed afresh (not the accumulator's slice layout,
+    whose 2-D tiles here would be spread over the MMA layout and cost registers)."""
+    rn = pid_n * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_mask = rn < COUT_G
+    c = g * COUT_G + rn
+    n_cols = tl.num_programs(1) * num_pid_n
+    col = g * num_pid_n + pid_n
+    chunk = (pid_m * BLOCK_M) // CHUNK_ROWS
+    r_lo = chunk * CHUNK_ROWS
+    tiles = tl.minimum(tl.cdiv(M - r_lo, BLOCK_M), CHUNK_ROWS // BLOCK_M)
+    tl.debug_barrier()
+    ticket = tl.atomic_add(sem_ptr + chunk * n_cols + col, 1, sem="acq_rel", scope="gpu")
+    if ticket == tiles - 1:
+        per_chunk = CHUNK_ROWS // STAT_ROWS
+        P = tl.cdiv(M, STAT_ROWS)
+        _merge_chunk(sum_ptr, m2_ptr, cnt_ptr, cmean_ptr, cm2_ptr, chunk, chunk * per_chunk,
+                     tl.minimum(chunk * per_chunk + per_chunk, P), C, M, c, c_mask, STAT_ROWS, BLOCK_P, BLOCK_C)
+        tl.atomic_xchg(sem_ptr + chunk * n_cols + col, 0)
+        S = tl.cdiv(M, CHUNK_ROWS)
+        tl.debug_barrier()
+        last = tl.atomic_add(sem_ptr + S * n_cols + col, 1, sem="acq_rel", scope="gpu")
+        if last == S - 1:
+            _merge_chunks(cnt_ptr, cmean_ptr, cm2_ptr, mean_ptr, var_ptr, S, C, c, c_mask, BLOCK_P, BLOCK_C)
+            tl.atomic_xchg(sem_ptr + S * n_cols + col, 0)
+
+
+@triton.jit
+def _merge_chunk(sum_ptr, m2_ptr, cnt_ptr, mean_ptr, m2_out_ptr, chunk, p_lo, p_hi, C, M, c, c_mask,
+                 STAT_ROWS: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Stage 1 for channels c: the exact parallel-variance merge of the partials p_lo <= p < p_hi in float64,
+    in order: mean = sum(s_p) / n, M2 = sum(m2_p + n_p * (s_p / n_p - mean)^2), stored as chunk `chunk`'s
+    (rows, mean, M2). The partials were written by other programs of this launch: read from L2 (.cg)."""
     rows = (tl.minimum(p_hi * STAT_ROWS, M) - p_lo * STAT_ROWS).to(tl.float64)
     total = tl.zeros([BLOCK_C], dtype=tl.float64)
     for p0 in range(p_lo, p_hi, BLOCK_P):
         p = p0 + tl.arange(0, BLOCK_P)
         mask = (p < p_hi)[:, None] & c_mask[None, :]
-        total += tl.sum(tl.load(sum_ptr + p[:, None] * C + c[None, :], mask=mask, other=0.0).to(tl.float64), axis=0)
+        s = tl.load(sum_ptr + p[:, None] * C + c[None, :], mask=mask, other=0.0, cache_modifier=".cg")
+        total += tl.sum(s.to(tl.float64), axis=0)
     mean = total / rows
     m2 = tl.zeros([BLOCK_C], dtype=tl.float64)
     for p0 in range(p_lo, p_hi, BLOCK_P):
@@ -278,8 +307,8 @@ def _stats_merge_kernel(
         p_mask = p < p_hi
         mask = p_mask[:, None] & c_mask[None, :]
         offs = p[:, None] * C + c[None, :]
-        s = tl.load(sum_ptr + offs, mask=mask, other=0.0).to(tl.float64)
-        q = tl.load(m2_ptr + offs, mask=mask, other=0.0).to(tl.float64)
+        s = tl.load(sum_ptr + offs, mask=mask, other=0.0, cache_modifier=".cg").to(tl.float64)
+        q = tl.load(m2_ptr + offs, mask=mask, other=0.0, cache_modifier=".cg").to(tl.float64)
         n = tl.where(p_mask, tl.minimum(M - p * STAT_ROWS, STAT_ROWS), 1).to(tl.float64)
         d = s / n[:, None] - mean[None, :]
         m2 += tl.sum(tl.where(mask, q + n[:, None] * d * d, 0.0), axis=0)
@@ -287,29 +316,33 @@ def _stats_merge_kernel(
     tl.store(cnt_ptr + out, tl.zeros([BLOCK_C], dtype=tl.float64) + rows, mask=c_mask)
     tl.store(mean_ptr + out, mean, mask=c_mask)
     tl.store(m2_out_ptr + out, m2, mask=c_mask)
-    if _last_program(sem_ptr, 0):
-        _merge_chunks(cnt_ptr, mean_ptr, m2_out_ptr, out_mean_ptr, out_var_ptr, tl.num_programs(1), C, c, c_mask,
-                      BLOCK_C)
-        _release(sem_ptr, 0)
 
 
 @triton.jit
-def _merge_chunks(cnt_ptr, mean_part_ptr, m2_part_ptr, mean_ptr, var_ptr, S, C, c, c_mask, BLOCK_C: tl.constexpr):
-    """Stage 2 for channels c: Chan's merge of the S chunk statistics in float64, chunks in order (read from L2:
-    other programs wrote them)."""
+def _merge_chunks(cnt_ptr, mean_part_ptr, m2_part_ptr, mean_ptr, var_ptr, S, C, c, c_mask, BLOCK_S: tl.constexpr,
+                  BLOCK_C: tl.constexpr):
+    """Stage 2 for channels c: the S chunks' (rows, mean, M2) merged in float64 by the same exact formula,
+    mean = sum(n_i mean_i) / n, M2 = sum(m2_i + n_i (mean_i - mean)^2), BLOCK_S chunks per step in a fixed
+    order (read from L2: other programs wrote them)."""
     count = tl.zeros([BLOCK_C], dtype=tl.float64)
-    mean = tl.zeros([BLOCK_C], dtype=tl.float64)
+    total = tl.zeros([BLOCK_C], dtype=tl.float64)
+    for s0 in range(0, S, BLOCK_S):
+        i = s0 + tl.arange(0, BLOCK_S)
+        offs = i[:, None] * C + c[None, :]
+        mask = (i < S)[:, None] & c_mask[None, :]
+        n_i = tl.load(cnt_ptr + offs, mask=mask, other=0.0, cache_modifier=".cg")
+        count += tl.sum(n_i, axis=0)
+        total += tl.sum(n_i * tl.load(mean_part_ptr + offs, mask=mask, other=0.0, cache_modifier=".cg"), axis=0)
+    count = tl.where(c_mask, count, 1.0)  # no 0 / 0 in the channel tail's masked lanes
+    mean = total / count
     m2 = tl.zeros([BLOCK_C], dtype=tl.float64)
-    for i in range(0, S):
-        n_i = tl.load(cnt_ptr + i * C + c, mask=c_mask, other=0.0, cache_modifier=".cg")
-        mean_i = tl.load(mean_part_ptr + i * C + c, mask=c_mask, other=0.0, cache_modifier=".cg")
-        m2_i = tl.load(m2_part_ptr + i * C + c, mask=c_mask, other=0.0, cache_modifier=".cg")
-        total = count + n_i
-        frac = n_i / total
-        delta = mean_i - mean
-        mean += delta * frac
-        m2 += m2_i + delta * delta * count * frac
-        count = total
+    for s0 in range(0, S, BLOCK_S):
+        i = s0 + tl.arange(0, BLOCK_S)
+        offs = i[:, None] * C + c[None, :]
+        mask = (i < S)[:, None] & c_mask[None, :]
+        n_i = tl.load(cnt_ptr + offs, mask=mask, other=0.0, cache_modifier=".cg")
+        d = tl.load(mean_part_ptr + offs, mask=mask, other=0.0, cache_modifier=".cg") - mean[None, :]
+        m2 += tl.sum(tl.load(m2_part_ptr + offs, mask=mask, other=0.0, cache_modifier=".cg") + n_i * d * d, axis=0)
     tl.store(mean_ptr + c, mean.to(tl.float32), mask=c_mask)
     tl.store(var_ptr + c, (m2 / count).to(tl.float32), mask=c_mask)
 
@@ -496,30 +529,42 @@ def conv_bn_act(x, weight, in_scale, in_shift, in_relu, out_scale, out_shift, re
     plan = _PLAN
     interp = x.device.type == "cpu" and plan is None
     stat_rows = INTERPRET_STAT_ROWS if interp else GPU_STAT_ROWS
-    n_parts = triton.cdiv(M, stat_rows)
-    if stats:
-        sums = empty((n_parts, C_out), **f32)
-        m2s = empty((n_parts, C_out), **f32)
+    chunk_rows = stat_chunk_rows(M, interp)
+    cout_g = C_out // groups
+    if stats and M > 0 and C_out > 0:
+        chunks = triton.cdiv(M, chunk_rows)
+        sums = empty((triton.cdiv(M, stat_rows), C_out), **f32)
+        m2s = empty((triton.cdiv(M, stat_rows), C_out), **f32)
+        parts = [empty((chunks, C_out), dtype=torch.float64, device=x.device) for _ in range(3)]
+        mean = empty((C_out,), **f32)
+        var = empty((C_out,), **f32)
+        # (chunk, column tile) counters, then one per column tile; the narrowest BLOCK_N any config has
+        sem = counters(y, (chunks + 1) * triton.cdiv(cout_g, MIN_BLOCK_N) * groups)
     else:
-        sums = m2s = y
+        sums = m2s = sem = y
+        parts = [y] * 3
+        if stats and M == 0:  # no values: NaN statistics, as the reference's mean of nothing
+            mean, var = torch.full((C_out,), float("nan"), **f32), torch.full((C_out,), float("nan"), **f32)
+        else:
+            mean, var = torch.empty(0, **f32), torch.empty(0, **f32)
     if M == 0 or C_out == 0:
-        return y, *_merge(sums, m2s, M, stat_rows, C_out, stats, x.device)
+        return y, mean, var
     dummy = y
     idx64 = max(x.numel(), y.numel(), w.numel()) >= INT64_INDEX_THRESHOLD
     args = (x, w, y, in_scale if in_scale is not None else dummy, in_shift if in_shift is not None else dummy,
             out_scale if out_scale is not None else dummy, out_shift if out_shift is not None else dummy,
             residual if residual is not None else dummy,
-            res_scale if res_affine else dummy, res_shift if res_affine else dummy, sums, m2s,
-            H, W, C_in, OH, OW, C_out, M, cin_g, C_out // groups, stride[0], stride[1], padding[0], padding[1],
+            res_scale if res_affine else dummy, res_shift if res_affine else dummy, sums, m2s, *parts, sem,
+            mean, var, chunk_rows, H, W, C_in, OH, OW, C_out, M, cin_g, C_out // groups, stride[0], stride[1], padding[0], padding[1],
             dilation[0], dilation[1])
     flags = dict(KH=KH, KW=KW, PROLOGUE=in_scale is not None, IN_RELU=bool(in_relu) and in_scale is not None,
                  OUT_SCALE=out_scale is not None, OUT_SHIFT=out_shift is not None, RESIDUAL=residual is not None,
                  RES_AFFINE=res_affine, RELU=bool(relu), STATS=bool(stats), STAT_ROWS=stat_rows,
+                 BLOCK_P=INTERPRET_BLOCK_P if interp else GPU_BLOCK_P,
                  PRECISION="tf32" if allow_tf32 and x.dtype == torch.float32 else "ieee", IDX64=idx64,
                  UPCAST=interp and x.dtype == torch.bfloat16,
                  REG_A=reg_a(x.dtype, plan.major if plan is not None else None if interp else
                              torch.cuda.get_device_capability(x.device)[0]))
-    cout_g = C_out // groups
 
     def launch(cfg):
         consts = conv_constexprs(cfg, cin_g, KH, KW, interpret=interp)
@@ -549,7 +594,7 @@ def conv_bn_act(x, weight, in_scale, in_shift, in_relu, out_scale, out_shift, re
                 cfg = _autotuned_config(key, _cache_scope(x.device),
                                         _candidates(major, smem, x.dtype, cin_g, cout_g, KH, KW), launch)
                 launch(cfg)
-    return y, *_merge(sums, m2s, M, stat_rows, C_out, stats, x.device)
+    return y, mean, var
 
 
 def reg_a(dtype, major) -> bool:
@@ -568,43 +613,24 @@ def _candidates(major, smem, dtype, cin_g, cout_g, kh, kw) -> list[dict]:
     return cands or [heuristic_config(cin_g, cout_g, kh, kw)]
 
 
-# Statistics merge: at least this many stage-1 programs when the partials allow (>= the SM count of current
-# GPUs, e.g. 132 on H100/H200); a constant, not the device's SM count, so the summation order (and the result)
-# does not depend on the GPU. The interpreter gets a small target so tiny shapes still span several chunks.
-MERGE_PROGRAMS = 264
-INTERPRET_MERGE_PROGRAMS = 4
+# Statistics merge (`_merge_stats`, in the conv's last programs): about this many chunks of rows, each merged by
+# the last row tile of the chunk per column tile (at ResNet-50's shapes that is >= 132 merging programs, an
+# H100 / H200's SM count, overlapping the conv's remaining tiles); chunk rows are a multiple of CHUNK_UNIT, which
+# every BLOCK_M (and STAT_ROWS) divides, and depend on M alone. The interpreter gets small chunks so tiny shapes
+# span several chunks of several tiles.
+MERGE_CHUNKS = 160
+CHUNK_UNIT = 256
+INTERPRET_MERGE_CHUNKS = 3
+GPU_BLOCK_P = 4       # partials (chunks) per step of a chunk merge (fp64 [BLOCK_P, BLOCK_N] tiles)
+INTERPRET_BLOCK_P = 4
+MIN_BLOCK_N = 16      # the narrowest column tile of any config (sizes the counters)
 
 
-def merge_plan(P: int, C_out: int, interpret: bool) -> tuple[int, int, int, int]:
-    """(BLOCK_C, BLOCK_P, chunks, row groups per chunk) of the two-stage statistics merge."""
-    block_c = 16 if interpret else 64
-    block_p = 4 if interpret else 64
-    c_blocks = triton.cdiv(C_out, block_c)
-    target = INTERPRET_MERGE_PROGRAMS if interpret else MERGE_PROGRAMS
-    per_chunk = triton.cdiv(P, max(1, min(P, triton.cdiv(target, c_blocks))))
-    return block_c, block_p, triton.cdiv(P, per_chunk), per_chunk
-
-
-def _merge(sums, m2s, M, stat_rows, C_out, stats, device):
-    """mean and biased variance from the per-row-group partials: the exact parallel-variance merge in float64
-    and a fixed order, in one launch (chunks of partials in parallel; the last chunk per channel block merges
-    the chunks)."""
-    if not stats:
-        return (torch.empty(0, dtype=torch.float32, device=device),
-                torch.empty(0, dtype=torch.float32, device=device))
-    if M == 0:
-        nan = torch.full((C_out,), float("nan"), dtype=torch.float32, device=device)
-        return nan, nan.clone()
-    P = sums.shape[0]
-    block_c, block_p, chunks, per_chunk = merge_plan(P, C_out, device.type == "cpu")
-    mean = empty((C_out,), dtype=torch.float32, device=device)
-    var = empty((C_out,), dtype=torch.float32, device=device)
-    parts = [empty((chunks, C_out), dtype=torch.float64, device=device) for _ in range(3)]
-    c_blocks = triton.cdiv(C_out, block_c)
-    with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
-        _stats_merge_kernel[(c_blocks, chunks)](sums, m2s, *parts, P, C_out, M, per_chunk, counters(sums, c_blocks),
-                                                mean, var, STAT_ROWS=stat_rows, BLOCK_P=block_p, BLOCK_C=block_c)
-    return mean, var
+def stat_chunk_rows(M: int, interpret: bool) -> int:
+    """Output rows per statistics chunk: about M / MERGE_CHUNKS rounded up to the chunk unit."""
+    unit = INTERPRET_CONFIG["BLOCK_M"] if interpret else CHUNK_UNIT
+    target = INTERPRET_MERGE_CHUNKS if interpret else MERGE_CHUNKS
+    return max(unit, triton.cdiv(triton.cdiv(max(M, 1), target), unit) * unit)
 
 
 # ------------------------------------------------------------------------------------------------ traffic
@@ -615,7 +641,7 @@ def _touched(size: int, out: int, k: int, stride: int, pad: int, dil: int) -> in
 
 def _conv_traffic(a):
     """x where some output reads it, the weights, y; the C vectors and residual the flags switch on; the
-    statistics partials. A conv's FLOPs are counted as torch.utils.flop_counter counts its convolution."""
+    statistics partials and chunk statistics (written, read back by the merging programs) and mean / var. A conv's FLOPs are counted as torch.utils.flop_counter counts its convolution."""
     x, w = a["x_ptr"], a["w_ptr"]
     n = x.shape[0]
     rows = _touched(a["H"], a["OH"], a["KH"], a["stride_h"], a["pad_h"], a["dil_h"])
@@ -627,7 +653,11 @@ def _conv_traffic(a):
     reads += [a["out_shift_ptr"]] if a["OUT_SHIFT"] else []
     reads += [a["r_ptr"]] if a["RESIDUAL"] else []
     reads += [a["res_scale_ptr"], a["res_shift_ptr"]] if a["RES_AFFINE"] else []
-    writes = [a["y_ptr"]] + ([a["sum_ptr"], a["m2_ptr"]] if a["STATS"] else [])
+    writes = [a["y_ptr"]]
+    if a["STATS"]:  # partials and chunk statistics are written, then read back by the merging programs
+        merged = [a["sum_ptr"], a["m2_ptr"], a["cnt_ptr"], a["cmean_ptr"], a["cm2_ptr"]]
+        reads += merged
+        writes += merged + [a["mean_ptr"], a["var_ptr"]]
     return reads, writes
 
 
@@ -638,11 +668,5 @@ def conv_flops(a) -> int:
                            [a["x_ptr"].shape[0], a["C_out"], a["OH"], a["OW"]], transposed=False)
 
 
-TRAFFIC = {
-    "_conv_kernel": _conv_traffic,
-    # stage 1 writes the chunk statistics; the last programs read them back and write mean and var
-    "_stats_merge_kernel": lambda a: ([a["sum_ptr"], a["m2_ptr"], a["cnt_ptr"], a["mean_ptr"], a["m2_out_ptr"]],
-                                      [a["cnt_ptr"], a["mean_ptr"], a["m2_out_ptr"], a["out_mean_ptr"],
-                                       a["out_var_ptr"]]),
-}
+TRAFFIC = {"_conv_kernel": _conv_traffic}
 FLOPS = {"_conv_kernel": conv_flops}

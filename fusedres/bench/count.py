@@ -222,7 +222,8 @@ class Counter(TorchDispatchMode):
             name = func.overloadpacket.__name__
             formula = _flop_registry().get(func.overloadpacket)
             flops = int(formula(*args, **kwargs, out_val=out)) if formula is not None else 0
-            reads = [] if name.endswith("_like") else inputs[1:] if name in OVERWRITE_OPS else inputs
+            reads = [] if name.endswith("_like") else _tensors((args[1:], kwargs)) if name in OVERWRITE_OPS \
+                else inputs
             nbytes = traffic.op_bytes(reads, outputs) + traffic.reread_bytes(name, args)
             low = any(t.dtype in LOW_PRECISION for t in inputs) if inputs else \
                 any(t.dtype in LOW_PRECISION for t in outputs)

@@ -150,4 +150,4 @@ BN_OPS = frozenset({
     "batch_norm_backward_reduce", "batch_norm_backward_elemt", "batch_norm_gather_stats_with_counts",
     "add", "add_", "sub", "sub_", "mul", "mul_", "div", "div_", "relu", "relu_", "threshold_backward", "where",
     "le", "lt", "ge", "gt", "neg", "sum", "zeros_like", "clamp_min", "clamp_min_"})
-COPY_OPS = frozenset({"_to_copy", "to", "copy_", "clone", "contiguous"})
+COPY_OPS = frozenset({"_to_copy", "to", "copy_", "_foreach_copy_", "clone", "contiguous"})

@@ -12,6 +12,8 @@ In a `ConvBasicBlock` / `ConvBottleneck` (subclasses of the fused blocks, same a
   (eval) the tail is the fused block's `bn_act` / `dual_bn_act` op.
 * the torchvision stem's BN + ReLU + max-pool: `BatchNormActPool2d` (`fuse_stem_pool`), keeping only the
   stem conv's output.
+* under autocast, a block casts all its float32 conv weights to the autocast dtype in one `cast_weights`
+  launch (and their gradients back in one), where each conv would cast its own.
 
 Backward: `aten.convolution_backward` for dgrad/wgrad plus the backends' BN backward kernels; each conv keeps
 its raw input (the previous conv's output) and recomputes the prologue from it, so the normalised activation
@@ -33,6 +35,7 @@ from fusedres.nn.blocks import BasicBlock, Bottleneck, _is_conv_bn
 from fusedres._layout import acc_dtype
 from fusedres.ops import bn_act_pool as _bn_act_pool  # noqa: F401  (registers fusedres::bn_act_pool_train)
 from fusedres.ops._common import check_batch_size, scale_shift
+from fusedres.ops.cast_weights import cast_weights
 from fusedres.ops.conv_bn_act import conv_bn_act
 from fusedres.ops.stats_bn_act import stats_bn_act
 
@@ -42,12 +45,29 @@ def _plain_conv(conv) -> bool:
             and not isinstance(conv.padding, str))
 
 
-def _conv(conv: nn.Conv2d, x: Tensor, prologue, stats: bool, residual=None):
+def _conv(conv: nn.Conv2d, x: Tensor, prologue, stats: bool, residual=None, weights=None):
     """conv(relu(prologue(x))) [+ residual]; (y, mean, var) of the raw output when `stats`, else y. `prologue`
-    is None or the keyword arguments of `_bn_prologue`."""
-    return conv_bn_act(x, conv.weight, stride=conv.stride, padding=conv.padding, dilation=conv.dilation,
+    is None or the keyword arguments of `_bn_prologue`; `weights` maps convs to their already cast weight
+    (`autocast_weights`)."""
+    weight = conv.weight if weights is None else weights.get(conv, conv.weight)
+    return conv_bn_act(x, weight, stride=conv.stride, padding=conv.padding, dilation=conv.dilation,
                        groups=conv.groups, in_relu=prologue is not None, residual=residual, stats=stats,
                        **(prologue or {}))
+
+
+def autocast_weights(x: Tensor, convs) -> dict:
+    """Under autocast, {conv: its weight in the autocast dtype} for `convs`, all cast in one `cast_weights` launch
+    (backward: one for all their gradients) where conv_bn_act would cast each (one launch each way per conv); it
+    passes an already cast weight through. Empty (each conv as before) without autocast, when x is neither
+    float32 nor the autocast dtype, or when a weight is not a float32 tensor on x's device."""
+    if not torch.is_autocast_enabled(x.device.type):
+        return {}
+    dtype = torch.get_autocast_dtype(x.device.type)
+    convs = list(dict.fromkeys(convs))
+    if x.dtype not in (torch.float32, dtype) or not convs or any(
+            c.weight.dtype != torch.float32 or c.weight.device != x.device for c in convs):
+        return {}
+    return dict(zip(convs, cast_weights([c.weight for c in convs], dtype)))
 
 
 def _bn_stats(bn: nn.BatchNorm2d, out, centred: bool = False, affine=None):
@@ -90,30 +110,39 @@ class _ConvTrainMixin:
         convs = [getattr(self, c) for c, _ in self._chain] + [getattr(self, self._last_conv)]
         return all(_plain_conv(c) for c in convs) and x.dim() == 4
 
+    def _fused_shortcut(self) -> bool:
+        """Whether the projection shortcut's conv runs through conv_bn_act (its BN in the tail's pass)."""
+        ds = self.downsample
+        return _is_conv_bn(ds) and _plain_conv(ds[0]) and _uses_batch_stats(ds[1])
+
     def forward(self, x: Tensor) -> Tensor:
         if not self._can_run(x):
             return super().forward(x)
+        convs = [getattr(self, c) for c, _ in self._chain] + [getattr(self, self._last_conv)]
+        if _uses_batch_stats(getattr(self, self._last_bn)) and self._fused_shortcut():
+            convs.append(self.downsample[0])
+        weights = autocast_weights(x, convs)
         out, prologue = x, None
         for conv_name, bn_name in self._chain:
             bn = getattr(self, bn_name)
-            res = _conv(getattr(self, conv_name), out, prologue, stats=_uses_batch_stats(bn))
+            res = _conv(getattr(self, conv_name), out, prologue, stats=_uses_batch_stats(bn), weights=weights)
             if not isinstance(res, tuple):
                 res = (res, None, None)
             prologue = _bn_prologue(bn, res)
             out = res[0]
         last_conv, last_bn = getattr(self, self._last_conv), getattr(self, self._last_bn)
         if not _uses_batch_stats(last_bn):
-            return self._tail(x, _conv(last_conv, out, prologue, stats=False), last_bn)
+            return self._tail(x, _conv(last_conv, out, prologue, stats=False, weights=weights), last_bn)
         # the last conv emits its statistics too; the tail is one stats_bn_act pass over its output
-        res = _conv(last_conv, out, prologue, stats=True)
+        res = _conv(last_conv, out, prologue, stats=True, weights=weights)
         gain, res_gain = self.skip_gains()  # learned skip weights fold into the tail's BN affine
         weight, bias = gained_affine(last_bn, gain)
         mean, var, params = _bn_stats(last_bn, res, affine=(weight, bias))
         c = res[0]
         relu = getattr(last_bn, "act", "relu") == "relu"
         ds = self.downsample
-        if _is_conv_bn(ds) and _plain_conv(ds[0]) and _uses_batch_stats(ds[1]):
-            res_b = _conv(ds[0], x, None, stats=True)
+        if self._fused_shortcut():
+            res_b = _conv(ds[0], x, None, stats=True, weights=weights)
             weight_b, bias_b = gained_affine(ds[1], res_gain)
             mean_b, var_b, params_b = _bn_stats(ds[1], res_b, affine=(weight_b, bias_b))
             return stats_bn_act(c, mean, var, weight, bias, last_bn.eps, xb=res_b[0].to(c.dtype),

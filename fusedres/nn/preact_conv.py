@@ -14,6 +14,7 @@ training-mode bottleneck forward:
 * identity shortcut: the add of x is conv3's epilogue (`residual=x`), one write of the unit output; projection
   shortcut: `conv_bn_act(x, w_sc, prologue relu(bn1(.)))` (the pre-activated input, as stock) and a plain add.
 
+Under autocast the unit's float32 conv weights are cast in one `cast_weights` launch (`autocast_weights`).
 Each prologue is a BatchNorm prologue with the batch statistics: its backward is BatchNorm's, the
 statistics' gradient included. What autograd keeps per unit: x, c1 and c2
 (each conv saves its raw input and recomputes the prologue in backward) where stock keeps x, relu(bn1(x)), c1,
@@ -28,15 +29,15 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from fusedres.nn.batchnorm_act import BatchNormAct2d, _uses_batch_stats
-from fusedres.nn.conv_blocks import CONV_BLOCKS, _bn_prologue, _plain_conv
+from fusedres.nn.conv_blocks import CONV_BLOCKS, _bn_prologue, _plain_conv, autocast_weights
 from fusedres.nn.conv_blocks import _conv as _block_conv
 from fusedres.nn.preact_blocks import PreActBasicBlock, PreActBottleneck
 from fusedres.ops.batch_stats import batch_stats
 
 
-def _conv(conv: nn.Conv2d, x: Tensor, prologue, stats: bool, residual=None):
+def _conv(conv: nn.Conv2d, x: Tensor, prologue, stats: bool, residual=None, weights=None):
     """conv(relu(prologue(x))) [+ residual] as a (y, mean, var) triple (mean / var None without stats)."""
-    res = _block_conv(conv, x, prologue, stats, residual)
+    res = _block_conv(conv, x, prologue, stats, residual, weights)
     return res if stats else (res, None, None)
 
 
@@ -54,6 +55,8 @@ class _ConvPreActMixin:
     def forward(self, x: Tensor) -> Tensor:
         if not self._can_run(x):
             return super().forward(x)
+        convs = [getattr(self, c) for _, c in self._pairs]
+        weights = autocast_weights(x, convs + ([self.downsample] if self.downsample is not None else []))
         bn1 = getattr(self, self._pairs[0][0])
         # statistics without autograd: the prologues' BatchNorm backward already differentiates through them
         first = (x, *batch_stats(x.detach())) if _uses_batch_stats(bn1) else (x, None, None)
@@ -61,14 +64,14 @@ class _ConvPreActMixin:
         out = x
         for i, (_, conv_name) in enumerate(self._pairs[:-1]):
             next_bn = getattr(self, self._pairs[i + 1][0])
-            res = _conv(getattr(self, conv_name), out, prologue, stats=_uses_batch_stats(next_bn))
+            res = _conv(getattr(self, conv_name), out, prologue, stats=_uses_batch_stats(next_bn), weights=weights)
             prologue = _bn_prologue(next_bn, res)
             out = res[0]
         last = getattr(self, self._pairs[-1][1])
         if self.downsample is None:  # the identity shortcut is added in the last conv's epilogue
-            return _conv(last, out, prologue, stats=False, residual=x)[0]
-        shortcut = _conv(self.downsample, x, first_prologue, stats=False)[0]
-        return _conv(last, out, prologue, stats=False)[0] + shortcut
+            return _conv(last, out, prologue, stats=False, residual=x, weights=weights)[0]
+        shortcut = _conv(self.downsample, x, first_prologue, stats=False, weights=weights)[0]
+        return _conv(last, out, prologue, stats=False, weights=weights)[0] + shortcut
 
     @classmethod
     def from_fused(cls, unit: nn.Module) -> nn.Module:

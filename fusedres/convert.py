@@ -87,7 +87,9 @@ def convert(model: nn.Module, inplace: bool = True, mode: str = "bn", *, sync_bn
     mode="bn" (default): fused BatchNorm + add + ReLU elementwise ops after stock convolutions.
     mode="conv": additionally run each block as single-pass convolutions (`fusedres.nn.conv_blocks`): convs
     emit BN statistics, the next conv applies BN + ReLU in its input prologue, the tail is one bn_act pass.
-    Same modules, tensors and state_dict keys; `unconvert` undoes either mode.
+    A torchvision stem's conv1 becomes a `RecastConv2d` (the same module object), which under autocast keeps the
+    float32 input for backward instead of a low-precision copy. Same modules, tensors and state_dict keys;
+    `unconvert` undoes either mode.
 
     skip_weight="scalar" | "channel": give every fused post-activation block (torchvision or timm) a learned
     skip weight (`add_skip_weight`), on the residual branch (skip_on="branch": relu(a * BN(F(x)) + x); with
@@ -141,7 +143,7 @@ def _convert(model, inplace, mode, sync_bn, process_group, skip_weight, skip_on,
         swap_children(model, _to_conv_mode)
     if _is_stock_resnet(model):
         fuse_bn_relu(model, "bn1", "relu")
-        if mode == "conv":  # the stem's BN + ReLU + max-pool keep only the conv output
+        if mode == "conv":  # BN + ReLU + max-pool keep only the conv output, the conv only the float32 input
             from fusedres.nn.conv_blocks import fuse_stem_pool
 
             fuse_stem_pool(model)

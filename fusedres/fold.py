@@ -77,7 +77,7 @@ def _fold_stem(model: nn.Module) -> None:
     from fusedres.nn.batchnorm_act import BatchNormAct2d
     from fusedres.nn.conv_blocks import unfuse_stem_pool
 
-    unfuse_stem_pool(model)  # a conv-mode stem's pool goes back to maxpool
+    unfuse_stem_pool(model)  # a conv-mode stem's pool goes back to maxpool, its conv1 to nn.Conv2d
     bn, relu = model.bn1, model.relu
 
     if type(bn) is nn.BatchNorm2d and type(relu) is nn.ReLU:

@@ -11,7 +11,8 @@ In a `ConvBasicBlock` / `ConvBottleneck` (subclasses of the fused blocks, same a
   statistics (no separate statistics pass; backward is BatchNorm's). When a tail BN uses running statistics
   (eval) the tail is the fused block's `bn_act` / `dual_bn_act` op.
 * the torchvision stem's BN + ReLU + max-pool: `BatchNormActPool2d` (`fuse_stem_pool`), keeping only the
-  stem conv's output.
+  stem conv's output; the stem conv itself becomes a `RecastConv2d`, which under autocast keeps the float32
+  input image for backward instead of its low-precision copy.
 * under autocast, a block casts all its float32 conv weights to the autocast dtype in one `cast_weights`
   launch (and their gradients back in one), where each conv would cast its own.
 
@@ -37,6 +38,7 @@ from fusedres.ops import bn_act_pool as _bn_act_pool  # noqa: F401  (registers f
 from fusedres.ops._common import check_batch_size, scale_shift
 from fusedres.ops.cast_weights import cast_weights
 from fusedres.ops.conv_bn_act import conv_bn_act
+from fusedres.ops.recast_conv import recast_conv
 from fusedres.ops.stats_bn_act import stats_bn_act
 
 
@@ -207,9 +209,26 @@ class BatchNormActPool2d(BatchNormAct2d):
         return y
 
 
+class RecastConv2d(nn.Conv2d):
+    """A conv-mode torchvision stem's `conv1`: under autocast with a float32 input it runs as
+    `fusedres::recast_conv`, which keeps the float32 input (the caller's own tensor) for backward and casts it
+    again there, where F.conv2d keeps a low-precision copy of it (at batch 256, 224x224 bf16: 77 MB the step
+    does not need; one more launch in backward). Same values as nn.Conv2d; elsewhere it is nn.Conv2d.
+    `fuse_stem_pool` makes the stem's own module one (its class changes, so its Parameters, state_dict keys and
+    hooks stay), `unfuse_stem_pool` makes it an nn.Conv2d again."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.padding_mode != "zeros" or isinstance(self.padding, str):
+            return super().forward(x)
+        return recast_conv(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+
 def fuse_stem_pool(model: nn.Module) -> None:
     """A converted torchvision stem (`bn1: BatchNormAct2d`, `relu: Identity`, `maxpool: MaxPool2d`) gets a
-    `BatchNormActPool2d` bn1 running the pool, and `maxpool: Identity`. Idempotent; `unfuse_stem_pool` undoes it."""
+    `BatchNormActPool2d` bn1 running the pool, and `maxpool: Identity`; an nn.Conv2d `conv1` becomes a
+    `RecastConv2d` in place. Idempotent; `unfuse_stem_pool` undoes it."""
+    if type(getattr(model, "conv1", None)) is nn.Conv2d:
+        model.conv1.__class__ = RecastConv2d
     bn, pool = model.bn1, model.maxpool
     if (type(bn) is BatchNormAct2d and type(model.relu) is nn.Identity and type(pool) is nn.MaxPool2d
             and not pool.return_indices):
@@ -219,6 +238,8 @@ def fuse_stem_pool(model: nn.Module) -> None:
 
 
 def unfuse_stem_pool(model: nn.Module) -> None:
+    if type(getattr(model, "conv1", None)) is RecastConv2d:
+        model.conv1.__class__ = nn.Conv2d
     bn = getattr(model, "bn1", None)
     if type(bn) is BatchNormActPool2d and type(getattr(model, "maxpool", None)) is nn.Identity:
         model.maxpool = bn.pool

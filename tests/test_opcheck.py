@@ -159,6 +159,18 @@ def _conv_cases():
     }
 
 
+def _cast_cases():
+    """Conv mode under autocast: a block's weights cast in one launch, the stem conv keeping its float32 input."""
+    ws = [torch.randn(6, 4, 3, 3, requires_grad=True), torch.randn(6, 6, 1, 1, requires_grad=True)]
+    x = _act(True, (2, 3, 9, 9))
+    w, b = (torch.randn(s, dtype=torch.bfloat16, requires_grad=True) for s in ((4, 3, 3, 3), (4,)))
+    return {
+        "cast_weights": (ops.cast_weights, (ws, torch.bfloat16)),
+        "recast_conv": (ops.recast_conv, (x, w, None, [2, 2], [1, 1], [1, 1], 1)),
+        "recast_conv_bias": (ops.recast_conv, (x.detach(), w, b, [1, 1], [0, 0], [1, 1], 1)),
+    }
+
+
 def _all_cases():
     cases = {}
     for cl in (False, True):  # bn_act in both layouts; the others share its layout code: channels_last only
@@ -169,6 +181,7 @@ def _all_cases():
     for factory in (_bn_act_cases, _dual_cases, _scale_shift_cases):
         cases.update({f"{k}-empty": v for k, v in factory(False, (0, C, 3, 2)).items() if "batch_stats" not in k})
     cases.update(_conv_cases())
+    cases.update(_cast_cases())
     return cases
 
 

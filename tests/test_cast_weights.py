@@ -143,14 +143,24 @@ def _train(model, xs, targets):
     return outs, grads, model.state_dict()
 
 
-def test_converted_resnet_trains_bitwise_as_before(monkeypatch):
-    """Two bf16-autocast SGD steps of a converted tiny torchvision ResNet (both block kinds, projection shortcuts):
-    outputs, gradients, parameters and running statistics bitwise those of one weight cast per conv and the stock
-    stem conv (the casts round the same; the stem's backward sees the same bf16 input)."""
-    stock = mixed_resnet()
+def _tiny_preact():
+    from fusedres import preact
+
+    return preact.PreActResNet(preact.PreActBasicBlock, [2, 2], [4, 8], num_classes=5, stem_width=4)
+
+
+@pytest.mark.parametrize("make", [mixed_resnet, _tiny_preact], ids=["torchvision", "preact"])
+def test_converted_resnet_trains_bitwise_as_before(monkeypatch, make):
+    """Two bf16-autocast SGD steps of a converted tiny ResNet (torchvision: both block kinds, projection shortcuts;
+    pre-activation units): outputs, gradients, parameters and running statistics bitwise those of one weight cast
+    per conv and the stock stem conv (the casts round the same; the stem's backward sees the same bf16 input)."""
+    stock = make()
     xs = [torch.randn(2, 3, 32, 32).contiguous(memory_format=torch.channels_last) for _ in range(2)]
     targets = [torch.randint(0, 5, (2,)) for _ in range(2)]
-    new = _train(fusedres.convert(copy.deepcopy(stock), mode="conv"), xs, targets)
+    model = fusedres.convert(copy.deepcopy(stock), mode="conv")
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert "cast_weights" in _casts_seen(lambda: copy.deepcopy(model)(xs[0]))
+    new = _train(model, xs, targets)
     with monkeypatch.context() as m:
         _old_path(m)
         old = _train(fusedres.convert(copy.deepcopy(stock), mode="conv"), xs, targets)

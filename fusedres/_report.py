@@ -133,9 +133,9 @@ def _why_not_folded(m: nn.Module) -> str:
     for c in m.children():
         if isinstance(c, nn.BatchNorm2d) and c.running_mean is None:
             return "BatchNorm without running statistics"
-    from fusedres.fold import _folded_class
+    from fusedres.nn.conv import folded_class
 
-    if _folded_class(m) is None and not _is_ours(m) and _known_block(m) is not None:
+    if folded_class(m) is None and not _is_ours(m) and _known_block(m) is not None:
         reason = why_stock(m)
         if not reason.endswith("not convertible"):
             return reason

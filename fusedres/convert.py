@@ -30,12 +30,18 @@ from torch import nn
 from fusedres import _report
 from fusedres.nn.blocks import SKIP_KINDS, SKIP_SIDES, BasicBlock, Bottleneck, SkipWeightMixin, _FusedBlock
 from fusedres.nn._tree import fuse_bn_relu, swap_children, unfuse_bn_relu
+from fusedres.nn.conv_blocks import ConvBasicBlock, ConvBottleneck, fuse_stem_pool, unfuse_stem_pool
 from fusedres.nn.sync_batchnorm import from_sync_bn, to_sync_bn
-from fusedres.nn.preact_blocks import PREACT_BLOCKS, _FusedPreAct, fuse_preact_head, unfuse_preact_head
+from fusedres.nn.preact_blocks import (PREACT_BLOCKS, PreActBasicBlock, PreActBottleneck, _FusedPreAct,
+                                       fuse_preact_head, unfuse_preact_head)
+from fusedres.nn.preact_conv import ConvPreActBasicBlock, ConvPreActBottleneck
 from fusedres.nn.timm_blocks import (TIMM_BLOCKS, TimmBatchNormAct2d, _TimmFusedBlock, fuse_timm_stem,
                                      unfuse_timm_stem)
 
 _FUSED_BLOCKS = (BasicBlock, Bottleneck)
+# mode="conv": each fused block's conv-mode class (same modules and state_dict keys)
+CONV_BLOCKS = {BasicBlock: ConvBasicBlock, Bottleneck: ConvBottleneck, PreActBasicBlock: ConvPreActBasicBlock,
+               PreActBottleneck: ConvPreActBottleneck}
 
 
 def _is_stock_resnet(model: nn.Module) -> bool:
@@ -144,8 +150,6 @@ def _convert(model, inplace, mode, sync_bn, process_group, skip_weight, skip_on,
     if _is_stock_resnet(model):
         fuse_bn_relu(model, "bn1", "relu")
         if mode == "conv":  # BN + ReLU + max-pool keep only the conv output, the conv only the float32 input
-            from fusedres.nn.conv_blocks import fuse_stem_pool
-
             fuse_stem_pool(model)
     return to_sync_bn(model, process_group) if sync_bn else model
 
@@ -162,8 +166,6 @@ def _add_skip_weights(model: nn.Module, kind: str, on: str, init: float) -> None
 
 
 def _to_conv_mode(m: nn.Module) -> nn.Module:
-    from fusedres.nn.conv_blocks import CONV_BLOCKS
-
     cls = CONV_BLOCKS.get(type(m))
     return m if cls is None else cls.from_fused(m)
 
@@ -191,8 +193,6 @@ def _unconvert(model: nn.Module, inplace: bool) -> nn.Module:
         return root
     swap_children(model, _unconvert_module)
     if _is_stock_resnet(model):
-        from fusedres.nn.conv_blocks import unfuse_stem_pool
-
         unfuse_stem_pool(model)
         unfuse_bn_relu(model, "bn1", "relu")
     return model

@@ -24,26 +24,7 @@ import copy
 
 from torch import nn
 
-from fusedres.nn.conv import FoldedBasicBlock, FoldedBatchNorm2d, FoldedBottleneck, FoldedConv2d, _FoldedBlock
-
-
-def _folded_class(m: nn.Module):
-    from torchvision.models import resnet
-
-    from fusedres.nn.blocks import BasicBlock, Bottleneck
-    from fusedres.nn.conv_blocks import ConvBasicBlock, ConvBottleneck
-
-    pairs = ((resnet.BasicBlock, FoldedBasicBlock), (resnet.Bottleneck, FoldedBottleneck),
-             (BasicBlock, FoldedBasicBlock), (Bottleneck, FoldedBottleneck),
-             (ConvBasicBlock, FoldedBasicBlock), (ConvBottleneck, FoldedBottleneck))
-    if getattr(m, "skip_weight", None) is not None:
-        return None  # a learned skip weight: left as is (its fused eval path is already one pass per tail)
-    for src, dst in pairs:
-        if isinstance(m, src) and type(m).forward is src.forward:
-            if all(isinstance(getattr(m, bn), nn.BatchNorm2d) and getattr(m, bn).running_mean is not None
-                   for _, bn in dst._convs):
-                return dst
-    return None
+from fusedres.nn.conv import FoldedBatchNorm2d, FoldedConv2d, _FoldedBlock, folded_class
 
 
 def _fold_module(m: nn.Module) -> nn.Module:
@@ -52,7 +33,7 @@ def _fold_module(m: nn.Module) -> nn.Module:
             if isinstance(child, FoldedConv2d):
                 child.refold()
         return m
-    cls = _folded_class(m)
+    cls = folded_class(m)
     return m if cls is None else cls.from_block(m)
 
 

@@ -151,3 +151,24 @@ class FoldedBasicBlock(_FoldedBlock):
 class FoldedBottleneck(_FoldedBlock):
     """Bottleneck with bn1..bn3 folded: three kernels (the last adds the shortcut), plus one for a projection."""
     _convs = (("conv1", "bn1"), ("conv2", "bn2"), ("conv3", "bn3"))
+
+
+def folded_class(m: nn.Module):
+    """The folded block class `m` becomes under `fusedres.fold` (a torchvision BasicBlock / Bottleneck, or its
+    fused bn- or conv-mode form, with running statistics everywhere), or None."""
+    from torchvision.models import resnet
+
+    from fusedres.nn.blocks import BasicBlock, Bottleneck
+    from fusedres.nn.conv_blocks import ConvBasicBlock, ConvBottleneck
+
+    pairs = ((resnet.BasicBlock, FoldedBasicBlock), (resnet.Bottleneck, FoldedBottleneck),
+             (BasicBlock, FoldedBasicBlock), (Bottleneck, FoldedBottleneck),
+             (ConvBasicBlock, FoldedBasicBlock), (ConvBottleneck, FoldedBottleneck))
+    if getattr(m, "skip_weight", None) is not None:
+        return None  # a learned skip weight: left as is (its fused eval path is already one pass per tail)
+    for src, dst in pairs:
+        if isinstance(m, src) and type(m).forward is src.forward:
+            if all(isinstance(getattr(m, bn), nn.BatchNorm2d) and getattr(m, bn).running_mean is not None
+                   for _, bn in dst._convs):
+                return dst
+    return None

@@ -107,6 +107,7 @@ def _bn_prologue(bn: nn.BatchNorm2d, out):
 
 class _ConvTrainMixin:
     _chain: tuple = ()  # (conv, bn) pairs whose BN + ReLU move into the next conv's prologue
+    local_batch_stats = True  # its convs compute BN statistics on this process only (to_sync_bn refuses it)
 
     def _can_run(self, x) -> bool:
         convs = [getattr(self, c) for c, _ in self._chain] + [getattr(self, self._last_conv)]
@@ -186,9 +187,6 @@ class ConvBottleneck(_ConvTrainMixin, Bottleneck):
     _last_conv, _last_bn = "conv3", "bn3"
 
 
-CONV_BLOCKS = {BasicBlock: ConvBasicBlock, Bottleneck: ConvBottleneck}
-
-
 class BatchNormActPool2d(BatchNormAct2d):
     """A conv-mode torchvision stem's `bn1`: BatchNorm + ReLU + the stem's max-pool (`self.pool`, the model's
     former `maxpool`, now `nn.Identity`) in training as `fusedres::bn_act_pool_train`, which keeps only the conv
@@ -244,6 +242,3 @@ def unfuse_stem_pool(model: nn.Module) -> None:
     if type(bn) is BatchNormActPool2d and type(getattr(model, "maxpool", None)) is nn.Identity:
         model.maxpool = bn.pool
         model.bn1 = BatchNormAct2d.from_bn(bn, act=bn.act)
-
-# The conv-mode pre-activation units (built on the helpers above) add themselves to CONV_BLOCKS on import.
-import fusedres.nn.preact_conv  # noqa: E402,F401

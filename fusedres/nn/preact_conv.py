@@ -29,7 +29,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from fusedres.nn.batchnorm_act import BatchNormAct2d, _uses_batch_stats
-from fusedres.nn.conv_blocks import CONV_BLOCKS, _bn_prologue, _plain_conv, autocast_weights
+from fusedres.nn.conv_blocks import _bn_prologue, _plain_conv, autocast_weights
 from fusedres.nn.conv_blocks import _conv as _block_conv
 from fusedres.nn.preact_blocks import PreActBasicBlock, PreActBottleneck
 from fusedres.ops.batch_stats import batch_stats
@@ -43,6 +43,7 @@ def _conv(conv: nn.Conv2d, x: Tensor, prologue, stats: bool, residual=None, weig
 
 class _ConvPreActMixin:
     _pairs: tuple = ()  # (bn, conv) in order: each BN + ReLU runs in the prologue of the conv after it
+    local_batch_stats = True  # its convs compute BN statistics on this process only (to_sync_bn refuses it)
 
     def _can_run(self, x) -> bool:
         convs = [getattr(self, c) for _, c in self._pairs]
@@ -98,6 +99,3 @@ class ConvPreActBottleneck(_ConvPreActMixin, PreActBottleneck):
     prologue and the next BN's statistics from its epilogue; the shortcut as in the basic unit."""
     _pairs = (("bn1", "conv1"), ("bn2", "conv2"), ("bn3", "conv3"))
 
-
-PREACT_CONV_BLOCKS = {PreActBasicBlock: ConvPreActBasicBlock, PreActBottleneck: ConvPreActBottleneck}
-CONV_BLOCKS.update(PREACT_CONV_BLOCKS)  # convert(mode="conv") and to_sync_bn's refusal find them there

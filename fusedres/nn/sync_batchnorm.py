@@ -90,10 +90,8 @@ def _syncable(m: nn.Module) -> bool:
 
 
 def _refuse_conv_mode(model: nn.Module) -> None:
-    from fusedres.nn.conv_blocks import CONV_BLOCKS
-
     for name, m in model.named_modules():
-        if isinstance(m, tuple(CONV_BLOCKS.values())):
+        if getattr(type(m), "local_batch_stats", False):  # conv-mode blocks and units
             raise TypeError(f"fusedres.to_sync_bn: {name or 'the model'} is a {type(m).__name__} "
                             f"(convert(mode='conv')), whose convolutions compute BatchNorm statistics on this "
                             f"process only; use mode='bn' for synchronised BatchNorm")

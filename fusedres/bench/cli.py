@@ -168,13 +168,6 @@ def make_config(args) -> "Config":
     return cfg
 
 
-def default_out() -> Path:
-    from fusedres.bench.env import REPO
-
-    root = REPO if (REPO / "benchmarks").is_dir() else Path.cwd()
-    return root / "benchmarks" / "results"
-
-
 def compare_files(old_path, new_path, threshold, log=print) -> int:
     from fusedres.bench.results import compare, load_json
 
@@ -231,6 +224,8 @@ def run_timed(args, levels: list[str], log=print, cfg: "Config | None" = None, d
     meta["levels"] = levels
     old = load_json(args.compare) if args.compare else None
     modules = {"kernels": kernels, "blocks": blocks, "models": models}
+    from fusedres.bench.env import default_out
+
     out = args.out or default_out()
     stem = out / result_stem(meta)
     rows, level_errors, current = [], {}, []

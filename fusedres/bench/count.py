@@ -743,7 +743,9 @@ def run(args, log=print) -> int:
     meta = environment()
     meta.update(levels=[LEVEL], note=MODELED, gpu_spec=vars(spec), minimum=minima, count_errors=errors,
                 count_seconds=round(time.perf_counter() - t0, 1))
-    out = Path(args.out) if args.out else _default_out()
+    from fusedres.bench.env import default_out
+
+    out = Path(args.out) if args.out else default_out()
     stem = out / result_stem(meta)
     text = "### count\n\n" + notes(spec) + "\n\n" + "\n\n".join(
         table([r for r in rows if r["name"] == name], next((m for m in minima if m["name"] == name), None))
@@ -761,9 +763,3 @@ def run(args, log=print) -> int:
 
 
 DTYPES_LOW = {"bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def _default_out():
-    from fusedres.bench.cli import default_out
-
-    return default_out()

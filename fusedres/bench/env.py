@@ -13,6 +13,12 @@ import torch
 REPO = Path(__file__).resolve().parents[2]
 
 
+
+def default_out() -> Path:
+    """benchmarks/results of the source checkout, else of the working directory (an installed package)."""
+    root = REPO if (REPO / "benchmarks").is_dir() else Path.cwd()
+    return root / "benchmarks" / "results"
+
 def _version(dist: str) -> str | None:
     """A package's version without importing it (importing triton here could preempt TRITON_INTERPRET)."""
     try:

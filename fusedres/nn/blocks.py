@@ -9,6 +9,10 @@ last one also takes the shortcut as its residual, so a block's tail is one fused
   `dual_bn_act`, both BatchNorms in one pass (forward hooks on `downsample` itself are then not called);
 * any other downsample module: it runs as is and its output is the residual.
 
+Under autocast a block casts its float32 conv weights (and the downsample conv's) in one `cast_weights` launch
+each way and runs each conv as `F.conv2d` with its cast weight, bitwise the module calls; a block whose convs
+have hooks (or are not nn.Conv2d itself) calls its conv modules instead, each casting its own weight.
+
 The fused tail saves the block input (already saved by conv1) instead of the block output, so a block keeps
 one activation fewer alive for backward than the stock one. `self.relu` stays (an `nn.ReLU`, unused in
 forward) for code that inspects torchvision blocks. torchvision is imported only by `to_torchvision`.
@@ -20,6 +24,7 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor, nn
 
+from fusedres.nn._autocast import block_weights, run_conv
 from fusedres.nn.batchnorm_act import BatchNormAct2d, bn_act_module, dual_bn_act_modules
 from fusedres.nn.sync_batchnorm import SyncBatchNormAct2d
 
@@ -53,21 +58,39 @@ def _is_conv_bn(m) -> bool:
     return type(m) is nn.Sequential and len(m) == 2 and isinstance(m[0], nn.Conv2d) and _is_plain_bn(m[1])
 
 
+def _tail_runs_parts(downsample) -> bool:
+    """Whether `fused_tail` runs `downsample`'s modules one by one and fuses its last BN (an `nn.Sequential` whose
+    last module is a plain BatchNorm2d)."""
+    return (type(downsample) is nn.Sequential and len(downsample) >= 2 and _is_plain_bn(downsample[-1])
+            and getattr(downsample[-1], "act", None) is None)
+
+
+def block_conv_weights(block: nn.Module, x: Tensor, names) -> dict:
+    """Under autocast, {conv: weight cast to the autocast dtype} for the block's convs `names` and the convs
+    `fused_tail` runs from its downsample (torchvision's `(Conv2d, BN)`), all in one `cast_weights` launch (one
+    backward) where each conv would cast its own; {} (the block calls its conv modules) without autocast, with
+    non-float32 weights, or when one of those convs is not an nn.Conv2d itself or has hooks (`block_weights`)."""
+    ds = block.downsample
+    shortcut = [m for m in list(ds)[:-1] if isinstance(m, nn.Conv2d)] if _tail_runs_parts(ds) else []
+    return block_weights(x, [getattr(block, n) for n in names] + shortcut)
+
+
 def fused_tail(bn: nn.BatchNorm2d, out: Tensor, x: Tensor, downsample: Optional[nn.Module], relu: bool,
-               gain: Optional[Tensor] = None, residual_gain: Optional[Tensor] = None) -> Tensor:
+               gain: Optional[Tensor] = None, residual_gain: Optional[Tensor] = None,
+               weights: Optional[dict] = None) -> Tensor:
     """A post-activation block's tail `act(bn(out) + shortcut)`, shortcut = x or downsample(x), fused as far as
     the downsample allows: none -> `bn_act` with x as residual; an `nn.Sequential` whose last module is a plain
     BatchNorm2d (torchvision's `(Conv2d, BN)`, timm's avg-down `(AvgPool2d | Identity, Conv2d, BN)`) -> the
     modules before that BN run as they are, then `dual_bn_act` applies both BNs, the add and the ReLU in one
     pass; any other module runs as is and its output is the residual. Shared by the torchvision and timm
-    blocks. `gain` / `residual_gain` (learned skip weights on the branch / the shortcut) ride in the same pass."""
+    blocks. `gain` / `residual_gain` (learned skip weights on the branch / the shortcut) ride in the same pass;
+    a downsample conv found in `weights` (`block_conv_weights`) runs with that already cast weight."""
     if downsample is None:
         return bn_act_module(bn, out, x.to(out.dtype), relu, gain, residual_gain)
-    if (type(downsample) is nn.Sequential and len(downsample) >= 2 and _is_plain_bn(downsample[-1])
-            and getattr(downsample[-1], "act", None) is None):
+    if _tail_runs_parts(downsample):
         r = x
         for m in list(downsample)[:-1]:
-            r = m(r)
+            r = run_conv(m, r, weights)
         return dual_bn_act_modules(out, bn, r, downsample[-1], relu, gain, residual_gain)
     return bn_act_module(bn, out, downsample(x).to(out.dtype), relu, gain, residual_gain)
 
@@ -122,9 +145,9 @@ class _FusedBlock(SkipWeightMixin, nn.Module):
     _torchvision_name: str = ""
     _norms: tuple = ()
 
-    def _tail(self, x: Tensor, out: Tensor, bn: BatchNormAct2d) -> Tensor:
+    def _tail(self, x: Tensor, out: Tensor, bn: BatchNormAct2d, weights: Optional[dict] = None) -> Tensor:
         """act(bn(out) + shortcut(x)), fused as far as the shortcut allows; a skip weight rides along."""
-        return fused_tail(bn, out, x, self.downsample, bn.act == "relu", *self.skip_gains())
+        return fused_tail(bn, out, x, self.downsample, bn.act == "relu", *self.skip_gains(), weights=weights)
 
     @classmethod
     def can_convert(cls, block: nn.Module) -> bool:
@@ -208,8 +231,9 @@ class BasicBlock(_FusedBlock):
             self.add_skip_weight(skip_weight, skip_on, skip_init)
 
     def forward(self, x: Tensor) -> Tensor:
-        out = self.bn1(self.conv1(x))
-        return self._tail(x, self.conv2(out), self.bn2)
+        w = block_conv_weights(self, x, ("conv1", "conv2"))  # {} outside autocast: the conv modules as before
+        out = self.bn1(run_conv(self.conv1, x, w))
+        return self._tail(x, run_conv(self.conv2, out, w), self.bn2, w)
 
 
 class Bottleneck(_FusedBlock):
@@ -239,6 +263,7 @@ class Bottleneck(_FusedBlock):
             self.add_skip_weight(skip_weight, skip_on, skip_init)
 
     def forward(self, x: Tensor) -> Tensor:
-        out = self.bn1(self.conv1(x))
-        out = self.bn2(self.conv2(out))
-        return self._tail(x, self.conv3(out), self.bn3)
+        w = block_conv_weights(self, x, ("conv1", "conv2", "conv3"))  # {} outside autocast: the modules as before
+        out = self.bn1(run_conv(self.conv1, x, w))
+        out = self.bn2(run_conv(self.conv2, out, w))
+        return self._tail(x, run_conv(self.conv3, out, w), self.bn3, w)

@@ -32,11 +32,11 @@ from torch.nn.modules.utils import _pair
 
 from fusedres.nn.batchnorm_act import (BatchNormAct2d, _check_input, _per_channel, _uses_batch_stats, batch_norm_args,
                                        finalize_batch, gained_affine)
+from fusedres.nn._autocast import autocast_weights
 from fusedres.nn.blocks import BasicBlock, Bottleneck, _is_conv_bn
 from fusedres._layout import acc_dtype
 from fusedres.ops import bn_act_pool as _bn_act_pool  # noqa: F401  (registers fusedres::bn_act_pool_train)
 from fusedres.ops._common import check_batch_size, scale_shift
-from fusedres.ops.cast_weights import cast_weights
 from fusedres.ops.conv_bn_act import conv_bn_act
 from fusedres.ops.recast_conv import recast_conv
 from fusedres.ops.stats_bn_act import stats_bn_act
@@ -55,21 +55,6 @@ def _conv(conv: nn.Conv2d, x: Tensor, prologue, stats: bool, residual=None, weig
     return conv_bn_act(x, weight, stride=conv.stride, padding=conv.padding, dilation=conv.dilation,
                        groups=conv.groups, in_relu=prologue is not None, residual=residual, stats=stats,
                        **(prologue or {}))
-
-
-def autocast_weights(x: Tensor, convs) -> dict:
-    """Under autocast, {conv: its weight in the autocast dtype} for `convs`, all cast in one `cast_weights` launch
-    (backward: one for all their gradients) where conv_bn_act would cast each (one launch each way per conv); it
-    passes an already cast weight through. Empty (each conv as before) without autocast, when x is neither
-    float32 nor the autocast dtype, or when a weight is not a float32 tensor on x's device."""
-    if not torch.is_autocast_enabled(x.device.type):
-        return {}
-    dtype = torch.get_autocast_dtype(x.device.type)
-    convs = list(dict.fromkeys(convs))
-    if x.dtype not in (torch.float32, dtype) or not convs or any(
-            c.weight.dtype != torch.float32 or c.weight.device != x.device for c in convs):
-        return {}
-    return dict(zip(convs, cast_weights([c.weight for c in convs], dtype)))
 
 
 def _bn_stats(bn: nn.BatchNorm2d, out, centred: bool = False, affine=None):

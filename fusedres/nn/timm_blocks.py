@@ -25,7 +25,8 @@ from torch import Tensor, nn
 
 from fusedres.nn._tree import fuse_bn_relu, unfuse_bn_relu
 from fusedres.nn.batchnorm_act import BatchNormAct2d, _share_state
-from fusedres.nn.blocks import SkipWeightMixin, _is_plain_bn, fused_tail
+from fusedres.nn._autocast import run_conv
+from fusedres.nn.blocks import SkipWeightMixin, _is_plain_bn, block_conv_weights, fused_tail
 
 
 def _timm_attr(module: str, name: str):
@@ -94,8 +95,8 @@ class _TimmFusedBlock(SkipWeightMixin, nn.Module):
         if bn.weight is not None:
             nn.init.zeros_(bn.weight)
 
-    def _fused_tail(self, x: Tensor, out: Tensor, bn: BatchNormAct2d) -> Tensor:
-        return fused_tail(bn, out, x, self.downsample, True, *self.skip_gains())
+    def _fused_tail(self, x: Tensor, out: Tensor, bn: BatchNormAct2d, weights: dict) -> Tensor:
+        return fused_tail(bn, out, x, self.downsample, True, *self.skip_gains(), weights=weights)
 
 
 def _copy_state(src: nn.Module, dst: nn.Module, norms, to_fused: bool) -> None:
@@ -125,8 +126,9 @@ class TimmBasicBlock(_TimmFusedBlock):
     _acts = ("act1", "act2")
 
     def forward(self, x: Tensor) -> Tensor:
-        out = self.bn1(self.conv1(x))          # drop_block, aa: Identity
-        return self._fused_tail(x, self.conv2(out), self.bn2)
+        w = block_conv_weights(self, x, ("conv1", "conv2"))  # under autocast: one cast launch (blocks.py)
+        out = self.bn1(run_conv(self.conv1, x, w))          # drop_block, aa: Identity
+        return self._fused_tail(x, run_conv(self.conv2, out, w), self.bn2, w)
 
 
 class TimmBottleneck(_TimmFusedBlock):
@@ -139,9 +141,10 @@ class TimmBottleneck(_TimmFusedBlock):
     _acts = ("act1", "act2", "act3")
 
     def forward(self, x: Tensor) -> Tensor:
-        out = self.bn1(self.conv1(x))
-        out = self.bn2(self.conv2(out))        # drop_block, aa: Identity
-        return self._fused_tail(x, self.conv3(out), self.bn3)
+        w = block_conv_weights(self, x, ("conv1", "conv2", "conv3"))
+        out = self.bn1(run_conv(self.conv1, x, w))
+        out = self.bn2(run_conv(self.conv2, out, w))        # drop_block, aa: Identity
+        return self._fused_tail(x, run_conv(self.conv3, out, w), self.bn3, w)
 
 
 TIMM_BLOCKS = (TimmBasicBlock, TimmBottleneck)

@@ -5,9 +5,10 @@
   BatchNorm + ReLU pairs become one `BatchNormAct2d`; the tail `act(bn_last(out) + shortcut)` is one `bn_act`
   (identity shortcut) or one `dual_bn_act` (a downsample `Sequential` ending in a BatchNorm2d: timm's
   `(Conv2d, BN)` or avg-down `(AvgPool2d | Identity, Conv2d, BN)`; its leading modules run as they are).
-  A block converts only when that cannot change its result: the stock timm forward, plain `nn.BatchNorm2d`
-  norms, `nn.ReLU` activations, and no drop-block, anti-aliasing, attention (SE, ...) or drop-path module
-  (each absent, `None` or `nn.Identity`). The others stay stock.
+  Under autocast the block's conv weights are cast in one launch each way, as in the torchvision blocks
+  (`block_conv_weights`). A block converts only when that cannot change its result: the stock timm forward,
+  plain `nn.BatchNorm2d` norms, `nn.ReLU` activations, and no drop-block, anti-aliasing, attention (SE, ...) or
+  drop-path module (each absent, `None` or `nn.Identity`). The others stay stock.
 * `TimmBatchNormAct2d` stands in for `timm.layers.BatchNormAct2d` with an `nn.ReLU` activation and no dropout
   (the norms of the pre-activation `resnetv2_*` family): the module's output is its own, so the swap is safe
   wherever it sits.

@@ -19,7 +19,9 @@ What `convert` changes (everything else is left alone):
 A bare BatchNorm2d followed by a ReLU elsewhere is not converted: whether the BN output is used anywhere else
 cannot be told from the module tree. state_dict keys, train/eval mode, device, dtype and memory format are
 unchanged because no tensor is created or copied. Forward hooks registered on replaced modules (the blocks,
-the stem BN and ReLU) are not carried over; hooks on the conv layers and everything else are.
+the stem BN and ReLU) are not carried over; hooks on the conv layers and everything else are (in bn mode a
+block whose conv has hooks calls its conv modules; mode="conv" runs its convs through `conv_bn_act` with the
+conv modules' weights, so hooks on those convs do not fire).
 """
 from __future__ import annotations
 

@@ -125,7 +125,10 @@ def test_block_casts_its_weights_once_under_autocast(monkeypatch):
 
 def _old_path(monkeypatch):
     """conv mode as before cast_weights and recast_conv: each conv casts its own weight, the stem is F.conv2d."""
-    monkeypatch.setattr(conv_blocks, "autocast_weights", lambda x, convs: {})
+    from fusedres.nn import preact_conv
+
+    for module in (conv_blocks, preact_conv):  # each imported the name
+        monkeypatch.setattr(module, "autocast_weights", lambda x, convs: {})
     monkeypatch.setattr(conv_blocks, "recast_conv", F.conv2d)
 
 
@@ -163,7 +166,10 @@ def test_converted_resnet_trains_bitwise_as_before(monkeypatch, make):
     new = _train(model, xs, targets)
     with monkeypatch.context() as m:
         _old_path(m)
-        old = _train(fusedres.convert(copy.deepcopy(stock), mode="conv"), xs, targets)
+        old_model = fusedres.convert(copy.deepcopy(stock), mode="conv")
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            assert "cast_weights" not in _casts_seen(lambda: copy.deepcopy(old_model)(xs[0]))
+        old = _train(old_model, xs, targets)
     for step in range(2):
         assert torch.equal(new[0][step], old[0][step]), step
         for k, g in old[1][step].items():

@@ -120,3 +120,37 @@ def randomise_bns(model, running_stats=True):
             mod.weight.uniform_(0.5, 1.5)
             mod.bias.normal_(0, 0.2)
     return model
+
+
+def aten_ops_seen(fn) -> list[str]:
+    """The aten op names (overload packets) fn dispatches, in order."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    seen = []
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            seen.append(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    with Record():
+        fn()
+    return seen
+
+
+def train_bf16_autocast(model, xs, targets):
+    """SGD steps (momentum) of model under CPU bf16 autocast, one per (x, target): the outputs, the parameter
+    gradients of each step and the final state_dict."""
+    import torch.nn.functional as F
+
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    outs, grads = [], []
+    for x, t in zip(xs, targets):
+        opt.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(x)
+        F.cross_entropy(out.float(), t).backward()
+        outs.append(out.detach())
+        grads.append({k: p.grad.clone() for k, p in model.named_parameters()})
+        opt.step()
+    return outs, grads, model.state_dict()

@@ -7,28 +7,12 @@ import copy
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torchvision.models.resnet import BasicBlock, Bottleneck, conv1x1
 
 import fusedres
 from fusedres.nn import blocks, timm_blocks
-from helpers import mixed_resnet, randomise_bns
-
-
-def _ops_seen(fn):
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    seen = []
-
-    class Record(TorchDispatchMode):
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            seen.append(func.overloadpacket.__name__)
-            return func(*args, **(kwargs or {}))
-
-    with Record():
-        fn()
-    return seen
+from helpers import aten_ops_seen, mixed_resnet, randomise_bns, train_bf16_autocast
 
 
 def _old_path(monkeypatch):
@@ -81,20 +65,6 @@ def _tiny_timm():
     return randomise_bns(model, False)
 
 
-def _train(model, xs, targets):
-    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    outs, grads = [], []
-    for x, t in zip(xs, targets):
-        opt.zero_grad()
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            out = model(x)
-        F.cross_entropy(out.float(), t).backward()
-        outs.append(out.detach())
-        grads.append({k: p.grad.clone() for k, p in model.named_parameters()})
-        opt.step()
-    return outs, grads, model.state_dict()
-
-
 def _blocks_of(model):
     kinds = (blocks.BasicBlock, blocks.Bottleneck, timm_blocks.TimmBasicBlock, timm_blocks.TimmBottleneck)
     return [m for m in model.modules() if type(m) in kinds]
@@ -122,14 +92,14 @@ def test_converted_resnet_trains_bitwise_as_before(monkeypatch, make):
     n_blocks = len(_blocks_of(model))
     assert n_blocks >= 2
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-        assert _ops_seen(lambda: copy.deepcopy(model)(xs[0])).count("cast_weights") == n_blocks
-    new = _train(model, xs, targets)
+        assert aten_ops_seen(lambda: copy.deepcopy(model)(xs[0])).count("cast_weights") == n_blocks
+    new = train_bf16_autocast(model, xs, targets)
     with monkeypatch.context() as m:
         _old_path(m)
         old_model = fusedres.convert(copy.deepcopy(stock))
         with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-            assert "cast_weights" not in _ops_seen(lambda: copy.deepcopy(old_model)(xs[0]))
-        old = _train(old_model, xs, targets)
+            assert "cast_weights" not in aten_ops_seen(lambda: copy.deepcopy(old_model)(xs[0]))
+        old = train_bf16_autocast(old_model, xs, targets)
     _assert_same(new, old)
 
 
@@ -147,15 +117,15 @@ def test_block_casts_its_weights_once_under_autocast(monkeypatch):
             y = block(x)
         y.float().sum().backward()
 
-    new = _ops_seen(lambda: step(True))
+    new = aten_ops_seen(lambda: step(True))
     assert new.count("cast_weights") == 1 and new.count("_foreach_copy_") == 1  # the op, then its backward
-    off = _ops_seen(lambda: step(False))
+    off = aten_ops_seen(lambda: step(False))
     assert "cast_weights" not in off and "_foreach_copy_" not in off
     dbl = _block().double()
-    assert "cast_weights" not in _ops_seen(lambda: step(True, dbl, x.double()))
+    assert "cast_weights" not in aten_ops_seen(lambda: step(True, dbl, x.double()))
     with monkeypatch.context() as m:
         _old_path(m)
-        old = _ops_seen(lambda: step(True))
+        old = aten_ops_seen(lambda: step(True))
     assert "cast_weights" not in old
     assert new.count("_to_copy") == old.count("_to_copy") - 8  # 4 weights, 2 directions
 
@@ -187,7 +157,7 @@ def test_hooked_conv_makes_its_block_call_its_modules(monkeypatch, hook):
         if hook == "global_forward":
             handle = torch.nn.modules.module.register_module_forward_hook(
                 lambda m, i, o: calls.append(o.dtype) if m is hooked_block.conv1 else None)
-        seen = _ops_seen(lambda: run(model))
+        seen = aten_ops_seen(lambda: run(model))
         y = run(model)
     finally:
         handle.remove()

@@ -12,7 +12,7 @@ from torchvision.models.resnet import Bottleneck, conv1x1
 import fusedres
 from fusedres.nn import conv_blocks
 from fusedres.ops.cast_weights import cast_weights
-from helpers import mixed_resnet
+from helpers import aten_ops_seen, mixed_resnet, train_bf16_autocast
 
 LOW = [torch.bfloat16, torch.float16]
 
@@ -87,21 +87,6 @@ def _block():
     return Bottleneck(8, 2, 2, downsample=nn.Sequential(conv1x1(8, 8, 2), nn.BatchNorm2d(8)))
 
 
-def _casts_seen(fn):
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    seen = []
-
-    class Record(TorchDispatchMode):
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            seen.append(func.overloadpacket.__name__)
-            return func(*args, **(kwargs or {}))
-
-    with Record():
-        fn()
-    return seen
-
-
 def test_block_casts_its_weights_once_under_autocast(monkeypatch):
     """All four convs of a projection Bottleneck (conv1..conv3, the shortcut's): one cast each way instead of four;
     nothing changes without autocast."""
@@ -113,12 +98,12 @@ def test_block_casts_its_weights_once_under_autocast(monkeypatch):
             y = block(x)
         y.float().sum().backward()
 
-    new = _casts_seen(lambda: step(True))
+    new = aten_ops_seen(lambda: step(True))
     assert new.count("cast_weights") == 1 and new.count("_foreach_copy_") == 1  # the op, then its backward
-    assert "cast_weights" not in _casts_seen(lambda: step(False))
+    assert "cast_weights" not in aten_ops_seen(lambda: step(False))
     with monkeypatch.context() as m:
         _old_path(m)
-        old = _casts_seen(lambda: step(True))
+        old = aten_ops_seen(lambda: step(True))
     assert "_foreach_copy_" not in old
     assert new.count("_to_copy") == old.count("_to_copy") - 8  # 4 weights, 2 directions
 
@@ -130,20 +115,6 @@ def _old_path(monkeypatch):
     for module in (conv_blocks, preact_conv):  # each imported the name
         monkeypatch.setattr(module, "autocast_weights", lambda x, convs: {})
     monkeypatch.setattr(conv_blocks, "recast_conv", F.conv2d)
-
-
-def _train(model, xs, targets):
-    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    outs, grads = [], []
-    for x, t in zip(xs, targets):
-        opt.zero_grad()
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            out = model(x)
-        F.cross_entropy(out.float(), t).backward()
-        outs.append(out.detach())
-        grads.append({k: p.grad.clone() for k, p in model.named_parameters()})
-        opt.step()
-    return outs, grads, model.state_dict()
 
 
 def _tiny_preact():
@@ -162,14 +133,14 @@ def test_converted_resnet_trains_bitwise_as_before(monkeypatch, make):
     targets = [torch.randint(0, 5, (2,)) for _ in range(2)]
     model = fusedres.convert(copy.deepcopy(stock), mode="conv")
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-        assert "cast_weights" in _casts_seen(lambda: copy.deepcopy(model)(xs[0]))
-    new = _train(model, xs, targets)
+        assert "cast_weights" in aten_ops_seen(lambda: copy.deepcopy(model)(xs[0]))
+    new = train_bf16_autocast(model, xs, targets)
     with monkeypatch.context() as m:
         _old_path(m)
         old_model = fusedres.convert(copy.deepcopy(stock), mode="conv")
         with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-            assert "cast_weights" not in _casts_seen(lambda: copy.deepcopy(old_model)(xs[0]))
-        old = _train(old_model, xs, targets)
+            assert "cast_weights" not in aten_ops_seen(lambda: copy.deepcopy(old_model)(xs[0]))
+        old = train_bf16_autocast(old_model, xs, targets)
     for step in range(2):
         assert torch.equal(new[0][step], old[0][step]), step
         for k, g in old[1][step].items():

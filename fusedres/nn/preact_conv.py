@@ -29,7 +29,8 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from fusedres.nn.batchnorm_act import BatchNormAct2d, _uses_batch_stats
-from fusedres.nn.conv_blocks import _bn_prologue, _plain_conv, autocast_weights
+from fusedres.nn._autocast import autocast_weights
+from fusedres.nn.conv_blocks import _bn_prologue, _plain_conv
 from fusedres.nn.conv_blocks import _conv as _block_conv
 from fusedres.nn.preact_blocks import PreActBasicBlock, PreActBottleneck
 from fusedres.ops.batch_stats import batch_stats

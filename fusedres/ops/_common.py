@@ -165,3 +165,22 @@ def fake_like(x):
 
 def fake_channels(x):
     return x.new_empty((x.shape[1],), dtype=acc_dtype(x.dtype))
+
+
+def is_int(v) -> bool:
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+def int_pair(v, op: str, name: str) -> list[int]:
+    """An int or a sequence of one or two ints (as F.conv2d takes stride / padding / dilation) as [h, w]; string
+    padding modes are refused."""
+    if is_int(v):
+        return [int(v), int(v)]
+    if isinstance(v, (str, bytes)) or not isinstance(v, (tuple, list, torch.Size)) or not all(is_int(i) for i in v):
+        raise TypeError(f"fusedres: {op} {name} must be an int or a pair of ints, got {v!r}")
+    v = [int(i) for i in v]
+    if len(v) == 1:
+        return v * 2
+    if len(v) != 2:
+        raise ValueError(f"fusedres: {op} {name} must be an int or a pair of ints, got {len(v)} values {v}")
+    return v

@@ -19,7 +19,6 @@ of the backends' BN kernels (docs/conv_bn_act.md counts the passes). Gradients f
 """
 from __future__ import annotations
 
-import numbers
 from typing import Optional
 
 import torch
@@ -29,29 +28,11 @@ from fusedres import backends
 from fusedres._layout import acc_dtype
 from fusedres.ops import batch_stats as _batch_stats, bn_act as _bn_act  # noqa: F401  (ops used in backward)
 from fusedres.ops import scale_shift_act as _scale_shift_act  # noqa: F401
-from fusedres.ops._common import check_activation, check_channels, check_eps, check_flag, scale_shift
+from fusedres.ops._common import (check_activation, check_channels, check_eps, check_flag, int_pair, is_int,
+                                  scale_shift)
 from fusedres.ops._transforms import refuse_forward_ad, transformed
 
 _DIMS = (0, 2, 3)
-
-
-def _is_int(v) -> bool:
-    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
-
-
-def _pair(v, name: str) -> list[int]:
-    """An int or a sequence of one or two ints (as F.conv2d) as [h, w]; string padding modes are refused."""
-    if _is_int(v):
-        return [int(v), int(v)]
-    if isinstance(v, (str, bytes)) or not isinstance(v, (tuple, list, torch.Size)) \
-            or not all(_is_int(i) for i in v):
-        raise TypeError(f"fusedres: conv_bn_act {name} must be an int or a pair of ints, got {v!r}")
-    v = [int(i) for i in v]
-    if len(v) == 1:
-        return v * 2
-    if len(v) != 2:
-        raise ValueError(f"fusedres: conv_bn_act {name} must be an int or a pair of ints, got {len(v)} values {v}")
-    return v
 
 
 def _out_hw(x, weight, stride, padding, dilation):
@@ -82,7 +63,7 @@ def _check(x, weight, in_scale, in_shift, out_scale, out_shift, residual, res_sc
     if not weight.is_floating_point():
         raise TypeError(f"fusedres: weight must be floating, got {weight.dtype}")
     c_out = weight.shape[0]
-    if not _is_int(groups):
+    if not is_int(groups):
         raise TypeError(f"fusedres: conv_bn_act groups must be an int, got {type(groups).__name__} {groups!r}")
     if groups < 1 or x.shape[1] != weight.shape[1] * groups or c_out % groups:
         raise ValueError(f"fusedres: x has {x.shape[1]} channels, weight {tuple(weight.shape)}, groups={groups}: "
@@ -389,7 +370,9 @@ def conv_bn_act(x: Tensor, weight: Tensor, *, stride=1, padding=0, dilation=1, g
         if not isinstance(in_stats, (tuple, list)) or len(in_stats) != 2:
             raise TypeError(f"fusedres: conv_bn_act in_stats must be a (mean, var) pair, got {in_stats!r}")
         in_mean, in_var = in_stats
-    stride, padding, dilation = _pair(stride, "stride"), _pair(padding, "padding"), _pair(dilation, "dilation")
+    stride = int_pair(stride, "conv_bn_act", "stride")
+    padding = int_pair(padding, "conv_bn_act", "padding")
+    dilation = int_pair(dilation, "conv_bn_act", "dilation")
     # checked here too (not only inside the op) so a wrong argument type gets this message, not the dispatcher's
     _check(x, weight, in_scale, in_shift, out_scale, out_shift, residual, res_scale, res_shift, stride, padding,
            dilation, groups, in_relu, in_weight, in_bias, in_mean, in_var, in_eps)

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from fusedres.ops._common import int_pair
 from fusedres.ops._transforms import refuse_forward_ad, transformed
 
 
@@ -81,10 +82,6 @@ def _backward(ctx, grad_y):
 recast_conv_op.register_autograd(_backward, setup_context=_save)
 
 
-def _ints(v) -> list[int]:
-    return [int(v), int(v)] if isinstance(v, int) else [int(i) for i in v] * (2 if len(v) == 1 else 1)
-
-
 def recasts(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> bool:
     """Whether `recast_conv` applies: autocast on for x's device, x and the parameters float32, gradients
     recorded (with nothing to save for backward it would gain nothing), no torch.func transform."""
@@ -103,4 +100,6 @@ def recast_conv(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, stride
         return F.conv2d(x, weight, bias, stride, padding, dilation, groups)
     dtype = torch.get_autocast_dtype(x.device.type)
     return torch.ops.fusedres.recast_conv(x, weight.to(dtype), None if bias is None else bias.to(dtype),
-                                          _ints(stride), _ints(padding), _ints(dilation), groups)
+                                          int_pair(stride, "recast_conv", "stride"),
+                                          int_pair(padding, "recast_conv", "padding"),
+                                          int_pair(dilation, "recast_conv", "dilation"), groups)

@@ -373,7 +373,9 @@ def intercept(counter: Counter, backend: str, run=None, spec: GpuSpec | None = N
                        for name, k in _kernel_objects(module).items()}
             stack.enter_context(_patched(module, _INTERPRET=True, **kernels))
         if run is None if gpu_geometry is None else gpu_geometry:
-            stack.enter_context(_patched(tconv, INTERPRET_STAT_ROWS=tconv.GPU_STAT_ROWS))
+            stack.enter_context(_patched(tconv, INTERPRET_STAT_ROWS=tconv.GPU_STAT_ROWS,  # the GPU's partials and
+                                         INTERPRET_MERGE_CHUNKS=tconv.MERGE_CHUNKS,  # statistics chunks
+                                         INTERPRET_CHUNK_UNIT=tconv.CHUNK_UNIT))
         if backend == "cuda":
             from fusedres import cuda
 

@@ -621,6 +621,7 @@ def _candidates(major, smem, dtype, cin_g, cout_g, kh, kw) -> list[dict]:
 MERGE_CHUNKS = 160
 CHUNK_UNIT = 256
 INTERPRET_MERGE_CHUNKS = 3
+INTERPRET_CHUNK_UNIT = INTERPRET_CONFIG["BLOCK_M"]
 GPU_BLOCK_P = 4       # partials (chunks) per step of a chunk merge (fp64 [BLOCK_P, BLOCK_N] tiles)
 INTERPRET_BLOCK_P = 4
 MIN_BLOCK_N = 16      # the narrowest column tile of any config (sizes the counters)
@@ -628,7 +629,7 @@ MIN_BLOCK_N = 16      # the narrowest column tile of any config (sizes the count
 
 def stat_chunk_rows(M: int, interpret: bool) -> int:
     """Output rows per statistics chunk: about M / MERGE_CHUNKS rounded up to the chunk unit."""
-    unit = INTERPRET_CONFIG["BLOCK_M"] if interpret else CHUNK_UNIT
+    unit = INTERPRET_CHUNK_UNIT if interpret else CHUNK_UNIT
     target = INTERPRET_MERGE_CHUNKS if interpret else MERGE_CHUNKS
     return max(unit, triton.cdiv(triton.cdiv(max(M, 1), target), unit) * unit)
 
